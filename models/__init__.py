@@ -1,0 +1,70 @@
+"""Model registry and measurement helpers."""
+
+import torch
+import torch.nn as nn
+
+from models.cpreresnet import CPreResNet
+from models.resnet import ResNet18
+from models.vgg import VGG19
+
+MODELS = {
+    "cpreresnet20": CPreResNet,
+    "resnet18": ResNet18,
+    "vgg19": VGG19,
+}
+
+
+def build_model(name, factory, num_classes, widths=None, selected=None):
+    """Build a registered network from a layer factory (and an optional channel spec)."""
+    kwargs = {"widths": widths}
+    if selected:
+        kwargs["selected"] = selected
+    return MODELS[name](factory, num_classes=num_classes, **kwargs)
+
+
+def count_parameters(model):
+    """Every parameter, frozen ones (channel-selection indexes) included, as in the original."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def conv_modules(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+@torch.no_grad()
+def profile_convs(model, input_size, device=None):
+    """Run one image through `model` at its current level and record, per conv, the input and
+    output channels it used and its output size. Returns {name: dict}."""
+    records, hooks = {}, []
+
+    def hook(name):
+        def record(module, inputs, output):
+            c_in = inputs[0].shape[1]
+            if hasattr(module, "active_channels"):
+                c_in, c_out = module.active_channels(c_in)
+            else:
+                c_out = output.shape[1]
+            kh, kw = module.kernel_size
+            records[name] = {"c_in": c_in, "c_out": c_out, "k": kh * kw,
+                             "out_hw": output.shape[2] * output.shape[3],
+                             "c_in_max": module.in_channels, "c_out_max": module.out_channels,
+                             "full_numel": module.weight.numel()}
+        return record
+
+    for name, module in conv_modules(model):
+        hooks.append(module.register_forward_hook(hook(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        device = device or next(model.parameters()).device
+        model(torch.zeros(1, 3, input_size, input_size, device=device))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return records
+
+
+def conv_macs(records):
+    """Multiply-accumulates of the convs for one image (the classifier included)."""
+    return sum(r["c_in"] * r["c_out"] * r["k"] * r["out_hw"] for r in records.values())

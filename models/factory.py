@@ -1,0 +1,60 @@
+"""The layer factory every network is built from (the original's Builder, without names).
+
+A network asks for `conv(..., role=...)` and `norm(..., role=...)`; the factory decides
+which layer class that is for the setting and method. Roles:
+
+* "stem"       the first conv (never compressed; in slimmable nets it keeps 3 inputs)
+* "classifier" the last 1x1 conv (never compressed; in slimmable nets it keeps its outputs)
+* "body"       every other conv, residual down-sampling convs included (compressed)
+
+Norm roles: "stem" for norms built by the original's stem builder (the final norm of
+cPreResNet, the stem norm of ResNet18 and VGG), "body" for the others. In the quantized
+setting body norms are no-ops because each quantized conv carries its norm inside.
+"""
+
+from dataclasses import dataclass
+
+from models.layers import ChannelSelection, Conv2d, NoOp, Norm2d, QuantConv2d, SlimConv2d, TopKConv2d
+
+BODY_KINDS = ("dense", "slim", "topk", "quant")
+
+
+@dataclass(frozen=True)
+class LayerFactory:
+    norm_kind: str = "BN"          # BN, IN or GN
+    body: str = "dense"            # dense, slim, topk or quant
+    line_convs: bool = False       # convs carry two endpoints (unstructured/quantized LCS+L)
+    line_norms: bool = False       # norms carry two endpoints (every LCS+L variant but quantized BN)
+    num_groups: int = 32           # GN only
+    num_bits: int = 8              # initial bit width of quantized convs
+
+    def __post_init__(self):
+        assert self.body in BODY_KINDS, self.body
+
+    def conv(self, in_channels, out_channels, kernel_size, stride=1, padding=0, role="body"):
+        args = (in_channels, out_channels, kernel_size, stride, padding)
+        if self.body == "slim":
+            return SlimConv2d(*args, role={"stem": "first", "classifier": "last"}.get(role, "body"))
+        if role != "body" or self.body == "dense":
+            return Conv2d(*args, line=self.line_convs)
+        if self.body == "topk":
+            return TopKConv2d(*args, line=self.line_convs)
+        return QuantConv2d(*args, norm=self._norm(out_channels), line=self.line_convs,
+                           num_bits=self.num_bits)
+
+    def norm(self, num_features, role="body"):
+        if self.body == "quant" and role == "body":
+            return NoOp()
+        return self._norm(num_features)
+
+    def _norm(self, num_features):
+        return Norm2d(self.norm_kind, num_features, line=self.line_norms,
+                      slim=self.body == "slim", num_groups=self.num_groups)
+
+    def selection(self, num_channels):
+        return ChannelSelection(num_channels)
+
+
+def dense_factory(norm_kind, num_groups=32):
+    """Plain layers: what an exported (physically compressed) model is built from."""
+    return LayerFactory(norm_kind=norm_kind, body="dense", num_groups=num_groups)

@@ -1,0 +1,339 @@
+"""Layers that carry the compression.
+
+Every layer reads the current compression level from its own attributes, which only
+`set_level` (below) writes:
+
+* `alpha`         position on the line for layers with two endpoints (LCS+L):
+                  theta(alpha) = (1 - alpha) * theta_0 + alpha * theta_1
+* `width_factor`  structured sparsity: slimmable convs keep the leading channels
+* `topk`          unstructured sparsity: per-layer magnitude TopK fraction kept
+* `num_bits`      quantization: bit width of weights and activations
+* `act_quant`     quantization, training only: activation quantization has started
+
+Endpoint 0 is the usual `weight`/`bias`, endpoint 1 is `weight1`/`bias1`.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.quant import fake_quantize, fake_quantize_tensor
+
+NORM_KINDS = ("BN", "IN", "GN")
+
+
+def interpolate(p0, p1, alpha):
+    """theta(alpha) = (1 - alpha) * p0 + alpha * p1; p1 None means a single point."""
+    if p1 is None:
+        return p0
+    return (1.0 - alpha) * p0 + alpha * p1
+
+
+def topk_mask(weight, topk_fraction):
+    """0/1 mask keeping the numel - floor((1 - k) * numel) largest-magnitude entries.
+
+    The floor is Python's int() of the float product, as in the original; ties are broken
+    by position (a stable sort prunes the earlier of two equal magnitudes first).
+    """
+    numel = weight.numel()
+    num_pruned = int((1 - topk_fraction) * numel)
+    mask = torch.ones(numel, dtype=weight.dtype, device=weight.device)
+    if num_pruned > 0:
+        order = weight.detach().abs().flatten().argsort(stable=True)
+        mask[order[:num_pruned]] = 0
+    return mask.view_as(weight)
+
+
+def set_level(model, **levels):
+    """Set compression levels on every layer that reads them (None values are skipped)."""
+    for module in model.modules():
+        reads = getattr(module, "level_attrs", ())
+        for name, value in levels.items():
+            if value is not None and name in reads:
+                setattr(module, name, value)
+
+
+def quant_layers(model):
+    return [m for m in model.modules() if isinstance(m, QuantConv2d)]
+
+
+def set_layer_bits(model, bits_per_layer):
+    """Give each quantized layer (in module order) its own bit width (LCS+P quantized)."""
+    layers = quant_layers(model)
+    assert len(layers) == len(bits_per_layer), "one bit width per quantized layer"
+    for layer, bits in zip(layers, bits_per_layer):
+        layer.num_bits = int(bits)
+
+
+class LineMixin:
+    """Adds endpoint-1 copies of `weight` (and `bias`) to a layer when it lies on a line."""
+
+    def _add_endpoint1(self):
+        self.weight1 = nn.Parameter(torch.empty_like(self.weight))
+        if getattr(self, "bias", None) is not None:
+            self.bias1 = nn.Parameter(torch.empty_like(self.bias))
+        else:
+            self.bias1 = None
+
+    @property
+    def on_line(self):
+        return getattr(self, "weight1", None) is not None
+
+    def line_weight(self):
+        return interpolate(self.weight, getattr(self, "weight1", None), self.alpha)
+
+    def line_bias(self):
+        if self.bias is None:
+            return None
+        return interpolate(self.bias, getattr(self, "bias1", None), self.alpha)
+
+
+class Conv2d(LineMixin, nn.Conv2d):
+    """Dense conv without bias; optionally on a line (stem/classifier of LCS+L)."""
+
+    level_attrs = ("alpha",)
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, line=False):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias=False)
+        self.alpha = 1.0
+        if line:
+            self._add_endpoint1()
+
+    def effective_weight(self):
+        return self.line_weight()
+
+    def forward(self, x):
+        return F.conv2d(x, self.effective_weight(), None, self.stride, self.padding)
+
+
+class SlimConv2d(nn.Conv2d):
+    """Slimmable conv (SPEC 3.4): the leading max(1, round(C_out * w)) output channels.
+
+    Input channels follow the incoming tensor, except for the stem (`role="first"`, fixed
+    3 inputs); the classifier (`role="last"`) keeps all its outputs.
+    """
+
+    level_attrs = ("width_factor",)
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, role="body"):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias=False)
+        assert role in ("first", "body", "last"), role
+        self.role = role
+        self.width_factor = 1.0
+
+    def active_channels(self, in_channels):
+        """(C_in, C_out) used for an input with `in_channels` channels at this width."""
+        c_in = self.in_channels if self.role == "first" else in_channels
+        if self.role == "last":
+            c_out = self.out_channels
+        else:
+            c_out = max(1, int(round(self.out_channels * self.width_factor)))
+        return c_in, c_out
+
+    def forward(self, x):
+        c_in, c_out = self.active_channels(x.shape[1])
+        weight = self.weight[:c_out, :c_in]
+        return F.conv2d(x, weight, None, self.stride, self.padding)
+
+
+class TopKConv2d(LineMixin, nn.Conv2d):
+    """Conv whose weight (theta(alpha) on a line) is masked to its per-layer TopK (SPEC 3.3)."""
+
+    level_attrs = ("alpha", "topk")
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, line=False):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias=False)
+        self.alpha = 1.0
+        self.topk = 1.0
+        if line:
+            self._add_endpoint1()
+
+    def mask(self):
+        return topk_mask(self.line_weight(), self.topk)
+
+    def effective_weight(self):
+        if not self.training:
+            return self._cached_eval_weight()
+        weight = self.line_weight()
+        if self.topk >= 1.0:
+            return weight
+        # The mask is a constant: gradients reach only the kept entries.
+        return weight * topk_mask(weight, self.topk)
+
+    def _cached_eval_weight(self):
+        """In evaluation the masked weight is computed once per level (the sort is costly);
+        the key includes the parameters' versions, so an optimiser step invalidates it."""
+        weights = [self.weight] + ([self.weight1] if self.on_line else [])
+        key = (self.alpha, self.topk, tuple((w.data_ptr(), w._version) for w in weights))
+        cached = getattr(self, "_eval_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                weight = self.line_weight()
+                if self.topk < 1.0:
+                    weight = weight * topk_mask(weight, self.topk)
+            self._eval_cache = (key, weight)
+        return self._eval_cache[1]
+
+    def forward(self, x):
+        return F.conv2d(x, self.effective_weight(), None, self.stride, self.padding)
+
+
+class QuantConv2d(LineMixin, nn.Conv2d):
+    """Fake-quantized conv followed by its own norm (SPEC 3.6; the original's ConvBn2d).
+
+    Weights are quantized at every forward (for a BN norm, after folding its scale
+    gamma / sqrt(running_var + eps) into them, as PyTorch's QAT ConvBn does). Inputs are
+    quantized with an EMA range once activation quantization has started (`act_quant`,
+    set by the training method after the warmup iterations). In evaluation the inputs are
+    quantized only if a range has been recorded (`act_range_ready`); before that they pass
+    unquantized (the original quantized them with a [0, 0] range, i.e. to zeros).
+    """
+
+    level_attrs = ("alpha", "num_bits", "act_quant")
+    ema_momentum = 0.1
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 norm=None, line=False, num_bits=8):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias=False)
+        self.norm = norm
+        self.alpha = 1.0
+        self.num_bits = num_bits
+        self.act_quant = False
+        self.register_buffer("act_min", torch.zeros(()))
+        self.register_buffer("act_max", torch.zeros(()))
+        self.register_buffer("act_range_ready", torch.zeros((), dtype=torch.bool))
+        if line:
+            self._add_endpoint1()
+
+    @property
+    def folds_bn(self):
+        return isinstance(self.norm, Norm2d) and self.norm.kind == "BN"
+
+    def fold_scale(self):
+        """Per-output-channel scale folded into the weight (1 for IN/GN)."""
+        if not self.folds_bn:
+            return None
+        gamma, _ = self.norm.affine()
+        return gamma / torch.sqrt(self.norm.running_var + self.norm.eps)
+
+    def _update_range(self, x):
+        # The first active batch copies its range, later ones move the EMA. torch.where
+        # keeps this free of host synchronisation on GPUs.
+        with torch.no_grad():
+            batch_min = torch.clamp(x.detach().min().float(), max=0.0)
+            batch_max = torch.clamp(x.detach().max().float(), min=0.0)
+            ready = self.act_range_ready
+            self.act_min.copy_(torch.where(ready, self.act_min.lerp(batch_min, self.ema_momentum), batch_min))
+            self.act_max.copy_(torch.where(ready, self.act_max.lerp(batch_max, self.ema_momentum), batch_max))
+            self.act_range_ready.fill_(True)
+
+    def quantize_input(self, x):
+        if self.training:
+            if not self.act_quant:
+                return x
+            self._update_range(x)
+        elif not bool(self.act_range_ready):
+            return x
+        return fake_quantize(x, self.act_min, self.act_max, self.num_bits)
+
+    def quantized_weight(self):
+        """The fake-quantized (scale-folded) weight and the fold scale (None without BN)."""
+        scale = self.fold_scale()
+        weight = self.line_weight()
+        if scale is not None:
+            weight = weight * scale.reshape(-1, 1, 1, 1)
+        return fake_quantize_tensor(weight, self.num_bits), scale
+
+    def forward(self, x):
+        x = self.quantize_input(x)
+        weight, scale = self.quantized_weight()
+        out = F.conv2d(x, weight.to(x.dtype), None, self.stride, self.padding)
+        if scale is not None:
+            out = out / scale.reshape(1, -1, 1, 1).to(out.dtype)
+        return self.norm(out) if self.norm is not None else out
+
+
+class Norm2d(LineMixin, nn.Module):
+    """BatchNorm / InstanceNorm / GroupNorm, optionally on a line and/or slimmable.
+
+    * On a line, gamma and beta are interpolated; BN running statistics are one buffer
+      shared by every alpha.
+    * Slimmable (structured sparsity), gamma, beta and running statistics are sliced to the
+      leading C channels of the input; BN's running statistics are updated in place on that
+      slice by every width (SPEC 3.4).
+    * IN always uses instance statistics (affine, no running statistics).
+    * GN uses min(C, num_groups) groups.
+    """
+
+    level_attrs = ("alpha",)
+
+    def __init__(self, kind, num_features, line=False, slim=False, num_groups=32,
+                 eps=1e-5, momentum=0.1):
+        super().__init__()
+        assert kind in NORM_KINDS, kind
+        assert not (slim and kind == "GN"), "slimmable GroupNorm is not supported"
+        self.kind = kind
+        self.num_features = num_features
+        self.slim = slim
+        self.eps = eps
+        self.momentum = momentum
+        self.num_groups = min(num_features, num_groups) if kind == "GN" else None
+        self.alpha = 1.0
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        if kind == "BN":
+            self.register_buffer("running_mean", torch.zeros(num_features))
+            self.register_buffer("running_var", torch.ones(num_features))
+        if line:
+            self._add_endpoint1()
+            nn.init.ones_(self.weight1)
+            nn.init.zeros_(self.bias1)
+
+    def affine(self):
+        return self.line_weight(), self.line_bias()
+
+    def forward(self, x):
+        gamma, beta = self.affine()
+        channels = x.shape[1]
+        if self.kind == "BN":
+            running_mean, running_var = self.running_mean, self.running_var
+            if self.slim:
+                gamma, beta = gamma[:channels], beta[:channels]
+                running_mean, running_var = running_mean[:channels], running_var[:channels]
+            return F.batch_norm(x, running_mean, running_var, gamma, beta,
+                                self.training, self.momentum, self.eps)
+        if self.slim:
+            gamma, beta = gamma[:channels], beta[:channels]
+        if self.kind == "IN":
+            return F.instance_norm(x, weight=gamma, bias=beta, eps=self.eps)
+        return F.group_norm(x, self.num_groups, gamma, beta, self.eps)
+
+    def extra_repr(self):
+        return (f"{self.kind}, {self.num_features}, line={self.on_line}, slim={self.slim}"
+                + (f", groups={self.num_groups}" if self.kind == "GN" else ""))
+
+
+class NoOp(nn.Module):
+    """Placeholder where the norm lives inside the quantized conv."""
+
+    def forward(self, x):
+        return x
+
+
+class ChannelSelection(nn.Module):
+    """Network-slimming channel selection: keeps the channels whose index is non-zero.
+
+    The indexes are a frozen parameter (they count in the parameter total, as in the
+    original, but never train). Only slimmed LEC models have an index that is not all ones;
+    `active` is set on those, so full models skip the selection entirely.
+    """
+
+    def __init__(self, num_channels, active=False):
+        super().__init__()
+        self.indexes = nn.Parameter(torch.ones(num_channels), requires_grad=False)
+        self.active = active
+
+    def forward(self, x):
+        if not self.active:
+            return x
+        return x.index_select(1, self.indexes.nonzero().flatten())
