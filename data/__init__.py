@@ -1,0 +1,215 @@
+"""Training and test data as streams of device batches.
+
+Two pipelines with the same sample order and the same augmentation distribution:
+
+* tensor:     CIFAR-10 held as one uint8 tensor on the training device; crops, flips and
+              normalisation done there per batch (no per-image Python work).
+* dataloader: a torch DataLoader with PIL transforms in worker processes (the original's
+              pipeline; the only one for ImageNet).
+
+Every epoch's order comes from torch's DistributedSampler (seed, epoch; one shard per
+process under torchrun) and every augmentation draw from (seed, epoch, rank / image), so a
+run resumed mid-epoch sees exactly the batches the uninterrupted run would have seen.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from data.augment import crop_flip, draw_crop_flip, normalize
+from data.cifar import CIFAR_MEAN, CIFAR_STD, load_cifar10
+from utils.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def mix_seed(*parts):
+    """A 63-bit seed from several integers (seed, epoch, rank, index, ...)."""
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value ^ (int(part) + 0x9E3779B97F4A7C15 + (value << 6) + (value >> 2))) & ((1 << 63) - 1)
+    return value
+
+
+def epoch_order(num_images, epoch, seed, rank, world_size):
+    """This process's image indices for `epoch` (shuffled, padded to equal shards)."""
+    sampler = DistributedSampler(range(num_images), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+@dataclass
+class Stream:
+    """Common bookkeeping of a training stream."""
+
+    num_images: int
+    batch_size: int          # per process
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def steps_per_epoch(self):
+        return math.ceil(math.ceil(self.num_images / self.world_size) / self.batch_size)
+
+    def order(self, epoch, start_step):
+        return epoch_order(self.num_images, epoch, self.seed, self.rank, self.world_size)[start_step * self.batch_size:]
+
+
+class TensorTrainStream(Stream):
+    def __init__(self, images, labels, batch_size, seed, rank, world_size, memory_format):
+        super().__init__(len(labels), batch_size, seed, rank, world_size)
+        self.images, self.labels, self.memory_format = images, labels, memory_format
+
+    def batches(self, epoch, start_step=0):
+        full = epoch_order(self.num_images, epoch, self.seed, self.rank, self.world_size)
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, self.rank))
+        offsets, flips = draw_crop_flip(len(full), generator)
+        device = self.images.device
+        order = torch.tensor(full, dtype=torch.long)
+        for start in range(start_step * self.batch_size, len(full), self.batch_size):
+            index = order[start:start + self.batch_size].to(device, non_blocking=True)
+            images = crop_flip(self.images[index], offsets[start:start + self.batch_size],
+                               flips[start:start + self.batch_size])
+            yield normalize(images, CIFAR_MEAN, CIFAR_STD, self.memory_format), self.labels[index]
+
+
+class TensorTestStream:
+    def __init__(self, images, labels, batch_size, rank, world_size, memory_format):
+        # Each process evaluates its own shard; no image is counted twice.
+        self.images, self.labels = images[rank::world_size], labels[rank::world_size]
+        self.batch_size, self.memory_format = batch_size, memory_format
+        self.num_images = len(labels)
+
+    def batches(self):
+        for start in range(0, len(self.labels), self.batch_size):
+            images = self.images[start:start + self.batch_size]
+            yield normalize(images, CIFAR_MEAN, CIFAR_STD, self.memory_format), self.labels[start:start + self.batch_size]
+
+
+class SeededTransformDataset(Dataset):
+    """Applies PIL transforms with the torch RNG seeded per (seed, epoch, image), so the
+    augmentation of an image does not depend on worker count or on where a run resumed."""
+
+    def __init__(self, load, labels, transform, seed):
+        self.load, self.labels, self.transform, self.seed = load, labels, transform, seed
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, item):
+        index, epoch = item if isinstance(item, tuple) else (item, 0)
+        image = self.load(index)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix_seed(self.seed, epoch, index))
+            image = self.transform(image)
+        return image, int(self.labels[index])
+
+
+class LoaderTrainStream(Stream):
+    def __init__(self, dataset, batch_size, seed, rank, world_size, num_workers, device, memory_format):
+        super().__init__(len(dataset), batch_size, seed, rank, world_size)
+        self.dataset, self.num_workers, self.device, self.memory_format = dataset, num_workers, device, memory_format
+
+    def batches(self, epoch, start_step=0):
+        order = [(index, epoch) for index in self.order(epoch, start_step)]
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=order, num_workers=self.num_workers,
+                            pin_memory=self.device.type == "cuda")
+        for images, labels in loader:
+            yield (images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format),
+                   labels.to(self.device, non_blocking=True))
+
+
+class LoaderTestStream:
+    def __init__(self, dataset, batch_size, rank, world_size, num_workers, device, memory_format):
+        self.indices = list(range(rank, len(dataset), world_size))
+        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
+        self.device, self.memory_format = device, memory_format
+        self.num_images = len(dataset)
+
+    def batches(self):
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.indices,
+                            num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+        for images, labels in loader:
+            yield (images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format),
+                   labels.to(self.device, non_blocking=True))
+
+
+@dataclass
+class Data:
+    train: object
+    test: object
+    num_classes: int
+    input_size: int
+    num_train: int
+    num_test: int
+
+
+def per_process_batch(config, world_size):
+    if config.batch_size % world_size:
+        raise ConfigError(f"--batch_size: the global batch {config.batch_size} does not split evenly over "
+                          f"{world_size} processes")
+    return config.batch_size // world_size
+
+
+def build_data(config, device, rank=0, world_size=1):
+    """Train and test streams for the config's dataset and pipeline."""
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    batch = per_process_batch(config, world_size)
+    if config.dataset == "imagenet":
+        if config.data_pipeline == "tensor":
+            raise ConfigError("--data_pipeline tensor: only for CIFAR-10 (ImageNet uses the dataloader pipeline)")
+        from data.imagenet import imagenet_datasets
+        train_set, test_set, num_classes = imagenet_datasets(config)
+        args = (rank, world_size, config.num_workers, device, memory_format)
+        return Data(LoaderTrainStream(train_set, batch, config.seed, *args),
+                    LoaderTestStream(test_set, config.batch_size, *args),
+                    num_classes, config.image_size, len(train_set), len(test_set))
+    train_images, train_labels = load_cifar10(config.data_dir, True, config.train_subset, config.seed)
+    test_images, test_labels = load_cifar10(config.data_dir, False, config.test_subset, config.seed)
+    if config.data_pipeline == "dataloader":
+        train_set, test_set = cifar_datasets(train_images, train_labels, test_images, test_labels, config.seed)
+        args = (rank, world_size, config.num_workers, device, memory_format)
+        train = LoaderTrainStream(train_set, batch, config.seed, *args)
+        test = LoaderTestStream(test_set, config.batch_size, *args)
+    else:
+        def to_device(images, labels):
+            return (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device),
+                    torch.from_numpy(labels).to(device))
+        train = TensorTrainStream(*to_device(train_images, train_labels), batch, config.seed, rank, world_size,
+                                  memory_format)
+        test = TensorTestStream(*to_device(test_images, test_labels), config.batch_size, rank, world_size,
+                                memory_format)
+    return Data(train, test, 10, 32, len(train_labels), len(test_labels))
+
+
+def cifar_transforms():
+    import torchvision.transforms as T
+
+    train = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                       T.Normalize(CIFAR_MEAN, CIFAR_STD)])
+    test = T.Compose([T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)])
+    return train, test
+
+
+class ArrayImages:
+    """PIL images from a uint8 [N, H, W, 3] array (picklable for worker processes)."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __call__(self, index):
+        from PIL import Image
+
+        return Image.fromarray(self.array[index])
+
+
+def cifar_datasets(train_images, train_labels, test_images, test_labels, seed):
+    """PIL-transform datasets over uint8 arrays (the original's CIFAR pipeline)."""
+    train_transform, test_transform = cifar_transforms()
+    return (SeededTransformDataset(ArrayImages(train_images), train_labels, train_transform, seed),
+            SeededTransformDataset(ArrayImages(test_images), test_labels, test_transform, seed))
+

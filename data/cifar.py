@@ -1,0 +1,93 @@
+"""CIFAR-10 as uint8 arrays, from torchvision's files or from train/ + test/ image folders."""
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from utils.errors import DataError
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+CIFAR_CLASSES = 10
+TORCHVISION_FOLDER = "cifar-10-batches-py"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
+
+
+def subset_indices(count, subset, seed):
+    """The first `subset` indices of a seeded shuffle of range(count) (all, in order, if None)."""
+    if subset is None or subset >= count:
+        return np.arange(count)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(count, generator=generator)[:subset].sort().values.numpy()
+
+
+def load_cifar10(data_dir, train, subset=None, seed=0):
+    """(images uint8 [N, 32, 32, 3], labels int64 [N]) of one split."""
+    if not os.path.isdir(data_dir):
+        if data_dir == "./data" or os.path.normpath(data_dir) == "data":
+            return _from_torchvision(data_dir, train, subset, seed)
+        raise DataError(f"--data_dir {data_dir}: no such directory")
+    if os.path.isdir(os.path.join(data_dir, "train")) or os.path.isdir(os.path.join(data_dir, "test")):
+        return _from_image_folders(data_dir, train, subset, seed)
+    return _from_torchvision(data_dir, train, subset, seed)
+
+
+def _from_torchvision(data_dir, train, subset, seed):
+    import torchvision
+
+    present = os.path.isdir(os.path.join(data_dir, TORCHVISION_FOLDER))
+    try:
+        dataset = torchvision.datasets.CIFAR10(root=data_dir, train=train, download=not present)
+    except Exception as error:  # network failures come in many types
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(
+            f"--data_dir {data_dir}: no CIFAR-10 there ({TORCHVISION_FOLDER}/ or train/ and test/ class folders) "
+            f"and the download failed ({first_line}); point --data_dir at a local copy") from None
+    indices = subset_indices(len(dataset.data), subset, seed)
+    return dataset.data[indices], np.asarray(dataset.targets, dtype=np.int64)[indices]
+
+
+def list_image_folder(root):
+    """(sorted class names, [(path, class index)]) of a class-folder tree."""
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: no such directory (expected one folder of images per class)")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+        raise DataError(f"{root}: no class folders in it")
+    samples = []
+    for index, name in enumerate(classes):
+        folder = os.path.join(root, name)
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+        if not files:
+            raise DataError(f"{folder}: class folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        samples.extend((os.path.join(folder, f), index) for f in files)
+    return classes, samples
+
+
+def read_image(path, size=None):
+    """An RGB image as a uint8 array; DataError naming the file when it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        raise DataError(f"{path}: cannot read image ({error})") from None
+    if size is not None and array.shape[:2] != size:
+        raise DataError(f"{path}: image is {array.shape[1]}x{array.shape[0]}, CIFAR-10 images are 32x32")
+    return array
+
+
+def _from_image_folders(data_dir, train, subset, seed):
+    root = os.path.join(data_dir, "train" if train else "test")
+    classes, samples = list_image_folder(root)
+    if len(classes) != CIFAR_CLASSES:
+        raise DataError(f"{root}: found {len(classes)} class folders, CIFAR-10 has {CIFAR_CLASSES}")
+    indices = subset_indices(len(samples), subset, seed)
+    paths = [samples[i][0] for i in indices]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        images = list(pool.map(lambda p: read_image(p, (32, 32)), paths))
+    labels = np.asarray([samples[i][1] for i in indices], dtype=np.int64)
+    return np.stack(images), labels

@@ -1,0 +1,90 @@
+"""Evaluation of a model over its method's grid of compression levels (SPEC 3.11)."""
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from models.layers import Norm2d
+from utils.distributed import all_reduce_sum
+
+
+class BNStatistics:
+    """For every BN layer: per batch, the mean absolute difference between the channel
+    mean / variance of the layer's input and its running statistics (leading C entries);
+    summarised as mean and std over batches (the original's BN analysis)."""
+
+    def __init__(self, model):
+        self.records, self.hooks = {}, []
+        for name, module in model.named_modules():
+            if isinstance(module, Norm2d) and module.kind == "BN":
+                self.records[name] = {"mean": [], "var": []}
+                self.hooks.append(module.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name):
+        def record(module, inputs, output):
+            x = inputs[0].float()
+            channels = x.shape[1]
+            mean = x.mean(dim=(0, 2, 3))
+            var = x.var(dim=(0, 2, 3))
+            self.records[name]["mean"].append((mean - module.running_mean[:channels]).abs().mean())
+            self.records[name]["var"].append((var - module.running_var[:channels]).abs().mean())
+        return record
+
+    def summary(self):
+        for hook in self.hooks:
+            hook.remove()
+        out = {}
+        for name, record in self.records.items():
+            for stat in ("mean", "var"):
+                values = torch.stack(record[stat]) if record[stat] else torch.zeros(1)
+                out[f"{name}_running_{stat}_MAD_mean"] = values.mean().item()
+                out[f"{name}_running_{stat}_MAD_std"] = values.std().item() if len(values) > 1 else 0.0
+        return out
+
+
+def autocast(device, enabled):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def test_pass(net, test, context, amp=False):
+    """(accuracy, mean loss per image, number of images) over the whole test set, each image
+    counted once across processes."""
+    device = context.device
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    for images, labels in test.batches():
+        with autocast(device, amp):
+            logits = net(images)
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+        correct = (logits.argmax(dim=1) == labels).sum()
+        totals += torch.stack([correct.double(), loss.double(), torch.tensor(len(labels), device=device).double()])
+    correct, loss_sum, count = all_reduce_sum(totals, context).tolist()
+    return correct / max(count, 1), loss_sum / max(count, 1), int(count)
+
+
+def evaluate(model, method, data, context, step, amp=False, bn_statistics=True):
+    """One dict per grid point: level, alpha, accuracy, loss and the method's metrics."""
+    was_training = model.training
+    model.eval()
+    results = []
+    try:
+        for point in method.eval_points():
+            method.apply_levels(model, method.eval_levels(point, step))
+            net, extra = method.eval_model(model, point)
+            metrics = dict(method.compression_metrics(net, data.input_size))
+            metrics.update(extra)
+            statistics = BNStatistics(net) if bn_statistics else None
+            accuracy, loss, count = test_pass(net, data.test, context, amp)
+            row = {"level": point.level, "alpha": point.alpha, "accuracy": accuracy, "loss": loss,
+                   "num_images": count, **metrics}
+            if statistics is not None and statistics.records:
+                row["bn_stats"] = statistics.summary()
+            elif statistics is not None:
+                statistics.summary()
+            results.append(row)
+    finally:
+        model.train(was_training)
+    return results

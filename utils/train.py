@@ -1,0 +1,419 @@
+"""The one training loop of every setting and method.
+
+    for epoch in start .. epochs-1:
+        set this epoch's learning rate (cosine with a 5-epoch linear warmup)
+        if epoch % test_freq == 0: evaluate the grid, record it, checkpoint
+        train one epoch (each step: the method's levels, forward/backward per level, the
+                         method's regulariser and gradient edits, one SGD step)
+        checkpoint
+    evaluate the grid (final), save model_final.pt
+
+A run can be resumed from any checkpoint with identical results (same seed, same machine),
+is preempted cleanly by SIGTERM / Ctrl-C, and runs under torchrun with DDP.
+"""
+
+import contextlib
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from data import build_data
+from methods import METHODS
+from methods.levels import cosine_lr, warmup_iterations
+from models import build_model
+from utils import checkpoint as ckpt
+from utils.distributed import any_process, barrier, setup, teardown
+from utils.errors import CheckpointError, ConfigError, TrainingError
+from utils.evaluate import autocast, evaluate
+from utils.metrics import METRICS, PLOT, RESULTS, format_table, latest_evaluation, read_rows, update_outputs
+
+CONFIG_FILE = "config.yaml"
+RUN_FILES = (CONFIG_FILE, METRICS, RESULTS, PLOT, ckpt.LAST, ckpt.FINAL)
+EXIT_INTERRUPTED = {signal.SIGTERM: 143, signal.SIGINT: 130}
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint."""
+
+    epoch: int = 0             # epochs completed
+    step_in_epoch: int = 0     # steps of the current epoch completed
+    global_step: int = 0       # training steps completed (drives the warmups)
+    evaluated_epoch: int = -1  # the epoch whose start-of-epoch evaluation is recorded
+    evaluations: int = 0       # evaluations recorded so far
+    finished: bool = False
+
+
+class Interrupted(Exception):
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopFlag:
+    """SIGTERM / SIGINT set a flag; the loop stops after the current step."""
+
+    def __init__(self):
+        self.signum, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in EXIT_INTERRUPTED:
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def check_run_dir(save_dir, options):
+    """Refuse to train over an existing run unless told to resume or overwrite it."""
+    existing = [name for name in RUN_FILES if os.path.exists(os.path.join(save_dir, name))]
+    if existing and not (options.resume or options.overwrite or options.eval_only):
+        raise ConfigError(f"--save_dir {save_dir}: already holds a run ({', '.join(existing)}); "
+                          f"pass --resume to continue it or --overwrite to replace it")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _log(context, message):
+    if context.is_main:
+        print(message, flush=True)
+
+
+class Run:
+    """Everything one training (or evaluation-only) process holds."""
+
+    def __init__(self, config, options, context):
+        self.config, self.options, self.context = config, options, context
+        self.device = context.device
+        self.save_dir = config.save_dir
+        self.progress = Progress()
+        self.rows = []
+        seed_everything(config.seed)
+        self.data = build_data(config, self.device, context.rank, context.world_size)
+        budget = config.warmup_budget
+        warmup = warmup_iterations(budget, config.epochs, self.data.num_train, config.batch_size) if budget else None
+        self.method = METHODS[config.setting][config.method](config, warmup)
+        self.model = build_model(config.model, self.method.layer_factory(), self.data.num_classes)
+        memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.model.to(self.device, memory_format=memory_format)
+        self.method.bind(self.model)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.learning_rate,
+                                         momentum=config.momentum, weight_decay=config.weight_decay)
+        if self.device.type == "cuda":
+            # Autotuning every newly drawn width would stall slimmable networks.
+            torch.backends.cudnn.benchmark = config.setting != "structured_sparsity"
+
+    # -- run directory ------------------------------------------------------------------
+    def prepare_run_dir(self):
+        if not self.context.is_main:
+            return
+        os.makedirs(self.save_dir, exist_ok=True)
+        if self.options.overwrite:
+            for name in RUN_FILES:
+                path = os.path.join(self.save_dir, name)
+                if os.path.exists(path):
+                    os.remove(path)
+        text = yaml.safe_dump(self.config.to_dict(), sort_keys=False, default_flow_style=None)
+        ckpt.atomic_write(os.path.join(self.save_dir, CONFIG_FILE), lambda tmp: open(tmp, "w").write(text))
+
+    # -- checkpoints --------------------------------------------------------------------
+    def payload(self, kind="training"):
+        payload = {"format": ckpt.FORMAT, "kind": kind, "setting": self.config.setting,
+                   "method": self.config.method, "model_name": self.config.model,
+                   "config": self.config.to_dict(), "model": self.model.state_dict(),
+                   "epoch": self.progress.epoch, "global_step": self.progress.global_step}
+        if kind == "training":
+            payload.update({"optimizer": self.optimizer.state_dict(), "progress": asdict(self.progress),
+                            "rng": ckpt.rng_state(self.generator)})
+        return payload
+
+    def save_checkpoint(self):
+        if self.context.is_main:
+            ckpt.save(os.path.join(self.save_dir, ckpt.LAST), self.payload())
+        barrier(self.context)
+
+    def load_model_state(self, payload, path):
+        try:
+            self.model.load_state_dict(payload["model"])
+        except RuntimeError as error:
+            raise CheckpointError(f"{path}: its weights do not fit {self.config.model} built for "
+                                  f"{self.config.setting}/{self.config.method} "
+                                  f"({str(error).splitlines()[0][:120]})") from None
+
+    def resume(self, path):
+        payload = ckpt.load(path, map_location=self.device)
+        if payload.get("kind") != "training":
+            raise CheckpointError(f"{path}: a final model, not a training checkpoint (resume needs "
+                                  f"{ckpt.LAST})")
+        self.load_model_state(payload, path)
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.progress = Progress(**payload["progress"])
+        ckpt.restore_rng_state(payload["rng"], self.generator)
+        kept = [row for row in read_rows(os.path.join(self.save_dir, METRICS)) if self._keep_on_resume(row)]
+        self.rows = kept
+
+    def _keep_on_resume(self, row):
+        """Rows recorded after the checkpoint are dropped: the resumed run records them again."""
+        if row.get("eval_only"):
+            return True
+        if row["final"]:
+            return self.progress.finished
+        return row["epoch"] < self.progress.epoch or (row["epoch"] == self.progress.epoch
+                                                      and self.progress.evaluated_epoch == self.progress.epoch)
+
+    # -- evaluation ---------------------------------------------------------------------
+    def record_evaluation(self, final=False, eval_only=False):
+        results = evaluate(self.model, self.method, self.data, self.context, self.progress.global_step,
+                           amp=self.config.amp)
+        config = self.config
+        index = max([row["evaluation"] for row in self.rows], default=-1) + 1
+        for result in results:
+            row = {"evaluation": index, "epoch": self.progress.epoch, "step": self.progress.global_step,
+                   "setting": config.setting, "method": config.method, "model": config.model,
+                   "dataset": config.dataset, "norm": config.norm, "level_name": self.method.level_name,
+                   **result, "final": final, "eval_only": eval_only}
+            row.setdefault("sparsity", None)
+            row.setdefault("num_bits", None)
+            self.rows.append(row)
+            _log(self.context, _describe(row))
+        self.progress.evaluations = index + 1
+        if self.context.is_main:
+            update_outputs(self.save_dir, self.rows)
+
+    def evaluate_only(self, path):
+        payload = ckpt.load(path, map_location=self.device)
+        self.load_model_state(payload, path)
+        self.progress.epoch = payload.get("epoch", 0)
+        self.progress.global_step = payload.get("global_step", 0)
+        if self.context.is_main:
+            os.makedirs(self.save_dir, exist_ok=True)
+        self.rows = read_rows(os.path.join(self.save_dir, METRICS))
+        self.record_evaluation(eval_only=True)
+        self.print_summary("Evaluation")
+        return 0
+
+    # -- training -----------------------------------------------------------------------
+    def train(self):
+        config, progress = self.config, self.progress
+        if progress.finished:
+            _log(self.context, f"The run in {self.save_dir} has already finished ({config.epochs} epochs).")
+            return 0
+        train_model = self.model
+        if self.context.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            train_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        forward = torch.compile(train_model, dynamic=True) if config.compile else train_model
+        with StopFlag() as stop:
+            try:
+                while progress.epoch < config.epochs:
+                    lr = cosine_lr(config.learning_rate, progress.epoch, config.epochs)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                    if progress.epoch % config.test_freq == 0 and progress.evaluated_epoch != progress.epoch:
+                        self.record_evaluation()
+                        progress.evaluated_epoch = progress.epoch
+                        self.save_checkpoint()
+                    self.train_epoch(train_model, forward, lr, stop)
+                    progress.epoch += 1
+                    progress.step_in_epoch = 0
+                    self.save_checkpoint()
+            except Interrupted as interrupted:
+                self.save_checkpoint()
+                name = signal.Signals(interrupted.signum).name
+                _log(self.context, f"Interrupted by {name} at epoch {progress.epoch}, step {progress.step_in_epoch}; "
+                                   f"saved {os.path.join(self.save_dir, ckpt.LAST)}.\nResume with: "
+                                   f"{resume_command(config)}")
+                return EXIT_INTERRUPTED[interrupted.signum]
+        self.record_evaluation(final=True)
+        progress.finished = True
+        if self.context.is_main:
+            ckpt.save(os.path.join(self.save_dir, ckpt.FINAL), self.payload(kind="model"))
+        self.save_checkpoint()
+        self.print_summary("Final evaluation")
+        return 0
+
+    def train_epoch(self, train_model, forward, lr, stop):
+        self.model.train()
+        config, progress = self.config, self.progress
+        log = EpochLog(self.context, progress.epoch, config.epochs, self.data.train.steps_per_epoch,
+                       progress.step_in_epoch, lr)
+        monitor = LossMonitor()
+        check_every = 10 if self.context.distributed or self.device.type == "cuda" else 1
+        for images, labels in self.data.train.batches(progress.epoch, progress.step_in_epoch):
+            levels = self.method.train_levels(progress.global_step, self.generator)
+            loss, logits = self.train_step(train_model, forward, levels, images, labels)
+            monitor.add(loss, progress.epoch, progress.step_in_epoch, levels)
+            progress.step_in_epoch += 1
+            progress.global_step += 1
+            if progress.step_in_epoch % check_every == 0 or progress.step_in_epoch == log.steps:
+                mean_loss = monitor.flush(self.config)
+                log.update(progress.step_in_epoch, mean_loss, logits, labels, self.config.batch_size)
+                if any_process(stop.signum is not None, self.context, self.device):
+                    raise Interrupted(stop.signum or signal.SIGTERM)
+        monitor.flush(self.config)
+        log.close()
+
+    def train_step(self, train_model, forward, levels_list, images, labels):
+        total = 0.0
+        distributed = train_model is not self.model
+        for index, levels in enumerate(levels_list):
+            self.method.apply_levels(self.model, levels)
+            last = index == len(levels_list) - 1
+            # Forwards of one step: gradients add up locally and are all-reduced once.
+            sync = contextlib.nullcontext() if last or not distributed else train_model.no_sync()
+            with sync:
+                with autocast(self.device, self.config.amp):
+                    logits = forward(images)
+                loss = F.cross_entropy(logits.float(), labels)
+                if last:
+                    penalty = self.method.regularizer(self.model)
+                    if penalty is not None:
+                        loss = loss + penalty
+                loss.backward()
+            total = total + loss.detach()
+        self.method.after_backward(self.model)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, logits
+
+    # -- reporting ----------------------------------------------------------------------
+    def print_summary(self, title):
+        if not self.context.is_main:
+            return
+        rows = latest_evaluation(self.rows)
+        print(f"\n{title} ({self.config.setting}, {self.config.method}, {self.config.model}, epoch "
+              f"{self.progress.epoch}):\n{format_table(rows)}")
+        files = [name for name in (CONFIG_FILE, METRICS, RESULTS, PLOT, ckpt.LAST, ckpt.FINAL)
+                 if os.path.exists(os.path.join(self.save_dir, name))]
+        print(f"Files in {self.save_dir}: {', '.join(files)}", flush=True)
+
+
+def _describe(row):
+    text = f"Test ({row['level_name']} = {row['level']:g}"
+    if row.get("alpha") is not None:
+        text += f", alpha = {row['alpha']:g}"
+    text += f"): loss {row['loss']:.4f} | accuracy {100 * row['accuracy']:.2f}%"
+    if row.get("sparsity") is not None:
+        text += f" | sparsity {row['sparsity']:.4f}"
+    if row.get("act_quant") is not None:
+        text += f" | activations {'quantized' if row['act_quant'] else 'unquantized (before warmup end)'}"
+    return text
+
+
+def resume_command(config):
+    script = {"structured_sparsity": "train_structured.py", "unstructured_sparsity": "train_unstructured.py",
+              "quantized": "train_quantized.py"}[config.setting]
+    return f"python {script} --save_dir {config.save_dir} --resume"
+
+
+class LossMonitor:
+    """Collects step losses on the device and checks them at flush time (one host sync)."""
+
+    def __init__(self):
+        self.pending = []
+
+    def add(self, loss, epoch, step, levels):
+        self.pending.append((loss, epoch, step, levels))
+
+    def flush(self, config):
+        if not self.pending:
+            return None
+        values = torch.stack([torch.as_tensor(loss).float() for loss, *_ in self.pending]).cpu()
+        finite = torch.isfinite(values)
+        if not bool(finite.all()):
+            first = int((~finite).nonzero()[0])
+            _, epoch, step, levels = self.pending[first]
+            raise TrainingError(
+                f"non-finite loss ({values[first].item()}) at epoch {epoch}, step {step} "
+                f"(levels: {_levels_text(levels)}); training stopped, the last good checkpoint is "
+                f"{os.path.join(config.save_dir, ckpt.LAST)}; try a lower --learning_rate "
+                f"(now {config.learning_rate})")
+        self.pending = []
+        return values.mean().item()
+
+
+def _levels_text(levels):
+    def short(value):
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+    return "; ".join(", ".join(f"{k}={short(v)}" for k, v in level.items()) or "-" for level in levels)
+
+
+class EpochLog:
+    """A tqdm bar on a terminal, plain lines (about ten per epoch) otherwise."""
+
+    def __init__(self, context, epoch, epochs, steps, first_step, lr):
+        self.enabled = context.is_main
+        self.epoch, self.epochs, self.steps, self.lr = epoch, epochs, steps, lr
+        self.first_step = self.shown_step = first_step
+        self.start = time.perf_counter()
+        self.loss_sum, self.loss_count = 0.0, 0
+        self.bar = None
+        if self.enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=steps, initial=first_step, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+                            dynamic_ncols=True)
+
+    def update(self, step, mean_loss, logits, labels, images_per_step):
+        """Called after `step` steps of the epoch; `mean_loss` averages the steps since the last call."""
+        if not self.enabled:
+            return
+        self.loss_sum += mean_loss
+        self.loss_count += 1
+        loss = self.loss_sum / self.loss_count
+        rate = images_per_step * (step - self.first_step) / max(time.perf_counter() - self.start, 1e-9)
+        accuracy = (logits.argmax(dim=1) == labels).float().mean().item()
+        if self.bar is not None:
+            self.bar.update(step - self.shown_step)
+            self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{100 * accuracy:.1f}%", lr=f"{self.lr:.4g}",
+                                 img_s=f"{rate:.0f}")
+        elif step - self.shown_step < max(1, self.steps // 10) and step != self.steps:
+            return
+        else:
+            print(f"epoch {self.epoch + 1}/{self.epochs} [{step}/{self.steps} {100 * step / self.steps:.0f}%] "
+                  f"loss {loss:.4f} acc {100 * accuracy:.1f}% lr {self.lr:.4g} {rate:.0f} img/s", flush=True)
+        self.shown_step = step
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        if self.enabled:
+            print(f"epoch {self.epoch + 1}/{self.epochs} done in {time.perf_counter() - self.start:.1f} s",
+                  flush=True)
+
+
+def run(config, options):
+    """Train (or evaluate) as the config and options say; returns the exit status."""
+    context = setup(config.device)
+    try:
+        check_run_dir(config.save_dir, options)
+        state = Run(config, options, context)
+        if options.eval_only:
+            return state.evaluate_only(options.checkpoint)
+        if options.resume:
+            state.resume(options.resume)
+        state.prepare_run_dir()
+        return state.train()
+    finally:
+        teardown(context)
