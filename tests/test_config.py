@@ -168,6 +168,14 @@ def test_config_yaml_round_trip(tmp_path, setting, name):
     assert config_of(setting, "--config", path) == config
 
 
+def test_imagenet_config_yaml_round_trip(tmp_path):
+    config = config_of("quantized", "--method", "lcs_p", "--model", "resnet18", *IMAGENET, "--learning_rate", "1e-5")
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None)
+    assert "weight_decay: 5.0e-05" in text                   # a float PyYAML reads back as a float
+    path = write(tmp_path, text, "config.yaml")
+    assert config_of("quantized", "--config", path) == config
+
+
 def test_config_file_of_another_setting_is_refused(tmp_path):
     config = config_of("quantized")
     path = write(tmp_path, yaml.safe_dump(config.to_dict()), "config.yaml")

@@ -286,6 +286,16 @@ def test_lec_equal_gammas_floor_every_layer_to_one_channel():
         assert slim(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_vgg19_lec_equal_gammas_leave_one_channel_per_layer():
+    model = build_model("vgg19", STANDARD, 10).eval()
+    slim, info = lec_slim(model, "vgg19", 10, 1.0)
+    assert len(info["floored_layers"]) == 16
+    # 16 convs of one output channel: 3 * 9 + 15 * 9 weights, 16 gammas and betas, 10 classifier weights
+    assert count_parameters(slim) == 27 + 15 * 9 + 2 * 16 + 10
+    with torch.no_grad():
+        assert slim(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
 def test_lec_one_channel_floor():
     model = lec_model()
     gen = torch.Generator().manual_seed(1)
