@@ -253,7 +253,8 @@ CASES = [
     Case("eval_other_setting", "structured", "--eval_only --checkpoint {ckpt_quantized} --save_dir {save}",
          "{ckpt_quantized}"),
     Case("eval_weights_do_not_fit", "structured", "--eval_only --checkpoint {ckpt_other_layers} --save_dir {save}",
-         "{ckpt_other_layers}"),
+         "{ckpt_other_layers}: its weights do not fit cpreresnet20 built for structured_sparsity/us (1 tensor(s) "
+         "missing, e.g. {missing_tensor})"),
     Case("eval_unknown_config_key", "structured", "--eval_only --checkpoint {ckpt_unknown_key} --save_dir {save}",
          "'width_multiplier'"),
     Case("eval_changes_model", "structured", "--eval_only --checkpoint {ckpt_last} --model vgg19 --save_dir {save}",
@@ -381,7 +382,8 @@ def _checkpoints(tiny_cifar, root):
     # As from another version of the network: one tensor fewer than the config's model holds.
     p["ckpt_other_layers"] = str(root / "other_layers.pt")
     weights = dict(payload["model"])
-    weights.pop(next(name for name in weights if name.endswith("running_var")))
+    p["missing_tensor"] = next(name for name in weights if name.endswith("running_var"))
+    weights.pop(p["missing_tensor"])
     torch.save({**payload, "model": weights}, p["ckpt_other_layers"])
     p["ckpt_unknown_key"] = str(root / "unknown_key.pt")
     torch.save({**payload, "config": {**payload["config"], "width_multiplier": 2}}, p["ckpt_unknown_key"])

@@ -222,3 +222,11 @@ def test_unexpected_os_errors_are_one_line(monkeypatch, capsys):
     status, lines = run_main([], capsys)
     assert status == 1
     assert lines == ["train_unstructured.py: error: /runs/x/results.csv: No space left on device"]
+
+
+def test_state_mismatch_names_missing_unexpected_and_reshaped_tensors():
+    expected = {"conv.weight": torch.zeros(4, 3, 3, 3), "bn.weight": torch.zeros(4), "bn.bias": torch.zeros(4)}
+    found = {"conv.weight": torch.zeros(8, 3, 3, 3), "bn.weight": torch.zeros(4), "fc.weight": torch.zeros(2)}
+    assert ckpt.state_mismatch(expected, found) == (
+        "1 tensor(s) missing, e.g. bn.bias; 1 unexpected, e.g. fc.weight; 1 of another shape, e.g. conv.weight "
+        "(8, 3, 3, 3) instead of (4, 3, 3, 3)")

@@ -67,9 +67,9 @@ def load(path, map_location="cpu"):
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # a foreign or damaged file fails deep inside torch.load in many ways
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or damaged? {first[:160]})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT or "model" not in payload:
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or not isinstance(payload.get("model"), dict):
         raise CheckpointError(f"{path}: not a checkpoint of this project (no format-{FORMAT} header)")
     return payload
 
@@ -87,6 +87,24 @@ def read_checkpoint_config(path, setting, training=False):
     if not isinstance(payload.get("config"), dict):
         raise CheckpointError(f"{path}: holds no run config (not a checkpoint of this project's format {FORMAT})")
     return dict(payload["config"])
+
+
+def state_mismatch(expected, found):
+    """How the tensors of a checkpoint (`found`) differ from those a model holds (`expected`)."""
+    missing = [name for name in expected if name not in found]
+    unexpected = [name for name in found if name not in expected]
+    reshaped = [name for name in expected if name in found
+                and tuple(getattr(found[name], "shape", ())) != tuple(expected[name].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+    if reshaped:
+        name = reshaped[0]
+        parts.append(f"{len(reshaped)} of another shape, e.g. {name} {tuple(getattr(found[name], 'shape', ()))} "
+                     f"instead of {tuple(expected[name].shape)}")
+    return "; ".join(parts) or "tensors of another type"
 
 
 def checkpoint_path_for_resume(save_dir):
