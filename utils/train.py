@@ -158,10 +158,10 @@ class Run:
     def load_model_state(self, payload, path):
         try:
             self.model.load_state_dict(payload["model"])
-        except RuntimeError as error:
+        except RuntimeError:
             raise CheckpointError(f"{path}: its weights do not fit {self.config.model} built for "
                                   f"{self.config.setting}/{self.config.method} "
-                                  f"({str(error).splitlines()[0][:120]})") from None
+                                  f"({ckpt.state_mismatch(self.model.state_dict(), payload['model'])})") from None
 
     def resume(self, path):
         payload = ckpt.load(path, map_location=self.device)
