@@ -5,7 +5,7 @@ For each case the test checks the exit status (2 for usage, data and checkpoint 
 stderr is exactly one line naming the flag or file, that no traceback is printed and that
 nothing was written: the run directory does not exist afterwards, or is unchanged.
 
-Importing torch costs 2-5 s per process on the CI machine, so the table is run by one helper
+Importing torch costs 2-5 s per process on the CI machine, so the table is run by one runner
 process (this file run as a script) that imports the project once and forks a child per case;
 each child calls the same `training_params.main(setting, argv)` the scripts call and exits
 with its real status, its stdout and stderr going to files. `test_scripts_as_subprocesses`
@@ -32,7 +32,7 @@ CASE_TIMEOUT_S = 90
 PARALLEL_CASES = 2
 
 
-# -- the helper process: run each case in a forked child ---------------------------------
+# -- the runner process: run each case in a forked child ---------------------------------
 def _child(setting, argv, out_path, err_path):
     """Runs in the forked child: redirect stdout/stderr, call the entry point, exit with its
     status (an uncaught exception prints its traceback and exits 1, as the interpreter does)."""
@@ -100,7 +100,7 @@ if __name__ == "__main__":
 
 
 # -- the test side ----------------------------------------------------------------------
-import pytest  # noqa: E402  (the helper process above does not need it)
+import pytest  # noqa: E402  (the runner process above does not need it)
 
 from conftest import CIFAR_CLASSES, make_image_folder  # noqa: E402
 
@@ -429,9 +429,9 @@ def table(paths, tmp_path_factory):
                       "log": str(root / f"{case.id}.log")})
     cases_path, results_path = root / "cases.json", root / "results.json"
     cases_path.write_text(json.dumps(specs))
-    helper = subprocess.run([sys.executable, os.path.abspath(__file__), str(cases_path), str(results_path)],
+    runner = subprocess.run([sys.executable, os.path.abspath(__file__), str(cases_path), str(results_path)],
                             cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert helper.returncode == 0, helper.stderr
+    assert runner.returncode == 0, runner.stderr
     results = json.loads(results_path.read_text())
     return {key: (case, fields, results[key], before, _snapshot(watched))
             for key, (case, fields, watched, before) in prepared.items()}
@@ -447,6 +447,7 @@ def check_one_clear_line(stderr, status, expected_status, name):
     assert name in lines[0], f"{name!r} not named in: {lines[0]}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id", [case.id for case in CASES])
 def test_bad_input_gets_one_clear_line(table, case_id):
     case, fields, result, before, after = table[case_id]
@@ -467,6 +468,7 @@ def test_table_covers_every_script_and_kind():
     assert len({case.id for case in CASES}) == len(CASES)
 
 
+@pytest.mark.slow
 def test_scripts_as_subprocesses(cli, paths, tmp_path):
     """The real command lines behave as the entry point does in the table."""
     save = str(tmp_path / "run")

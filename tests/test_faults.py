@@ -44,6 +44,7 @@ def no_temporary_files(save_dir):
     return [name for name in os.listdir(save_dir) if ".tmp" in name] == []
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_cifar, tmp_path, capsys):
     save_dir = tmp_path / "run"
     status, lines = run_main(["--data_dir", tiny_cifar, "--save_dir", str(save_dir), "--learning_rate", "1e30",
@@ -64,6 +65,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_c
     assert no_temporary_files(save_dir)
 
 
+@pytest.mark.slow
 def test_weights_that_overflow_after_a_finite_loss_are_not_saved(tiny_cifar, tmp_path, capsys, monkeypatch):
     """The last step of an epoch can report a finite loss while its update overflows: the
     end-of-epoch checkpoint must not replace the good one with NaN weights."""
@@ -103,6 +105,7 @@ def _writes_are_refused_by_chmod(tmp_path):
         probe.chmod(0o755)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["read_only_directory", "disk_full"])
 def test_failed_save_leaves_the_previous_checkpoint_intact(fault, tiny_cifar, tmp_path, capsys, monkeypatch):
     """The second checkpoint of the run (end of epoch 0) fails to be written.
