@@ -18,12 +18,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 import yaml
 
 from methods import METHODS
 from methods.levels import bits_to_alpha, width_to_alpha
 from models import MODELS
-from utils.errors import ConfigError, UserError
+from utils.errors import ConfigError, UserError, one_line
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 CONFIG_ROOT = os.path.join(REPO_ROOT, "configs")
@@ -169,9 +170,17 @@ def _check_entry(source, key, value, setting, method):
     kind = FIELDS[key].metadata["kind"]
     if not _type_ok(kind, value):
         hint = ""
-        if isinstance(value, str) and kind.rstrip("?") in ("float", "int"):
+        if isinstance(value, str) and kind.rstrip("?") in ("float", "int") and _is_number_text(value):
             hint = " (YAML reads numbers like 1e-4 as text: write 1.0e-4)"
         raise ConfigError(f"{source}: key '{key}' must be {KIND_WORDS[kind.rstrip('?')]}, got {value!r}{hint}")
+
+
+def _is_number_text(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def read_yaml(path):
@@ -184,9 +193,11 @@ def read_yaml(path):
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a directory, expected a YAML file") from None
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
+        mark, context = getattr(error, "problem_mark", None), getattr(error, "context_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        if getattr(error, "context", None) and context is not None:  # e.g. an unclosed [ further up
+            problem += f" ({error.context} from line {context.line + 1})"
         raise ConfigError(f"{path}{where}: YAML syntax error: {problem}") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: cannot read: {error}") from None
@@ -267,7 +278,8 @@ def _add_common_flags(parser, setting):
 
 def build_parser(setting):
     methods = list(METHODS[setting])
-    parser = _Parser(prog=SCRIPTS[setting], description=SETTING_DESCRIPTIONS[setting])
+    # No abbreviations: a mistyped flag such as --learning_rat must not pass for another.
+    parser = _Parser(prog=SCRIPTS[setting], description=SETTING_DESCRIPTIONS[setting], allow_abbrev=False)
     parser.add_argument("--method", choices=methods, help=f"training method (default: lcs_l; one of {', '.join(methods)})")
     _add_common_flags(parser, setting)
     add = parser.add_argument
@@ -469,12 +481,13 @@ def merge(setting, args, base=None, base_source=None):
             raise ConfigError(f"{args.config}: holds a {config_file['setting']} config, but "
                               f"{SCRIPTS[setting]} trains {setting}")
     method = args.method or base.get("method") or config_file.get("method") or "lcs_l"
-    if method not in METHODS[setting]:
+    if not isinstance(method, str) or method not in METHODS[setting]:
         source = base_source or args.config
-        raise ConfigError(f"{source}: method '{method}' is not one of {', '.join(METHODS[setting])}")
+        raise ConfigError(f"{source}: key 'method' is {method!r}, not one of {', '.join(METHODS[setting])}")
     if base:
-        _apply_file(layers, {k: v for k, v in base.items() if k in allowed_keys(setting, method)},
-                    base_source, setting, method)
+        # Every key of a checkpoint's config must be known: a key this version does not read
+        # would otherwise be dropped without a word.
+        _apply_file(layers, base, base_source, setting, method)
     else:
         _apply_file(layers, read_yaml(method_yaml_path(setting, method)), method_yaml_path(setting, method),
                     setting, method)
@@ -502,8 +515,11 @@ def merge(setting, args, base=None, base_source=None):
     if config.num_workers is None:
         config.num_workers = 16 if config.dataset == "imagenet" else 2
     validate(config, layers.sources)
+    save_key = "save_dir"
     if config.save_dir is None:
         config.save_dir = os.path.join(config.save_root, method, config.model, config.dataset, config.norm)
+        save_key = "save_root"
+    check_save_dir(config.save_dir, _source(layers.sources, save_key))
     return config
 
 
@@ -528,34 +544,96 @@ def validate(config, sources):
     c, s = config, sources
     _require(c.model in MODELS, s, "model", f"unknown model {c.model!r} (allowed: {', '.join(sorted(MODELS))})")
     _require(c.dataset in DATASETS, s, "dataset", f"unknown dataset {c.dataset!r} (allowed: {', '.join(DATASETS)})")
-    _require(c.model in DATASET_MODELS[c.dataset], s, "model",
-             f"{c.model} does not run on {c.dataset} (allowed: {', '.join(DATASET_MODELS[c.dataset])})")
+    allowed = DATASET_MODELS[c.dataset]
+    if "model" in s:
+        _require(c.model in allowed, s, "model", f"{c.model} does not run on {c.dataset} (allowed: {', '.join(allowed)})")
+    _require(c.model in allowed, s, "dataset", f"{c.dataset} needs --model {' or '.join(allowed)} (the default "
+                                               f"{c.model} is a CIFAR-10 network)")
     _require(c.norm in NORMS, s, "norm", f"unknown norm {c.norm!r} (allowed: IN, BN, GN)")
-    if c.dataset == "imagenet":
-        _require(c.imagenet_dir is not None, s, "dataset", "imagenet needs --imagenet_dir")
-    for key in ("epochs", "batch_size", "test_freq"):
-        _require(getattr(c, key) >= 1, s, key, f"must be at least 1, got {getattr(c, key)}")
-    for key in ("learning_rate", "momentum", "weight_decay"):
-        value = getattr(c, key)
-        _require(math.isfinite(value) and value >= 0, s, key, f"must be a non-negative number, got {value}")
-    _require(c.seed >= 0, s, "seed", f"must be non-negative, got {c.seed}")
-    _require(c.num_workers >= 0, s, "num_workers", f"must be non-negative, got {c.num_workers}")
-    for key in ("train_subset", "test_subset"):
-        value = getattr(c, key)
-        _require(value is None or value >= 1, s, key, f"must be at least 1, got {value}")
-    if c.image_size is not None:
-        _require(c.image_size >= 16, s, "image_size", f"must be at least 16, got {c.image_size}")
+    _validate_numbers(c, s)
+    _validate_data_source(c, s)
     _require(c.device in DEVICES, s, "device", f"must be auto, cpu or cuda, got {c.device!r}")
     _require(c.data_pipeline in DATA_PIPELINES, s, "data_pipeline",
              f"must be auto, tensor or dataloader, got {c.data_pipeline!r}")
+    if c.dataset == "imagenet":
+        _require(c.data_pipeline != "tensor", s, "data_pipeline",
+                 "tensor holds CIFAR-10 on the device; ImageNet needs dataloader (or auto)")
     if c.setting in WARMUP_SETTINGS:
+        _require(c.warmup_budget is not None, s, "warmup_budget", "must be a percentage in (0, 100], got null")
         _in_range(s, "warmup_budget", c.warmup_budget, 0, 100, low_open=True, what="the warmup budget (percent)")
         if c.norm == "GN":
-            _require(c.num_groups >= 1, s, "num_groups", f"must be at least 1, got {c.num_groups}")
-    VALIDATORS[c.setting](c, s)
+            # Every norm of the three networks has a power-of-two channel count.
+            _require(c.num_groups >= 1 and c.num_groups & (c.num_groups - 1) == 0, s, "num_groups",
+                     f"must be a power of two (it must divide the channel counts), got {c.num_groups}")
     for key in METHODS[c.setting][c.method].config_keys:
         _require(getattr(c, key) is not None, s, key,
                  f"{c.setting}/{c.method} needs '{key}' (set it in the YAML or with its flag)")
+    VALIDATORS[c.setting](c, s)
+
+
+MAX_SEED = 2**32 - 1  # NumPy's seed range
+# ImageNet networks need more than one position in their last stage (instance norm and
+# batch norm with one-image batches cannot normalise a single value): image_size / 32 > 1
+# for ResNet18, / 16 for VGG19 (its last conv stage sits before the fifth pooling).
+MIN_IMAGE_SIZE = {"resnet18": 33, "vgg19": 32}
+
+
+def _validate_numbers(c, s):
+    for key in ("epochs", "batch_size", "test_freq"):
+        _require(getattr(c, key) >= 1, s, key, f"must be at least 1, got {getattr(c, key)}")
+    for key in ("learning_rate", "weight_decay"):
+        value = getattr(c, key)
+        _require(math.isfinite(value) and value >= 0, s, key, f"must be a finite number >= 0, got {value}")
+    _require(math.isfinite(c.momentum) and 0 <= c.momentum < 1, s, "momentum",
+             f"must be in [0, 1), got {c.momentum}")
+    _require(0 <= c.seed <= MAX_SEED, s, "seed", f"must be in 0..{MAX_SEED}, got {c.seed}")
+    _require(c.num_workers >= 0, s, "num_workers", f"must be 0 or more, got {c.num_workers}")
+    for key in ("train_subset", "test_subset"):
+        value = getattr(c, key)
+        _require(value is None or value >= 1, s, key, f"must be at least 1, got {value}")
+    if c.image_size is not None and c.dataset == "imagenet":
+        minimum = MIN_IMAGE_SIZE[c.model]
+        _require(c.image_size >= minimum, s, "image_size",
+                 f"{c.model} needs at least {minimum} (its last stage must keep more than one position), "
+                 f"got {c.image_size}")
+    for key in ("bn_update_factor", "beta"):
+        value = getattr(c, key)
+        _require(value is None or (math.isfinite(value) and value >= 0), s, key,
+                 f"must be a finite number >= 0, got {value}")
+
+
+def _given_as_flag(sources, key):
+    return sources.get(key) == f"--{key}"
+
+
+def _validate_data_source(c, s):
+    """Paths that must exist before anything is read or written, and dataset flags that
+    would otherwise be ignored."""
+    for key in ("save_root", "save_dir", "data_dir", "imagenet_dir"):
+        value = getattr(c, key)
+        _require(value is None or value.strip() != "", s, key, "must not be empty")
+    if c.dataset == "imagenet":
+        _require(c.imagenet_dir is not None, s, "dataset", "imagenet needs --imagenet_dir (the ImageNet root)")
+        _require(os.path.isdir(c.imagenet_dir), s, "imagenet_dir", f"no such directory: {c.imagenet_dir}")
+        _require(not _given_as_flag(s, "data_dir"), s, "data_dir",
+                 "only used for cifar10 (ImageNet is read from --imagenet_dir)")
+        return
+    for key in ("imagenet_dir", "image_size"):
+        _require(not _given_as_flag(s, key), s, key, "only used with --dataset imagenet")
+    # The default ./data may be missing: CIFAR-10 is downloaded there. A directory given
+    # explicitly must exist (a typo must not trigger a download into a new folder).
+    if os.path.normpath(c.data_dir) != "data":
+        _require(os.path.isdir(c.data_dir), s, "data_dir", f"no such directory: {c.data_dir}")
+
+
+def check_save_dir(save_dir, source):
+    """The run directory must be a directory or creatable as one."""
+    path = os.path.abspath(save_dir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        what = "is a file" if os.path.abspath(save_dir) == path else f"lies under the file {path}"
+        raise ConfigError(f"{source}: the run directory {save_dir} {what}, expected a directory")
 
 
 def _check_grid(s, key, grid, low, high, low_open=True, what="grid values"):
@@ -626,9 +704,11 @@ def _validate_quantized(c, s):
         return
     grid = c.eval_param_grid
     _require(isinstance(grid, list) and len(grid) > 0, s, "eval_param_grid", "the evaluation grid is empty")
+    low, high = (c.min_bits, c.max_bits) if c.method == "lcs_p" else (3, 8)
     for bits in grid:
-        _require(float(bits).is_integer() and 3 <= bits <= 8, s, "eval_param_grid",
-                 f"bit widths must be integers in 3..8, got {bits}")
+        _require(float(bits).is_integer() and low <= bits <= high, s, "eval_param_grid",
+                 f"bit widths must be integers in {low}..{high}"
+                 f"{' (the trained min_bits..max_bits)' if c.method == 'lcs_p' else ''}, got {bits}")
     c.eval_param_grid = [int(b) for b in grid]
 
 
@@ -642,6 +722,9 @@ def parse(setting, argv=None):
     args = build_parser(setting).parse_args(argv)
     options = RunOptions(resume=args.resume, overwrite=args.overwrite, eval_only=args.eval_only,
                          checkpoint=args.checkpoint)
+    for flag in ("resume", "checkpoint", "config"):
+        if getattr(args, flag) == "":
+            raise ConfigError(f"--{flag}: the path is empty")
     if options.eval_only and not options.checkpoint:
         raise ConfigError("--eval_only: needs --checkpoint PATH (the trained model to evaluate)")
     if options.checkpoint and not options.eval_only:
@@ -650,6 +733,9 @@ def parse(setting, argv=None):
         raise ConfigError("--resume: cannot be combined with --eval_only")
     if options.resume and options.overwrite:
         raise ConfigError("--overwrite: cannot be combined with --resume")
+    if options.eval_only and options.overwrite:
+        raise ConfigError("--overwrite: cannot be combined with --eval_only (evaluation adds rows to the "
+                          "run's metrics and replaces nothing)")
     if not (options.resume or options.eval_only):
         return merge(setting, args), options
     # Resuming or evaluating: the checkpoint's config is the base, flags may change only
@@ -659,8 +745,8 @@ def parse(setting, argv=None):
     if path == "last":
         path = checkpoint_path_for_resume(merge(setting, args).save_dir)
         options.resume = path
-    base = read_checkpoint_config(path, setting)
-    _refuse_changes(setting, args, base, eval_only=options.eval_only)
+    base = read_checkpoint_config(path, setting, training=not options.eval_only)
+    _refuse_changes(args, base, path, eval_only=options.eval_only)
     config = merge(setting, args, base=base, base_source=path)
     if options.eval_only and args.save_dir is None:
         config.save_dir = os.path.dirname(os.path.abspath(path))
@@ -668,22 +754,21 @@ def parse(setting, argv=None):
 
 
 GRID_FLAGS = ("eval_width_factors", "eval_topk_grid", "eval_bit_widths")
-EVAL_FLAGS = {"batch_size", "test_subset", "seed"}
 
 
-def _refuse_changes(setting, args, base, eval_only):
+def _refuse_changes(args, base, path, eval_only):
     """Flags that would change a checkpointed run are errors when resuming / evaluating."""
+    action = "evaluating a checkpoint" if eval_only else "resuming"
     runtime = set(RUNTIME_KEYS) | ({"batch_size", "test_subset"} if eval_only else set())
     for name, value in vars(args).items():
         if value is None or value is False or name in ("resume", "overwrite", "eval_only", "checkpoint"):
             continue
         if name in runtime or (eval_only and name in GRID_FLAGS):
             continue
-        key = name
-        if key in base and base[key] == value:
+        if name in base and base[name] == value:
             continue
-        action = "evaluating a checkpoint" if eval_only else "resuming"
-        raise ConfigError(f"--{name}: cannot be changed when {action} (the checkpoint's config is used)")
+        held = f"{path} holds {name} {base[name]!r}" if name in base else f"the config stored in {path} is used"
+        raise ConfigError(f"--{name}: cannot be changed when {action} ({held})")
 
 
 def main(setting, argv=None):
@@ -694,6 +779,18 @@ def main(setting, argv=None):
         config, options = parse(setting, argv)
         status = run(config, options)
     except UserError as error:
-        print(f"{SCRIPTS[setting]}: error: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)
+        _exit_with_error(setting, one_line(error), error.exit_code)
+    except OSError as error:
+        # A read or write the checks above could not foresee (a disk filling up while the
+        # metrics are written, a directory that became read-only, ...).
+        where = f"{error.filename}: " if error.filename else ""
+        _exit_with_error(setting, f"{where}{error.strerror or one_line(error)}", 1)
+    except torch.cuda.OutOfMemoryError as error:  # torch.OutOfMemoryError from torch 2.5 on
+        _exit_with_error(setting, f"out of memory on the device ({one_line(error)[:200]}); try a smaller "
+                                  f"--batch_size", 1)
+    sys.exit(status)
+
+
+def _exit_with_error(setting, message, status):
+    print(f"{SCRIPTS[setting]}: error: {message}", file=sys.stderr)
     sys.exit(status)

@@ -37,11 +37,15 @@ def load_cifar10(data_dir, train, subset=None, seed=0):
 def _from_torchvision(data_dir, train, subset, seed):
     import torchvision
 
-    present = os.path.isdir(os.path.join(data_dir, TORCHVISION_FOLDER))
+    folder = os.path.join(data_dir, TORCHVISION_FOLDER)
+    present = os.path.isdir(folder)
     try:
         dataset = torchvision.datasets.CIFAR10(root=data_dir, train=train, download=not present)
-    except Exception as error:  # network failures come in many types
+    except Exception as error:  # network failures and damaged files come in many types
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if present:
+            raise DataError(f"{folder}: not a readable copy of torchvision's CIFAR-10 ({first_line}); delete it "
+                            f"to download it again") from None
         raise DataError(
             f"--data_dir {data_dir}: no CIFAR-10 there ({TORCHVISION_FOLDER}/ or train/ and test/ class folders) "
             f"and the download failed ({first_line}); point --data_dir at a local copy") from None
@@ -66,6 +70,17 @@ def list_image_folder(root):
     return classes, samples
 
 
+def check_same_classes(root, classes, reference_root, reference_classes):
+    """Labels are indexes into the sorted class names: both splits must name the same classes."""
+    if classes != reference_classes:
+        missing = sorted(set(reference_classes) - set(classes))
+        extra = sorted(set(classes) - set(reference_classes))
+        detail = "; ".join(part for part in (f"missing {', '.join(missing[:3])}" if missing else "",
+                                             f"not in {reference_root}: {', '.join(extra[:3])}" if extra else "")
+                           if part)
+        raise DataError(f"{root}: its class folders differ from those of {reference_root} ({detail})")
+
+
 def read_image(path, size=None):
     """An RGB image as a uint8 array; DataError naming the file when it cannot be read."""
     from PIL import Image, UnidentifiedImageError
@@ -73,7 +88,7 @@ def read_image(path, size=None):
     try:
         with Image.open(path) as image:
             array = np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError) as error:
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"{path}: cannot read image ({error})") from None
     if size is not None and array.shape[:2] != size:
         raise DataError(f"{path}: image is {array.shape[1]}x{array.shape[0]}, CIFAR-10 images are 32x32")
@@ -85,6 +100,9 @@ def _from_image_folders(data_dir, train, subset, seed):
     classes, samples = list_image_folder(root)
     if len(classes) != CIFAR_CLASSES:
         raise DataError(f"{root}: found {len(classes)} class folders, CIFAR-10 has {CIFAR_CLASSES}")
+    if not train:
+        train_root = os.path.join(data_dir, "train")
+        check_same_classes(root, classes, train_root, list_image_folder(train_root)[0])
     indices = subset_indices(len(samples), subset, seed)
     paths = [samples[i][0] for i in indices]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:

@@ -2,7 +2,7 @@
 
 import os
 
-from data.cifar import list_image_folder, read_image
+from data.cifar import check_same_classes, list_image_folder, read_image
 from utils.errors import DataError
 
 LAYOUTS = (("training", "validation"), ("train", "val"))
@@ -49,9 +49,7 @@ def imagenet_datasets(config):
     train_root, val_root = imagenet_folders(config.imagenet_dir)
     train_classes, train_samples = list_image_folder(train_root)
     val_classes, val_samples = list_image_folder(val_root)
-    if val_classes != train_classes:
-        raise DataError(f"{val_root}: its {len(val_classes)} class folders differ from the "
-                        f"{len(train_classes)} of {train_root}")
+    check_same_classes(val_root, val_classes, train_root, train_classes)
     if len(train_classes) < 2:
         raise DataError(f"{train_root}: needs at least 2 class folders, found {len(train_classes)}")
     train_samples = [train_samples[i] for i in subset_indices(len(train_samples), config.train_subset, config.seed)]

@@ -7,9 +7,7 @@ A checkpoint is a dict that `torch.load(path, weights_only=True)` reads back:
 """
 
 import os
-import pickle
 import random
-import zipfile
 
 import numpy as np
 import torch
@@ -40,7 +38,24 @@ def atomic_write(path, write):
 
 
 def save(path, payload):
-    atomic_write(path, lambda temporary: torch.save(payload, temporary))
+    atomic_write(path, lambda temporary: _write_payload(temporary, payload))
+
+
+def _write_payload(path, payload):
+    # Through a Python file: a failed write (ENOSPC, EIO) then raises OSError; torch.save on
+    # a path name reports it as a RuntimeError from its C++ writer.
+    with open(path, "wb") as handle:
+        torch.save(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())  # the rename must not publish data still in the page cache
+
+
+def write_text(path, text):
+    """Write a text file atomically (see atomic_write)."""
+    def write(temporary):
+        with open(temporary, "w") as handle:
+            handle.write(text)
+    atomic_write(path, write)
 
 
 def load(path, map_location="cpu"):
@@ -51,21 +66,45 @@ def load(path, map_location="cpu"):
         raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except Exception as error:  # a foreign or damaged file fails deep inside torch.load in many ways
+        first = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or damaged? {first[:160]})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT or "model" not in payload:
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or not isinstance(payload.get("model"), dict):
         raise CheckpointError(f"{path}: not a checkpoint of this project (no format-{FORMAT} header)")
     return payload
 
 
-def read_checkpoint_config(path, setting):
-    """The config dict stored in a checkpoint made by the `setting` script."""
+def read_checkpoint_config(path, setting, training=False):
+    """The config dict stored in a checkpoint made by the `setting` script (a training
+    checkpoint when `training`, e.g. to resume)."""
     payload = load(path)
+    held = f"a {payload.get('setting')}/{payload.get('method')} {payload.get('model_name')} " \
+           f"{'training checkpoint' if payload.get('kind') == 'training' else 'final model'}"
     if payload.get("setting") != setting:
-        raise CheckpointError(f"{path}: holds a {payload.get('setting')} model ({payload.get('method')}), "
-                              f"this script trains {setting}")
+        raise CheckpointError(f"{path}: holds {held}, but this script trains {setting}")
+    if training and payload.get("kind") != "training":
+        raise CheckpointError(f"{path}: holds {held}, resuming needs a training checkpoint ({LAST})")
+    if not isinstance(payload.get("config"), dict):
+        raise CheckpointError(f"{path}: holds no run config (not a checkpoint of this project's format {FORMAT})")
     return dict(payload["config"])
+
+
+def state_mismatch(expected, found):
+    """How the tensors of a checkpoint (`found`) differ from those a model holds (`expected`)."""
+    missing = [name for name in expected if name not in found]
+    unexpected = [name for name in found if name not in expected]
+    reshaped = [name for name in expected if name in found
+                and tuple(getattr(found[name], "shape", ())) != tuple(expected[name].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+    if reshaped:
+        name = reshaped[0]
+        parts.append(f"{len(reshaped)} of another shape, e.g. {name} {tuple(getattr(found[name], 'shape', ()))} "
+                     f"instead of {tuple(expected[name].shape)}")
+    return "; ".join(parts) or "tensors of another type"
 
 
 def checkpoint_path_for_resume(save_dir):

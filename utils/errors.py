@@ -23,3 +23,18 @@ class TrainingError(UserError):
     """A fault during training (non-finite loss, a failed save); the last good checkpoint stays."""
 
     exit_code = 1
+
+
+def one_line(error):
+    """The message of `error` as one line.
+
+    An exception raised in a DataLoader worker process reaches the main process re-raised with
+    the worker's traceback folded into its message; the original message is its last line,
+    after the exception's qualified name."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "Traceback" in lines[1]:
+        name, separator, message = lines[-1].partition(": ")
+        return message if separator and name.endswith(type(error).__name__) else lines[-1]
+    return " ".join(line.strip() for line in lines)

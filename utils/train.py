@@ -136,7 +136,7 @@ class Run:
                 if os.path.exists(path):
                     os.remove(path)
         text = yaml.safe_dump(self.config.to_dict(), sort_keys=False, default_flow_style=None)
-        ckpt.atomic_write(os.path.join(self.save_dir, CONFIG_FILE), lambda tmp: open(tmp, "w").write(text))
+        ckpt.write_text(os.path.join(self.save_dir, CONFIG_FILE), text)
 
     # -- checkpoints --------------------------------------------------------------------
     def payload(self, kind="training"):
@@ -150,6 +150,7 @@ class Run:
         return payload
 
     def save_checkpoint(self):
+        check_finite_weights(self.model, self.progress, self.config)
         if self.context.is_main:
             ckpt.save(os.path.join(self.save_dir, ckpt.LAST), self.payload())
         barrier(self.context)
@@ -157,10 +158,10 @@ class Run:
     def load_model_state(self, payload, path):
         try:
             self.model.load_state_dict(payload["model"])
-        except RuntimeError as error:
+        except RuntimeError:
             raise CheckpointError(f"{path}: its weights do not fit {self.config.model} built for "
                                   f"{self.config.setting}/{self.config.method} "
-                                  f"({str(error).splitlines()[0][:120]})") from None
+                                  f"({ckpt.state_mismatch(self.model.state_dict(), payload['model'])})") from None
 
     def resume(self, path):
         payload = ckpt.load(path, map_location=self.device)
@@ -248,6 +249,7 @@ class Run:
                 return EXIT_INTERRUPTED[interrupted.signum]
         self.record_evaluation(final=True)
         progress.finished = True
+        check_finite_weights(self.model, progress, config)
         if self.context.is_main:
             ckpt.save(os.path.join(self.save_dir, ckpt.FINAL), self.payload(kind="model"))
         self.save_checkpoint()
@@ -354,6 +356,20 @@ class LossMonitor:
         return values.mean().item()
 
 
+@torch.no_grad()
+def check_finite_weights(model, progress, config):
+    """TrainingError instead of a checkpoint of NaN / inf weights (the last step's loss can be
+    finite while its update overflows); the checkpoint already on disk stays."""
+    tensors = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]
+    if bool(torch.stack([torch.isfinite(t).all() for _, t in tensors]).all()):
+        return
+    name = next(name for name, t in tensors if not bool(torch.isfinite(t).all()))
+    raise TrainingError(
+        f"non-finite weights ({name}) after {progress.global_step} training steps (before epoch {progress.epoch}, "
+        f"step {progress.step_in_epoch}); training stopped without saving them, the last good checkpoint is "
+        f"{os.path.join(config.save_dir, ckpt.LAST)}; try a lower --learning_rate (now {config.learning_rate})")
+
+
 def _levels_text(levels):
     def short(value):
         return f"{value:.4g}" if isinstance(value, float) else str(value)
@@ -408,6 +424,9 @@ def run(config, options):
     context = setup(config.device)
     try:
         check_run_dir(config.save_dir, options)
+        # --device auto falls back to the CPU without CUDA, and --amp is off there: say so.
+        amp_note = " (--amp has no effect off CUDA)" if config.amp and context.device.type != "cuda" else ""
+        _log(context, f"Device: {context.device}, {context.world_size} process(es){amp_note}")
         state = Run(config, options, context)
         if options.eval_only:
             return state.evaluate_only(options.checkpoint)
