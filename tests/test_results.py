@@ -205,12 +205,16 @@ def test_compare_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / "metrics.jsonl").write_text('{"level": 1}\n{not json\n')
+    (bad / "metrics.jsonl").write_text('{"level": 1}\n')
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "metrics.jsonl").write_text('{not json\n')
     out = str(tmp_path / "fig.png")
     cases = [
         ([str(tmp_path / "missing"), "--out", out], f"{tmp_path / 'missing'}: no such run directory"),
         ([str(tmp_path / "empty"), "--out", out], f"{tmp_path / 'empty'}: no metrics.jsonl in it"),
         ([str(bad), "--out", out], f"{bad / 'metrics.jsonl'}:1: not a metrics row of this project"),
+        ([str(broken), "--out", out], f"{broken / 'metrics.jsonl'}:1: not a JSON line (Expecting property name"),
         ([good, "--out", str(tmp_path / "fig.pdf")], "must name a .png file"),
         ([good, "--out", str(tmp_path / "nowhere" / "fig.png")], "does not exist"),
         ([good, "--out", out, "--labels", "a,b"], "--labels: 2 labels for 1 run directories"),

@@ -13,35 +13,23 @@ evaluated at that level.
 """
 
 import argparse
-import json
 import os
 import sys
 
 from utils.errors import ConfigError, UserError
-from utils.metrics import METRICS, latest_results, plot_runs, text_table, write_csv
+from utils.metrics import METRICS, latest_results, plot_runs, read_rows, text_table, write_csv
 
 SPARSITY_SETTINGS = ("structured_sparsity", "unstructured_sparsity")
 
 
 def load_run(run_dir):
-    """The latest results of the run in `run_dir`; ConfigError naming what is missing."""
+    """The latest results of the run in `run_dir`; a one-line error naming what is missing."""
     if not os.path.isdir(run_dir):
         raise ConfigError(f"{run_dir}: no such run directory")
     path = os.path.join(run_dir, METRICS)
     if not os.path.isfile(path):
         raise ConfigError(f"{run_dir}: no {METRICS} in it (not a run directory, or no evaluation recorded yet)")
-    rows = []
-    with open(path) as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ConfigError(f"{path}:{number}: not a JSON line ({error.msg})") from None
-            if not isinstance(row, dict) or not {"level", "level_name", "accuracy", "step"} <= set(row):
-                raise ConfigError(f"{path}:{number}: not a metrics row of this project")
-            rows.append(row)
+    rows = read_rows(path)
     if not rows:
         raise ConfigError(f"{path}: holds no evaluation yet")
     return latest_results(rows)

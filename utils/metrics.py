@@ -1,5 +1,5 @@
-"""Run outputs: metrics.jsonl (every evaluation), results.csv (the latest one), the plot,
-and the summary table printed at the end of training."""
+"""Run outputs: metrics.jsonl (every evaluation), results.csv and the plot (the latest
+results, see latest_results), and the summary table printed at the end of training."""
 
 import csv
 import io
@@ -7,6 +7,7 @@ import json
 import os
 
 from utils.checkpoint import atomic_write
+from utils.errors import DataError
 
 METRICS = "metrics.jsonl"
 RESULTS = "results.csv"
@@ -16,6 +17,7 @@ PLOT = "accuracy_vs_compression.png"
 RESULT_COLUMNS = ("evaluation", "epoch", "step", "setting", "method", "model", "dataset", "norm", "level_name",
                   "level", "alpha", "accuracy", "loss", "num_images", "sparsity", "num_bits", "act_quant")
 LAST_COLUMNS = ("final", "eval_only")
+ROW_KEYS = {"evaluation", "step", "level_name", "level", "accuracy", "final"}
 # Rows that agree on these describe the same model evaluated on the same test images.
 MODEL_STATE_KEYS = ("step", "setting", "method", "model", "dataset", "norm", "num_images")
 AXIS_LABELS = {"width_factor": "width factor", "topk": "TopK fraction kept (log scale)", "num_bits": "bit width"}
@@ -25,10 +27,23 @@ LOG_TICKS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 def read_rows(path):
+    """The rows of a metrics.jsonl file ([] if there is none); DataError naming the line of a
+    damaged one."""
     if not os.path.exists(path):
         return []
+    rows = []
     with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{number}: not a JSON line ({error.msg})") from None
+            if not isinstance(row, dict) or not ROW_KEYS <= set(row):
+                raise DataError(f"{path}:{number}: not a metrics row of this project")
+            rows.append(row)
+    return rows
 
 
 def write_rows(path, rows):
@@ -39,14 +54,6 @@ def write_rows(path, rows):
 def _write_text(path, text):
     with open(path, "w") as handle:
         handle.write(text)
-
-
-def latest_evaluation(rows):
-    """The rows of the most recent evaluation (same `evaluation` index)."""
-    if not rows:
-        return []
-    last = rows[-1]["evaluation"]
-    return [row for row in rows if row["evaluation"] == last]
 
 
 def latest_results(rows):
@@ -84,15 +91,11 @@ def write_csv(path, header, lines):
 
 def write_results_csv(path, rows):
     columns = result_columns(rows)
-    write_csv(path, columns, [[_csv_value(row.get(key)) for key in columns] for row in rows])
-
-
-def _csv_value(value):
-    return "" if value is None else value
+    write_csv(path, columns, [["" if row.get(key) is None else row[key] for key in columns] for row in rows])
 
 
 def plot_runs(path, runs, title=None):
-    """Accuracy against level, one line per run: runs = [(label, rows of one evaluation)].
+    """Accuracy against level, one line per run: runs = [(label, rows, one per level)].
     Runs of different settings (width factor / TopK / bit width) get side-by-side axes."""
     import matplotlib
 
@@ -147,10 +150,10 @@ def update_outputs(save_dir, rows):
     latest = latest_results(rows)
     write_results_csv(os.path.join(save_dir, RESULTS), latest)
     if latest:
-        first = latest[-1]
-        state = "final" if first["final"] else f"epoch {first['epoch']}"
-        title = f"{first['setting']} / {run_label(first)} on {first['dataset']}, {state}"
-        plot_runs(os.path.join(save_dir, PLOT), [(first["method"], latest)], title=title)
+        last = latest[-1]
+        state = "final" if last["final"] else f"epoch {last['epoch']}"
+        title = f"{last['setting']} / {run_label(last)} on {last['dataset']}, {state}"
+        plot_runs(os.path.join(save_dir, PLOT), [(last["method"], latest)], title=title)
 
 
 def _format(value, digits=4):
