@@ -24,19 +24,31 @@ def run_script(setting, *args):
 def signal_during_step(step, signum):
     """Send `signum` to this process while training step `step` (counted over the whole run)
     is running, as a scheduler or Ctrl-C would."""
+    with _signal_when("train_step", lambda run, *args, **kwargs: run.progress.global_step == step, signum):
+        yield
+
+
+@contextlib.contextmanager
+def signal_during_final_evaluation(signum):
+    with _signal_when("record_evaluation", lambda run, *args, final=False, **kwargs: final, signum):
+        yield
+
+
+@contextlib.contextmanager
+def _signal_when(method_name, condition, signum):
     assert threading.current_thread() is threading.main_thread(), "signal handlers need the main thread"
-    original = train.Run.train_step
+    original = getattr(train.Run, method_name)
 
-    def train_step(self, *args):
-        if self.progress.global_step == step:
+    def method(run, *args, **kwargs):
+        if condition(run, *args, **kwargs):
             os.kill(os.getpid(), signum)
-        return original(self, *args)
+        return original(run, *args, **kwargs)
 
-    train.Run.train_step = train_step
+    setattr(train.Run, method_name, method)
     try:
         yield
     finally:
-        train.Run.train_step = original
+        setattr(train.Run, method_name, original)
 
 
 @contextlib.contextmanager

@@ -264,11 +264,12 @@ class Run:
                 _log(self.context, interrupted_message(interrupted.signum, progress, self.data.train.steps_per_epoch,
                                                        config))
                 return EXIT_INTERRUPTED[interrupted.signum]
-        self.record_evaluation(final=True)
-        progress.finished = True
-        if self.context.is_main:
-            ckpt.save(os.path.join(self.save_dir, ckpt.FINAL), self.payload(kind="model"))
-        self.save_checkpoint()
+            # Still under StopFlag: a signal now lets the final evaluation and saves finish.
+            self.record_evaluation(final=True)
+            progress.finished = True
+            if self.context.is_main:
+                ckpt.save(os.path.join(self.save_dir, ckpt.FINAL), self.payload(kind="model"))
+            self.save_checkpoint()
         self.print_summary("Final evaluation")
         return 0
 
