@@ -138,6 +138,7 @@ def test_end_of_training_table_and_file_locations(two_runs):
         assert f"  {name} " in summary and (root / "lcs_l" / name).is_file()
 
 
+@pytest.mark.slow
 def test_compare_two_run_directories(two_runs, tmp_path):
     root, _, _ = two_runs
     out = tmp_path / "figures" / "compare.png"

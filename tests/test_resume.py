@@ -46,10 +46,10 @@ def straight_run(tiny_cifar, tmp_path_factory):
 
     def get(name):
         if name not in made:
-            setting, args, _ = CASES[name]
             save_dir = tmp_path_factory.mktemp("straight") / name
+            setting, flags = case_flags(name, tiny_cifar, save_dir)
             with one_thread():
-                assert run_script(setting, *COMMON, *args, "--data_dir", tiny_cifar, "--save_dir", save_dir) == 0
+                assert run_script(setting, *flags) == 0
             made[name] = save_dir
         return made[name]
     return get
@@ -76,6 +76,7 @@ def assert_same_state(first, second):
         assert first == second
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_run_resumed_after_first_epoch_equals_uninterrupted_run(name, straight_run, tiny_cifar, tmp_path, capsys):
     straight = straight_run(name)
@@ -123,6 +124,7 @@ def test_cases_cover_the_warmups_state(straight_run):
     assert all(row["act_quant"] for row in rows if row["epoch"] >= 1)
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_in_subprocess_then_printed_resume_command(tiny_cifar, tmp_path, capsys):
     """SIGTERM to a real training process in the middle of an epoch: it finishes the step,
     saves, says how to resume and exits 143; the printed command finishes the run with the
