@@ -27,12 +27,12 @@ STEPS_PER_EPOCH = 4  # --train_subset 32 / --batch_size 8
 COMMON = ("--epochs", 2, "--test_freq", 1, "--batch_size", 8, "--train_subset", 32, "--test_subset", 16,
           "--seed", 3)
 # One method per setting; each keeps state that a checkpoint must carry: BN running statistics
-# and the sandwich sampler (us), the line, the endpoint sampler and a TopK warmup running over
+# and the sandwich sampler (us: widths lo, hi and one random width per step), the line, the endpoint sampler and a TopK warmup running over
 # both epochs (lcs_l unstructured), quantizer ranges started in epoch 1 (quantized, warmup
 # 25 % of 8 steps = 2 steps).
 CASES = {
-    "structured-us": ("structured_sparsity", ("--method", "us", "--eval_width_factors", "1,0.5,0.25"),
-                      signal.SIGTERM),
+    "structured-us": ("structured_sparsity", ("--method", "us", "--width_factor_samples", 3,
+                                              "--eval_width_factors", "1,0.5,0.25"), signal.SIGTERM),
     "unstructured-lcs_l": ("unstructured_sparsity", ("--eval_topk_grid", "0.05,0.5,1"), signal.SIGTERM),
     "quantized-lcs_l": ("quantized", ("--eval_bit_widths", "3,8", "--warmup_budget", 25), signal.SIGINT),
 }
@@ -130,7 +130,7 @@ def test_sigterm_mid_epoch_in_subprocess_then_printed_resume_command(tiny_cifar,
     saves, says how to resume and exits 143; the printed command finishes the run with the
     metrics and weights of an uninterrupted run."""
     steps = 12  # --train_subset 48 / --batch_size 4: the signal lands well inside the epoch
-    flags = ("--data_dir", tiny_cifar, "--epochs", 2, "--test_freq", 1, "--batch_size", 4, "--train_subset", 48,
+    flags = ("--data_dir", tiny_cifar, "--epochs", 1, "--test_freq", 1, "--batch_size", 4, "--train_subset", 48,
              "--test_subset", 16, "--eval_topk_grid", "0.05,1", "--seed", 1)
     reference = tmp_path / "reference"
     assert run_script("unstructured_sparsity", *flags, "--save_dir", reference) == 0
@@ -144,13 +144,13 @@ def test_sigterm_mid_epoch_in_subprocess_then_printed_resume_command(tiny_cifar,
     output, signalled = [], False
     for line in process.stdout:
         output.append(line)
-        if line.startswith("epoch 1/2 [") and not signalled:  # the first step of epoch 1 is done
+        if line.startswith("epoch 1/1 [") and not signalled:  # the first step is done
             process.send_signal(signal.SIGTERM)
             signalled = True
     status = process.wait(timeout=120)
     output = "".join(output)
     assert status == 143, output
-    match = re.search(rf"Interrupted by SIGTERM in epoch 1/2 after step (\d+)/{steps}; saved (\S+)\.", output)
+    match = re.search(rf"Interrupted by SIGTERM in epoch 1/1 after step (\d+)/{steps}; saved (\S+)\.", output)
     assert match, output
     stopped_after = int(match.group(1))
     assert 0 < stopped_after < steps
