@@ -746,29 +746,44 @@ def parse(setting, argv=None):
         path = checkpoint_path_for_resume(merge(setting, args).save_dir)
         options.resume = path
     base = read_checkpoint_config(path, setting, training=not options.eval_only)
-    _refuse_changes(args, base, path, eval_only=options.eval_only)
+    action = "evaluating a checkpoint" if options.eval_only else "resuming"
+    if args.config:
+        raise ConfigError(f"--config: not used when {action} (the checkpoint's config is)")
+    if args.method and args.method != base.get("method"):
+        raise ConfigError(f"--method: cannot be changed when {action} (the checkpoint holds a "
+                          f"{base.get('method')} model, not {args.method})")
     config = merge(setting, args, base=base, base_source=path)
+    _refuse_changes(setting, base, config, options.eval_only)
     if options.eval_only and args.save_dir is None:
         config.save_dir = os.path.dirname(os.path.abspath(path))
     return config, options
 
 
-GRID_FLAGS = ("eval_width_factors", "eval_topk_grid", "eval_bit_widths")
+GRID_FLAGS = {"structured_sparsity": "--eval_width_factors", "unstructured_sparsity": "--eval_topk_grid",
+              "quantized": "--eval_bit_widths"}
+# Config keys set by flags of another name.
+KEY_FLAGS = {"num_bits": "--bit_width", "min_bits": "--bit_width_limits", "max_bits": "--bit_width_limits",
+             "alpha_sampling": "--topk_lower_bound/--topk_upper_bound"}
 
 
-def _refuse_changes(args, base, path, eval_only):
-    """Flags that would change a checkpointed run are errors when resuming / evaluating."""
-    action = "evaluating a checkpoint" if eval_only else "resuming"
-    runtime = set(RUNTIME_KEYS) | ({"batch_size", "test_subset"} if eval_only else set())
-    for name, value in vars(args).items():
-        if value is None or value is False or name in ("resume", "overwrite", "eval_only", "checkpoint"):
+def _refuse_changes(setting, base, config, eval_only):
+    """The resolved config may differ from the checkpoint's only where and how to run (and,
+    for an evaluation, in batch size, test subset and grid): anything else would change
+    the run. Flags repeating the checkpoint's values are fine."""
+    allowed = set(RUNTIME_KEYS)
+    if eval_only:
+        allowed |= {"batch_size", "test_subset", "alpha_grid", "eval_param_grid"}
+    for key, value in config.to_dict().items():
+        # A key the checkpoint lacks (written before the key existed) takes its default.
+        if key in allowed or key not in base or base[key] == value:
             continue
-        if name in runtime or (eval_only and name in GRID_FLAGS):
-            continue
-        if name in base and base[name] == value:
-            continue
-        held = f"{path} holds {name} {base[name]!r}" if name in base else f"the config stored in {path} is used"
-        raise ConfigError(f"--{name}: cannot be changed when {action} ({held})")
+        if key in ("alpha_grid", "eval_param_grid"):
+            flag = GRID_FLAGS[setting]
+        else:
+            flag = KEY_FLAGS.get(key, f"--{key}")
+        action = "evaluating a checkpoint" if eval_only else "resuming"
+        raise ConfigError(f"{flag}: cannot be changed when {action} (the checkpoint's {key} is {base[key]}, "
+                          f"not {value})")
 
 
 def main(setting, argv=None):

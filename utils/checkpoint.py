@@ -2,8 +2,10 @@
 
 A checkpoint is a dict that `torch.load(path, weights_only=True)` reads back:
   format, kind ("training" or "model"), setting, method, model_name, config (plain dict),
-  model (state dict, no `module.` prefix) and, for training checkpoints, optimizer, epoch,
-  step_in_epoch, global_step, evaluated_epoch, rng (Python, NumPy, torch, CUDA, sampler).
+  model (state dict, no `module.` prefix; BN statistics and quantizer ranges included),
+  epoch, global_step, warmup_iterations and, for training checkpoints, optimizer,
+  progress (epoch, step_in_epoch, global_step, evaluated_epoch, evaluations, finished) and
+  rng (Python, NumPy, torch, CUDA, the level sampler's generator).
 """
 
 import os
@@ -20,21 +22,26 @@ FINAL = "model_final.pt"
 
 
 def atomic_write(path, write):
-    """Call write(temporary path), then rename over `path`: a reader never sees a partial file
-    and a failed write (e.g. a full disk) leaves the previous file intact."""
+    """Call write(temporary path), flush it to disk, then rename it over `path`: a reader
+    never sees a partial file, and a failed or interrupted write leaves the previous file
+    intact (and no temporary file behind)."""
     directory = os.path.dirname(os.path.abspath(path))
     temporary = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
         write(temporary)
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except OSError as error:
+    except BaseException as error:
         if os.path.exists(temporary):
             try:
                 os.remove(temporary)
             except OSError:
                 pass
-        raise TrainingError(f"{path}: could not be written ({error.strerror or error}); "
-                            f"the previous version, if any, is intact") from None
+        if isinstance(error, OSError):
+            raise TrainingError(f"{path}: could not be written ({error.strerror or error}); "
+                                f"the previous version, if any, is intact") from None
+        raise
 
 
 def save(path, payload):
@@ -78,8 +85,8 @@ def read_checkpoint_config(path, setting, training=False):
     """The config dict stored in a checkpoint made by the `setting` script (a training
     checkpoint when `training`, e.g. to resume)."""
     payload = load(path)
-    held = f"a {payload.get('setting')}/{payload.get('method')} {payload.get('model_name')} " \
-           f"{'training checkpoint' if payload.get('kind') == 'training' else 'final model'}"
+    kind = "training checkpoint" if payload.get("kind") == "training" else "final model"
+    held = f"a {kind} of {payload.get('setting')}/{payload.get('method')} ({payload.get('model_name')})"
     if payload.get("setting") != setting:
         raise CheckpointError(f"{path}: holds {held}, but this script trains {setting}")
     if training and payload.get("kind") != "training":

@@ -1,5 +1,5 @@
-"""Run outputs: metrics.jsonl (every evaluation), results.csv (the latest one), the plot,
-and the summary table printed at the end of training."""
+"""Run outputs: metrics.jsonl (every evaluation), results.csv and the plot (the latest
+results, see latest_results), and the summary table printed at the end of training."""
 
 import csv
 import io
@@ -7,20 +7,43 @@ import json
 import os
 
 from utils.checkpoint import atomic_write
+from utils.errors import DataError
 
 METRICS = "metrics.jsonl"
 RESULTS = "results.csv"
 PLOT = "accuracy_vs_compression.png"
-RESULT_COLUMNS = ("epoch", "level_name", "level", "alpha", "accuracy", "loss", "sparsity", "num_bits",
-                  "act_quant", "macs", "params", "final")
-AXIS_LABELS = {"width_factor": "width factor", "topk": "TopK fraction kept", "num_bits": "bit width"}
+# results.csv: these columns first, then the method's own metrics (conv_params, macs,
+# nonzero_params, effective_topk, params, ...), then final / eval_only.
+RESULT_COLUMNS = ("evaluation", "epoch", "step", "setting", "method", "model", "dataset", "norm", "level_name",
+                  "level", "alpha", "accuracy", "loss", "num_images", "sparsity", "num_bits", "act_quant")
+LAST_COLUMNS = ("final", "eval_only")
+ROW_KEYS = {"evaluation", "step", "level_name", "level", "accuracy", "final"}
+# Rows that agree on these describe the same model evaluated on the same test images.
+MODEL_STATE_KEYS = ("step", "setting", "method", "model", "dataset", "norm", "num_images")
+AXIS_LABELS = {"width_factor": "width factor", "topk": "TopK fraction kept (log scale)", "num_bits": "bit width"}
+# TopK grids crowd the low end (0.025 ... 0.2 of 14 points); a log axis spreads them.
+AXIS_SCALES = {"topk": "log"}
+LOG_TICKS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 def read_rows(path):
+    """The rows of a metrics.jsonl file ([] if there is none); DataError naming the line of a
+    damaged one."""
     if not os.path.exists(path):
         return []
+    rows = []
     with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{number}: not a JSON line ({error.msg})") from None
+            if not isinstance(row, dict) or not ROW_KEYS <= set(row):
+                raise DataError(f"{path}:{number}: not a metrics row of this project")
+            rows.append(row)
+    return rows
 
 
 def write_rows(path, rows):
@@ -33,48 +56,88 @@ def _write_text(path, text):
         handle.write(text)
 
 
-def latest_evaluation(rows):
-    """The rows of the most recent evaluation (same `evaluation` index)."""
+def latest_results(rows):
+    """One row per level for the model of the most recent evaluation, sorted by level: that
+    evaluation's rows, plus levels that earlier evaluations of the same model added (e.g.
+    --eval_only at new levels after the final evaluation). For each level the most recent row."""
     if not rows:
         return []
-    last = rows[-1]["evaluation"]
-    return [row for row in rows if row["evaluation"] == last]
-
-
-def write_results_csv(path, rows):
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
+    state = [rows[-1].get(key) for key in MODEL_STATE_KEYS]
+    by_level = {}
     for row in rows:
-        writer.writerow({key: row.get(key) for key in RESULT_COLUMNS})
+        if [row.get(key) for key in MODEL_STATE_KEYS] == state:
+            by_level[row["level"]] = row
+    return sorted(by_level.values(), key=lambda row: row["level"])
+
+
+def result_columns(rows):
+    """RESULT_COLUMNS, the scalar metrics the rows add (first-seen order), LAST_COLUMNS."""
+    extra = []
+    for row in rows:
+        for key, value in row.items():
+            if (key not in RESULT_COLUMNS and key not in LAST_COLUMNS and key not in extra
+                    and not isinstance(value, (dict, list))):
+                extra.append(key)
+    return RESULT_COLUMNS + tuple(extra) + LAST_COLUMNS
+
+
+def write_csv(path, header, lines):
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(lines)
     atomic_write(path, lambda temporary: _write_text(temporary, buffer.getvalue()))
 
 
+def write_results_csv(path, rows):
+    columns = result_columns(rows)
+    write_csv(path, columns, [["" if row.get(key) is None else row[key] for key in columns] for row in rows])
+
+
 def plot_runs(path, runs, title=None):
-    """Accuracy against level for several runs: runs = [(label, rows of one evaluation)]."""
+    """Accuracy against level, one line per run: runs = [(label, rows, one per level)].
+    Runs of different settings (width factor / TopK / bit width) get side-by-side axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6.4, 4.4), dpi=110)
-    level_names = set()
-    for label, rows in runs:
-        points = sorted((row["level"], 100 * row["accuracy"]) for row in rows)
-        if not points:
-            continue
-        level_names.add(rows[0]["level_name"])
-        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-    axes.set_xlabel(" / ".join(AXIS_LABELS.get(n, n) for n in sorted(level_names)) or "level")
-    axes.set_ylabel("test accuracy (%)")
-    axes.grid(True, alpha=0.3)
+    level_names = []
+    for _, rows in runs:
+        if rows and rows[0]["level_name"] not in level_names:
+            level_names.append(rows[0]["level_name"])
+    level_names = level_names or ["level"]
+    figure, all_axes = plt.subplots(1, len(level_names), figsize=(5.6 * len(level_names) + 0.8, 4.4), dpi=100,
+                                    squeeze=False)
+    for axes, level_name in zip(all_axes[0], level_names):
+        for label, rows in runs:
+            points = sorted((row["level"], 100 * row["accuracy"]) for row in rows if row["level_name"] == level_name)
+            if points:
+                axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=4, label=label)
+        if AXIS_SCALES.get(level_name) == "log":
+            _log_axis(axes, [row["level"] for _, rows in runs for row in rows if row["level_name"] == level_name])
+        axes.set_xlabel(AXIS_LABELS.get(level_name, level_name))
+        axes.set_ylabel("test accuracy (%)")
+        axes.grid(True, which="both", alpha=0.3)
+        if any(label for label, _ in runs):
+            axes.legend(fontsize=8)
     if title:
-        axes.set_title(title, fontsize=9)
-    if len(runs) > 1 or runs and runs[0][0]:
-        axes.legend(fontsize=8)
+        figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     atomic_write(path, lambda temporary: figure.savefig(temporary, format="png"))
     plt.close(figure)
+
+
+def _log_axis(axes, levels):
+    """Log x axis with plain-number ticks (0.025, 0.05, ...) instead of powers of ten."""
+    from matplotlib.ticker import FixedLocator, NullFormatter
+
+    axes.set_xscale("log")
+    low, high = min(levels), max(levels)
+    ticks = [t for t in LOG_TICKS if low <= t <= high] or [low, high]
+    axes.xaxis.set_major_locator(FixedLocator(ticks))
+    axes.set_xticklabels([f"{t:g}" for t in ticks])
+    axes.xaxis.set_minor_formatter(NullFormatter())
 
 
 def run_label(row):
@@ -84,12 +147,13 @@ def run_label(row):
 def update_outputs(save_dir, rows):
     """Rewrite metrics.jsonl, results.csv and the plot after an evaluation."""
     write_rows(os.path.join(save_dir, METRICS), rows)
-    latest = latest_evaluation(rows)
+    latest = latest_results(rows)
     write_results_csv(os.path.join(save_dir, RESULTS), latest)
     if latest:
-        first = latest[0]
-        title = f"{first['setting']} / {run_label(first)}, epoch {first['epoch']}"
-        plot_runs(os.path.join(save_dir, PLOT), [(first["method"], latest)], title=title)
+        last = latest[-1]
+        state = "final" if last["final"] else f"epoch {last['epoch']}"
+        title = f"{last['setting']} / {run_label(last)} on {last['dataset']}, {state}"
+        plot_runs(os.path.join(save_dir, PLOT), [(last["method"], latest)], title=title)
 
 
 def _format(value, digits=4):
@@ -103,21 +167,23 @@ def _format(value, digits=4):
 
 
 def format_table(rows):
-    """A compact text table of one evaluation: level, accuracy and sparsity or bits."""
+    """A compact text table of one model's results: level, (alpha,) accuracy, loss, and
+    sparsity or whether activations were quantized."""
     if not rows:
         return ""
-    level_name = rows[0]["level_name"]
     extra = "act_quant" if rows[0]["setting"] == "quantized" else "sparsity"
-    header = [level_name, "alpha", "accuracy", "loss", extra]
     has_alpha = any(row.get("alpha") is not None for row in rows)
-    if not has_alpha:
-        header.remove("alpha")
-    lines = [header]
+    header = [rows[0]["level_name"]] + (["alpha"] if has_alpha else []) + ["accuracy", "loss", extra]
+    lines = []
     for row in rows:
-        line = [_format(row["level"]), _format(row.get("alpha")), f"{100 * row['accuracy']:.2f}%",
-                _format(row["loss"]), _format(row.get(extra))]
-        if not has_alpha:
-            del line[1]
-        lines.append(line)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in lines)
+        alpha = [_format(row.get("alpha"))] if has_alpha else []
+        lines.append([_format(row["level"])] + alpha + [f"{100 * row['accuracy']:.2f}%", _format(row["loss"]),
+                                                         _format(row.get(extra))])
+    return text_table(header, lines)
+
+
+def text_table(header, lines):
+    """Right-aligned columns separated by two spaces."""
+    table = [list(header)] + [list(line) for line in lines]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in table)

@@ -15,6 +15,7 @@ is preempted cleanly by SIGTERM / Ctrl-C, and runs under torchrun with DDP.
 import contextlib
 import os
 import random
+import shlex
 import signal
 import sys
 import threading
@@ -30,14 +31,24 @@ from data import build_data
 from methods import METHODS
 from methods.levels import cosine_lr, warmup_iterations
 from models import build_model
+from training_params import SCRIPTS
 from utils import checkpoint as ckpt
 from utils.distributed import any_process, barrier, setup, teardown
 from utils.errors import CheckpointError, ConfigError, TrainingError
 from utils.evaluate import autocast, evaluate
-from utils.metrics import METRICS, PLOT, RESULTS, format_table, latest_evaluation, read_rows, update_outputs
+from utils.metrics import METRICS, PLOT, RESULTS, format_table, latest_results, read_rows, update_outputs
 
 CONFIG_FILE = "config.yaml"
-RUN_FILES = (CONFIG_FILE, METRICS, RESULTS, PLOT, ckpt.LAST, ckpt.FINAL)
+# The files of a run, as the end-of-run summary describes them.
+FILE_DESCRIPTIONS = {
+    CONFIG_FILE: "the resolved config",
+    METRICS: "every evaluation, one JSON object per level",
+    RESULTS: "the table above",
+    PLOT: "accuracy against compression level",
+    ckpt.LAST: "training checkpoint (--resume)",
+    ckpt.FINAL: "the trained model (--eval_only --checkpoint)",
+}
+RUN_FILES = tuple(FILE_DESCRIPTIONS)
 EXIT_INTERRUPTED = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
 
@@ -143,7 +154,8 @@ class Run:
         payload = {"format": ckpt.FORMAT, "kind": kind, "setting": self.config.setting,
                    "method": self.config.method, "model_name": self.config.model,
                    "config": self.config.to_dict(), "model": self.model.state_dict(),
-                   "epoch": self.progress.epoch, "global_step": self.progress.global_step}
+                   "epoch": self.progress.epoch, "global_step": self.progress.global_step,
+                   "warmup_iterations": self.method.warmup_iterations}
         if kind == "training":
             payload.update({"optimizer": self.optimizer.state_dict(), "progress": asdict(self.progress),
                             "rng": ckpt.rng_state(self.generator)})
@@ -185,7 +197,7 @@ class Run:
                                                       and self.progress.evaluated_epoch == self.progress.epoch)
 
     # -- evaluation ---------------------------------------------------------------------
-    def record_evaluation(self, final=False, eval_only=False):
+    def record_evaluation(self, final=False, eval_only=False, checkpoint=None):
         results = evaluate(self.model, self.method, self.data, self.context, self.progress.global_step,
                            amp=self.config.amp)
         config = self.config
@@ -195,6 +207,8 @@ class Run:
                    "setting": config.setting, "method": config.method, "model": config.model,
                    "dataset": config.dataset, "norm": config.norm, "level_name": self.method.level_name,
                    **result, "final": final, "eval_only": eval_only}
+            if eval_only:
+                row["checkpoint"] = os.path.abspath(checkpoint)
             row.setdefault("sparsity", None)
             row.setdefault("num_bits", None)
             self.rows.append(row)
@@ -208,10 +222,14 @@ class Run:
         self.load_model_state(payload, path)
         self.progress.epoch = payload.get("epoch", 0)
         self.progress.global_step = payload.get("global_step", 0)
+        # The warmup depends on the training batch size, which --batch_size may change here;
+        # the levels evaluated (TopK decay) must follow the warmup the model was trained with.
+        if "warmup_iterations" in payload:
+            self.method.warmup_iterations = payload["warmup_iterations"]
         if self.context.is_main:
             os.makedirs(self.save_dir, exist_ok=True)
         self.rows = read_rows(os.path.join(self.save_dir, METRICS))
-        self.record_evaluation(eval_only=True)
+        self.record_evaluation(eval_only=True, checkpoint=path)
         self.print_summary("Evaluation")
         return 0
 
@@ -236,23 +254,24 @@ class Run:
                         self.record_evaluation()
                         progress.evaluated_epoch = progress.epoch
                         self.save_checkpoint()
+                        self.stop_if_requested(stop)
                     self.train_epoch(train_model, forward, lr, stop)
                     progress.epoch += 1
                     progress.step_in_epoch = 0
                     self.save_checkpoint()
+                    self.stop_if_requested(stop)
             except Interrupted as interrupted:
                 self.save_checkpoint()
-                name = signal.Signals(interrupted.signum).name
-                _log(self.context, f"Interrupted by {name} at epoch {progress.epoch}, step {progress.step_in_epoch}; "
-                                   f"saved {os.path.join(self.save_dir, ckpt.LAST)}.\nResume with: "
-                                   f"{resume_command(config)}")
+                _log(self.context, interrupted_message(interrupted.signum, progress, self.data.train.steps_per_epoch,
+                                                       config))
                 return EXIT_INTERRUPTED[interrupted.signum]
-        self.record_evaluation(final=True)
-        progress.finished = True
-        check_finite_weights(self.model, progress, config)
-        if self.context.is_main:
-            ckpt.save(os.path.join(self.save_dir, ckpt.FINAL), self.payload(kind="model"))
-        self.save_checkpoint()
+            # Still under StopFlag: a signal now lets the final evaluation and saves finish.
+            self.record_evaluation(final=True)
+            progress.finished = True
+            check_finite_weights(self.model, progress, config)
+            if self.context.is_main:
+                ckpt.save(os.path.join(self.save_dir, ckpt.FINAL), self.payload(kind="model"))
+            self.save_checkpoint()
         self.print_summary("Final evaluation")
         return 0
 
@@ -272,10 +291,15 @@ class Run:
             if progress.step_in_epoch % check_every == 0 or progress.step_in_epoch == log.steps:
                 mean_loss = monitor.flush(self.config)
                 log.update(progress.step_in_epoch, mean_loss, logits, labels, self.config.batch_size)
-                if any_process(stop.signum is not None, self.context, self.device):
-                    raise Interrupted(stop.signum or signal.SIGTERM)
+                if progress.step_in_epoch < log.steps:  # after the last step the epoch is completed first
+                    self.stop_if_requested(stop)
         monitor.flush(self.config)
         log.close()
+
+    def stop_if_requested(self, stop):
+        """Raise Interrupted once any process has been signalled (all processes stop together)."""
+        if any_process(stop.signum is not None, self.context, self.device):
+            raise Interrupted(stop.signum or signal.SIGTERM)
 
     def train_step(self, train_model, forward, levels_list, images, labels):
         total = 0.0
@@ -304,12 +328,15 @@ class Run:
     def print_summary(self, title):
         if not self.context.is_main:
             return
-        rows = latest_evaluation(self.rows)
+        rows = latest_results(self.rows)
         print(f"\n{title} ({self.config.setting}, {self.config.method}, {self.config.model}, epoch "
               f"{self.progress.epoch}):\n{format_table(rows)}")
-        files = [name for name in (CONFIG_FILE, METRICS, RESULTS, PLOT, ckpt.LAST, ckpt.FINAL)
+        files = [(name, about) for name, about in FILE_DESCRIPTIONS.items()
                  if os.path.exists(os.path.join(self.save_dir, name))]
-        print(f"Files in {self.save_dir}: {', '.join(files)}", flush=True)
+        width = max(len(name) for name, _ in files)
+        print(f"Files in {self.save_dir}:\n" + "\n".join(f"  {name:<{width}}  {about}" for name, about in files),
+              flush=True)
+
 
 
 def _describe(row):
@@ -325,9 +352,16 @@ def _describe(row):
 
 
 def resume_command(config):
-    script = {"structured_sparsity": "train_structured.py", "unstructured_sparsity": "train_unstructured.py",
-              "quantized": "train_quantized.py"}[config.setting]
-    return f"python {script} --save_dir {config.save_dir} --resume"
+    return f"python {SCRIPTS[config.setting]} --save_dir {shlex.quote(config.save_dir)} --resume"
+
+
+def interrupted_message(signum, progress, steps_per_epoch, config):
+    if progress.step_in_epoch:
+        where = f"in epoch {progress.epoch + 1}/{config.epochs} after step {progress.step_in_epoch}/{steps_per_epoch}"
+    else:
+        where = f"after epoch {progress.epoch}/{config.epochs}"
+    return (f"Interrupted by {signal.Signals(signum).name} {where}; saved "
+            f"{os.path.join(config.save_dir, ckpt.LAST)}.\nResume with: {resume_command(config)}")
 
 
 class LossMonitor:

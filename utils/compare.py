@@ -1,0 +1,151 @@
+"""Compare runs: accuracy against compression level of several run directories in one
+figure and one table (the paper-style comparison of lcs_l, lcs_p and the baselines).
+
+    python -m utils.compare RUN_DIR [RUN_DIR ...] --out FIG.png [--labels A,B,...]
+
+Each run contributes the results of its latest model: its final evaluation (or, for an
+unfinished run, its latest one) plus any levels added with --eval_only from the same
+checkpoint (utils.metrics.latest_results). Runs of the same setting share one axes; runs
+of different settings (width factor / TopK / bit width) get axes side by side. The table,
+printed and written to FIG.csv, has one row per setting and level and, per run, its
+accuracy (and sparsity for the sparsity settings); an empty cell means the run was not
+evaluated at that level.
+"""
+
+import argparse
+import os
+import sys
+
+from utils.errors import ConfigError, UserError
+from utils.metrics import METRICS, latest_results, plot_runs, read_rows, text_table, write_csv
+
+SPARSITY_SETTINGS = ("structured_sparsity", "unstructured_sparsity")
+
+
+def load_run(run_dir):
+    """The latest results of the run in `run_dir`; a one-line error naming what is missing."""
+    if not os.path.isdir(run_dir):
+        raise ConfigError(f"{run_dir}: no such run directory")
+    path = os.path.join(run_dir, METRICS)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{run_dir}: no {METRICS} in it (not a run directory, or no evaluation recorded yet)")
+    rows = read_rows(path)
+    if not rows:
+        raise ConfigError(f"{path}: holds no evaluation yet")
+    return latest_results(rows)
+
+
+def default_labels(runs):
+    """The method, plus model / dataset / norm where the runs differ in them, plus the
+    directory where that still leaves two runs with the same label."""
+    firsts = [rows[0] for _, rows in runs]
+    varying = [key for key in ("model", "dataset", "norm") if len({row[key] for row in firsts}) > 1]
+    labels = []
+    for row in firsts:
+        details = ", ".join(row[key] for key in varying)
+        labels.append(f"{row['method']} ({details})" if details else row["method"])
+    return [label if labels.count(label) == 1 else f"{label} [{run_dir}]"
+            for label, (run_dir, _) in zip(labels, runs)]
+
+
+def comparison_table(labelled):
+    """(header, lines): one line per (setting, level), per run its accuracy and sparsity
+    (values as recorded: fractions; None where the run has no such level)."""
+    settings = []
+    for _, rows in labelled:
+        if rows[0]["setting"] not in settings:
+            settings.append(rows[0]["setting"])
+    with_sparsity = any(s in SPARSITY_SETTINGS for s in settings)
+    header = ["setting", "level_name", "level"]
+    for label, _ in labelled:
+        header.append(f"{label}: accuracy")
+        if with_sparsity:
+            header.append(f"{label}: sparsity")
+    lines = []
+    for setting in settings:
+        runs = [(label, {row["level"]: row for row in rows if row["setting"] == setting}) for label, rows in labelled]
+        level_name = next(rows[0]["level_name"] for _, rows in labelled if rows[0]["setting"] == setting)
+        for level in sorted({level for _, by_level in runs for level in by_level}):
+            line = [setting, level_name, level]
+            for _, by_level in runs:
+                row = by_level.get(level)
+                line.append(row["accuracy"] if row else None)
+                if with_sparsity:
+                    line.append(row.get("sparsity") if row else None)
+            lines.append(line)
+    return header, lines
+
+
+def _printable(header, lines):
+    def cell(name, value):
+        if value is None:
+            return ""
+        if name.endswith(": accuracy"):
+            return f"{100 * value:.2f}%"
+        if isinstance(value, float):
+            return f"{value:.4f}" if name.endswith(": sparsity") else f"{value:g}"
+        return str(value)
+    return text_table(header, [[cell(name, value) for name, value in zip(header, line)] for line in lines])
+
+
+def describe(label, run_dir, rows):
+    row = rows[-1]
+    state = "final evaluation" if row["final"] else f"epoch {row['epoch']} (run not finished)"
+    return (f"{label}: {run_dir} ({row['setting']}, {row['method']}, {row['model']}, {row['dataset']}, "
+            f"{row['norm']}), {state}, {row['num_images']} test images")
+
+
+def compare(run_dirs, out, labels=None):
+    """Write the figure to `out` and the table to `out` with .csv; return the printed text."""
+    if not out.lower().endswith(".png"):
+        raise ConfigError(f"--out {out}: must name a .png file")
+    out_dir = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(out_dir):
+        raise ConfigError(f"--out {out}: directory {out_dir} does not exist")
+    runs = [(run_dir, load_run(run_dir)) for run_dir in run_dirs]
+    if labels is None:
+        labels = default_labels(runs)
+    elif len(labels) != len(runs):
+        raise ConfigError(f"--labels: {len(labels)} labels for {len(runs)} run directories")
+    labelled = [(label, rows) for label, (_, rows) in zip(labels, runs)]
+    datasets = sorted({rows[0]["dataset"] for _, rows in runs})
+    models = sorted({rows[0]["model"] for _, rows in runs})
+    plot_runs(out, labelled, title=f"{', '.join(models)} on {', '.join(datasets)}")
+    header, lines = comparison_table(labelled)
+    table_path = out[:-4] + ".csv"
+    write_csv(table_path, header, [["" if value is None else value for value in line] for line in lines])
+    text = [describe(label, run_dir, rows) for label, (run_dir, rows) in zip(labels, runs)]
+    text += ["", _printable(header, lines), "", f"Figure: {out}", f"Table: {table_path}"]
+    return "\n".join(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser():
+    parser = _Parser(
+        prog="python -m utils.compare",
+        description="Overlay the accuracy-vs-compression results of several runs in one figure and one table.")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (each with metrics.jsonl)")
+    parser.add_argument("--out", required=True, help="figure to write (PNG); the table goes next to it as .csv")
+    parser.add_argument("--labels", help="comma-separated legend labels, one per run directory "
+                                         "(default: the method, plus what tells the runs apart)")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    labels = [label.strip() for label in args.labels.split(",")] if args.labels else None
+    try:
+        print(compare(args.run_dirs, args.out, labels))
+    except UserError as error:
+        print(f"python -m utils.compare: error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
+
+
+if __name__ == "__main__":
+    main()
