@@ -52,6 +52,7 @@ def perturb(model, seed=0):
 def make_checkpoint(tmp_path, setting, method, flags=()):
     """A perturbed model of `setting`/`method` saved as this project's final-model checkpoint."""
     config, _ = parse(setting, ["--method", method, "--save_dir", str(tmp_path / "run"), *flags])
+    torch.manual_seed(0)  # the initialisation draws from the global generator
     trainer = METHODS[setting][method](config, WARMUP)
     model = build_model(config.model, trainer.layer_factory(), 10)
     perturb(model)
@@ -193,7 +194,10 @@ def test_lec_export_equals_the_masked_full_network(tmp_path):
     loaded = load_exported(out)
     x = inputs()
     with torch.no_grad():
-        assert (loaded(x) - masked(x)).abs().max() <= 1e-5
+        slimmed, full = loaded(x), masked(x)
+    # Dropping channels changes the order of the sums, so the match is to float32 rounding of
+    # logits of magnitude ~10 (the exact comparison with the run's own slimming is above).
+    assert torch.allclose(slimmed, full, rtol=1e-5, atol=1e-5)
     selections = [m for m in loaded.modules() if isinstance(m, ChannelSelection)]
     assert any(m.active for m in selections)
     assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in model.parameters())

@@ -68,11 +68,15 @@ def unpack_bits(packed, num_bits, count):
     return (bits << torch.arange(num_bits)).sum(dim=1)
 
 
+def concat(tensors, dtype=torch.float32):
+    """Flat tensors joined into one (an empty tensor of `dtype` for none)."""
+    return torch.cat([t.flatten() for t in tensors]) if tensors else torch.zeros(0, dtype=dtype)
+
+
 def pack_tensors(tensors):
     """{name: float tensor} as one flat float32 buffer plus names and shapes."""
-    flat = [t.detach().float().flatten().cpu() for t in tensors.values()]
     return {"names": list(tensors), "shapes": [list(t.shape) for t in tensors.values()],
-            "values": torch.cat(flat) if flat else torch.zeros(0)}
+            "values": concat([t.detach().float().cpu() for t in tensors.values()])}
 
 
 def unpack_tensors(group):
@@ -128,40 +132,55 @@ def input_size_of(config):
 
 
 # -- levels -----------------------------------------------------------------------------
-def _level_error(level, allowed):
-    return ConfigError(f"--level {level:g}: {allowed}")
+def _require_level(condition, config, level, allowed):
+    if not condition:
+        raise ConfigError(f"--level {level:g}: {config.setting}/{config.method} checkpoints export {allowed}")
+
+
+def _structured_level(config, level):
+    if config.method == "lec":
+        _require_level(0 < level <= 1, config, level, "a fraction of norm channels kept in (0, 1]")
+        return {}, None
+    if config.method == "ns":
+        _require_level(0 < level <= 1, config, level, "width factors in (0, 1]")
+        return {"width_factor": level}, None
+    low, high = config.width_factor_limits
+    _require_level(low <= level <= high, config, level,
+                   f"width factors in [{low:g}, {high:g}] (the trained width_factor_limits)")
+    if config.method != "lcs_l":
+        return {"width_factor": level}, None
+    alpha = width_to_alpha(level, low, high)
+    return {"alpha": alpha, "width_factor": level}, alpha
+
+
+def _unstructured_level(config, level):
+    _require_level(0 < level <= 1, config, level, "TopK fractions in (0, 1]")
+    if config.method != "lcs_l":
+        return {"topk": level}, None
+    return {"alpha": level, "topk": level}, level
+
+
+def _quantized_level(config, level):
+    low, high = (config.min_bits, config.max_bits) if config.method in ("lcs_l", "lcs_p") else (3, 8)
+    _require_level(float(level).is_integer() and low <= level <= high, config, level,
+                   f"integer bit widths in {low}..{high}")
+    bits = int(level)
+    if config.method != "lcs_l":
+        return {"num_bits": bits}, None
+    # The alpha the run evaluated this bit width at (e.g. 0.499 for 5 bits), else the grid rule.
+    on_grid = [a for a in config.alpha_grid or [] if alpha_to_bits(a, low, high) == bits]
+    alpha = float(on_grid[0]) if on_grid else bits_to_alpha(bits, low, high)
+    return {"alpha": alpha, "num_bits": bits}, alpha
+
+
+LEVEL_RESOLVERS = {"structured_sparsity": _structured_level, "unstructured_sparsity": _unstructured_level,
+                   "quantized": _quantized_level}
 
 
 def resolve_level(config, level):
-    """(set_level arguments, alpha) of the training-time model at an export level."""
-    setting, method = config.setting, config.method
-    kind = f"{setting}/{method} checkpoints export"
-    line = method == "lcs_l"
-    if setting == "structured_sparsity":
-        if method == "lec":
-            if not 0 < level <= 1:
-                raise _level_error(level, f"{kind} a fraction of norm channels kept in (0, 1]")
-            return {}, None
-        low, high = (0.0, 1.0) if method == "ns" else config.width_factor_limits
-        if not (low < level <= high if method == "ns" else low <= level <= high):
-            interval = "(0, 1]" if method == "ns" else f"[{low:g}, {high:g}] (the trained width_factor_limits)"
-            raise _level_error(level, f"{kind} width factors in {interval}")
-        alpha = width_to_alpha(level, low, high) if line else None
-        return {"alpha": alpha, "width_factor": level}, alpha
-    if setting == "unstructured_sparsity":
-        if not 0 < level <= 1:
-            raise _level_error(level, f"{kind} TopK fractions in (0, 1]")
-        return {"alpha": level if line else None, "topk": level}, level if line else None
-    low, high = (config.min_bits, config.max_bits) if method in ("lcs_l", "lcs_p") else (3, 8)
-    if not (float(level).is_integer() and low <= level <= high):
-        raise _level_error(level, f"{kind} integer bit widths in {low}..{high}")
-    bits = int(level)
-    alpha = None
-    if line:
-        # The alpha the run evaluated this bit width at (e.g. 0.499 for 5 bits), else the grid rule.
-        on_grid = [a for a in config.alpha_grid or [] if alpha_to_bits(a, low, high) == bits]
-        alpha = float(on_grid[0]) if on_grid else bits_to_alpha(bits, low, high)
-    return {"alpha": alpha, "num_bits": bits}, alpha
+    """(set_level arguments, alpha) of the training-time model at an export level; ConfigError
+    naming --level when the level is outside what the checkpoint's method can export."""
+    return LEVEL_RESOLVERS[config.setting](config, float(level))
 
 
 def uncompressed_level(config):
@@ -242,9 +261,8 @@ def _export_unstructured(model, config, num_classes):
         shapes.append(list(mask.shape))
         masks.append(mask.flatten().cpu())
         values.append(weight[mask].float().cpu())
-    sparse = {"names": names, "shapes": shapes,
-              "mask": pack_bits(torch.cat(masks) if masks else torch.zeros(0), 1),
-              "values": torch.cat(values) if values else torch.zeros(0)}
+    sparse = {"names": names, "shapes": shapes, "mask": pack_bits(concat(masks, torch.bool), 1),
+              "values": concat(values)}
     return dense, state, {"sparse": sparse}
 
 
@@ -275,12 +293,9 @@ def _export_quantized(model, config, num_classes, num_bits, float_weights):
             act_names.append(name)
             act_min.append(module.act_min.float().cpu())
             act_max.append(module.act_max.float().cpu())
-    quantized = {"names": names, "shapes": shapes,
-                 "codes": pack_bits(torch.cat(codes) if codes else torch.zeros(0), num_bits),
-                 "scales": torch.stack(scales) if scales else torch.zeros(0),
-                 "zero_points": torch.stack(zero_points) if zero_points else torch.zeros(0, dtype=torch.int32)}
-    act_ranges = {"names": act_names, "min": torch.stack(act_min) if act_min else torch.zeros(0),
-                  "max": torch.stack(act_max) if act_max else torch.zeros(0)}
+    quantized = {"names": names, "shapes": shapes, "codes": pack_bits(concat(codes), num_bits),
+                 "scales": concat(scales), "zero_points": concat(zero_points, torch.int32)}
+    act_ranges = {"names": act_names, "min": concat(act_min), "max": concat(act_max)}
     return frozen, state, {"quantized": quantized, "act_ranges": act_ranges, "num_bits": num_bits}
 
 
@@ -296,7 +311,7 @@ def export_model(payload, level, path="checkpoint", round_to=None, float_weights
                           f"ns); this is {setting}/{config.method}")
     if round_to is not None and round_to < 1:
         raise ConfigError(f"--round_to {round_to}: must be a positive number of channels")
-    levels, alpha = resolve_level(config, float(level))
+    levels, alpha = resolve_level(config, level)
     set_level(model, **levels)
     num_classes = num_classes_of(payload["model"])
     if setting == "structured_sparsity":
@@ -404,6 +419,16 @@ def describe(content, size_bytes):
         lines.append("channels: " + ", ".join(f"{name} {width}" for name, width in content["widths"].items()))
     if content["selected"]:
         lines.append("selected: " + ", ".join(f"{name} {count}" for name, count in content["selected"].items()))
+    sparse = content.get("sparse")
+    if sparse:
+        lines.append(f"{len(sparse['names'])} convs stored as bitmask + kept values "
+                     f"({sparse['values'].numel():,} weights kept)")
+    quantized = content.get("quantized")
+    if quantized:
+        ranges = len(content["act_ranges"]["names"])
+        lines.append(f"{len(quantized['names'])} convs stored as {content['num_bits']}-bit codes; activation "
+                     f"ranges recorded for {ranges} of them" + ("" if ranges else " (activations are not "
+                                                                 "quantized, as in the run's evaluation)"))
     if content["round_to"]:
         lines.append(f"widths rounded up to multiples of {content['round_to']} (at most the full width): this "
                      f"network has more channels than the model at width {content['level']:g}, so its outputs "
