@@ -65,6 +65,12 @@ def profile_convs(model, input_size, device=None):
     return records
 
 
+def channel_spec(model, input_size):
+    """{conv name: output channels} of a model at its current level (a slimmable network at a
+    width): the `widths` spec that builds the equivalent dense network with build_model."""
+    return {name: record["c_out"] for name, record in profile_convs(model, input_size).items()}
+
+
 def conv_macs(records):
     """Multiply-accumulates of the convs for one image (the classifier included)."""
     return sum(r["c_in"] * r["c_out"] * r["k"] * r["out_hw"] for r in records.values())

@@ -14,15 +14,18 @@ setting body norms are no-ops because each quantized conv carries its norm insid
 
 from dataclasses import dataclass
 
-from models.layers import ChannelSelection, Conv2d, NoOp, Norm2d, QuantConv2d, SlimConv2d, TopKConv2d
+from models.layers import (ChannelSelection, Conv2d, FrozenQuantConv2d, NoOp, Norm2d, QuantConv2d, SlimConv2d,
+                           TopKConv2d)
 
-BODY_KINDS = ("dense", "slim", "topk", "quant")
+# "frozen_quant": the quantized body of an exported model (weights already quantized).
+BODY_KINDS = ("dense", "slim", "topk", "quant", "frozen_quant")
+QUANT_BODIES = ("quant", "frozen_quant")
 
 
 @dataclass(frozen=True)
 class LayerFactory:
     norm_kind: str = "BN"          # BN, IN or GN
-    body: str = "dense"            # dense, slim, topk or quant
+    body: str = "dense"            # one of BODY_KINDS
     line_convs: bool = False       # convs carry two endpoints (unstructured/quantized LCS+L)
     line_norms: bool = False       # norms carry two endpoints (every LCS+L variant but quantized BN)
     num_groups: int = 32           # GN only
@@ -39,11 +42,11 @@ class LayerFactory:
             return Conv2d(*args, line=self.line_convs)
         if self.body == "topk":
             return TopKConv2d(*args, line=self.line_convs)
-        return QuantConv2d(*args, norm=self._norm(out_channels), line=self.line_convs,
-                           num_bits=self.num_bits)
+        quant_class = FrozenQuantConv2d if self.body == "frozen_quant" else QuantConv2d
+        return quant_class(*args, norm=self._norm(out_channels), line=self.line_convs, num_bits=self.num_bits)
 
     def norm(self, num_features, role="body"):
-        if self.body == "quant" and role == "body":
+        if self.body in QUANT_BODIES and role == "body":
             return NoOp()
         return self._norm(num_features)
 
@@ -58,3 +61,8 @@ class LayerFactory:
 def dense_factory(norm_kind, num_groups=32):
     """Plain layers: what an exported (physically compressed) model is built from."""
     return LayerFactory(norm_kind=norm_kind, body="dense", num_groups=num_groups)
+
+
+def frozen_quant_factory(norm_kind, num_bits, num_groups=32):
+    """The layers of an exported quantized model: fixed bit width, no lines."""
+    return LayerFactory(norm_kind=norm_kind, body="frozen_quant", num_groups=num_groups, num_bits=num_bits)

@@ -236,12 +236,18 @@ class QuantConv2d(LineMixin, nn.Conv2d):
             return x
         return fake_quantize(x, self.act_min, self.act_max, self.num_bits)
 
-    def quantized_weight(self):
-        """The fake-quantized (scale-folded) weight and the fold scale (None without BN)."""
+    def folded_weight(self):
+        """The weight at alpha with the fold scale applied, and the scale (None without BN):
+        the tensor that is fake-quantized (export stores its integer codes)."""
         scale = self.fold_scale()
         weight = self.line_weight()
         if scale is not None:
             weight = weight * scale.reshape(-1, 1, 1, 1)
+        return weight, scale
+
+    def quantized_weight(self):
+        """The fake-quantized (scale-folded) weight and the fold scale (None without BN)."""
+        weight, scale = self.folded_weight()
         return fake_quantize_tensor(weight, self.num_bits), scale
 
     def forward(self, x):
@@ -251,6 +257,17 @@ class QuantConv2d(LineMixin, nn.Conv2d):
         if scale is not None:
             out = out / scale.reshape(1, -1, 1, 1).to(out.dtype)
         return self.norm(out) if self.norm is not None else out
+
+
+class FrozenQuantConv2d(QuantConv2d):
+    """The quantized conv of an exported model, fixed at one bit width: `weight` already holds
+    the fake-quantized, scale-folded values (decoded from the exported integer codes), so it is
+    used as is; inputs are fake-quantized with the recorded range as in QuantConv2d."""
+
+    level_attrs = ()
+
+    def quantized_weight(self):
+        return self.weight, self.fold_scale()
 
 
 class Norm2d(LineMixin, nn.Module):

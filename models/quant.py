@@ -37,6 +37,19 @@ def quantize_to_int(x, scale, zero_point, num_bits):
     return torch.clamp(torch.round(x.float() * (1.0 / scale)) + zero_point, q_min, q_max)
 
 
+def quantize_tensor_to_int(x, num_bits):
+    """The integer form of `fake_quantize_tensor`: (codes, scale, zero_point) with the range of
+    x itself; dequantize(codes, scale, zero_point) equals fake_quantize_tensor(x) bit for bit."""
+    detached = x.detach()
+    scale, zero_point = affine_params(detached.min(), detached.max(), num_bits)
+    return quantize_to_int(detached, scale, zero_point, num_bits), scale, zero_point
+
+
+def dequantize(codes, scale, zero_point):
+    """(q - zero_point) * scale in float32, as the fake-quant kernel computes it."""
+    return (codes - zero_point).float() * scale
+
+
 class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, q_min, q_max):

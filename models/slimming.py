@@ -102,7 +102,8 @@ def _copy_norm(source, target, entry):
 @torch.no_grad()
 def lec_slim(model, model_name, num_classes, fraction):
     """The slimmed standard-layer network for `fraction` of norm channels kept, and a dict
-    with the parameter counts and where the one-channel floor applied."""
+    with where the one-channel floor applied and the channel spec (`widths`, `selected`)
+    that rebuilds the slimmed network."""
     masks, floored = lec_keep_masks(model, fraction)
     widths, selected, plan = LEC_PLANS[model_name](model, masks)
     norm_kind = next(m.kind for m in model.modules() if isinstance(m, Norm2d))
@@ -119,4 +120,4 @@ def lec_slim(model, model_name, num_classes, fraction):
         elif isinstance(target, ChannelSelection) and entry is not None:
             target.indexes.copy_(entry[1].to(target.indexes.dtype))
     slim.eval()
-    return slim, {"floored_layers": floored}
+    return slim, {"floored_layers": floored, "widths": widths, "selected": selected}

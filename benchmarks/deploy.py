@@ -1,0 +1,218 @@
+"""Size and speed of exported models over a grid of compression levels.
+
+    python benchmarks/deploy.py --checkpoint RUN/model_final.pt [--levels 1.0,0.5,0.25]
+                                [--device cpu|cuda] [--repeats 20] [--batch_sizes 1,64]
+
+Every level, and the uncompressed model (width 1.0 / TopK 1.0 / the same network with float32
+weights), is exported with utils.export, written to a file and loaded back. The table gives, per
+level: nonzero parameters, MACs for one image (FlopCounterMode on the loaded model), file size
+and the median latency at each batch size, each with its ratio uncompressed / this level
+(higher = smaller or faster). Latencies are timed round-robin over all models, one call each
+per round after a warm-up, so that load from other processes spreads over all of them.
+"""
+
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from training_params import _Parser, _number_list  # noqa: E402
+from utils import checkpoint as ckpt  # noqa: E402
+from utils.errors import ConfigError, UserError  # noqa: E402
+from utils.export import (checkpoint_config, export_model, load_exported, resolve_level,  # noqa: E402
+                          save_export, uncompressed_level)
+
+# The uncompressed model is always measured first; these are the levels compared with it.
+DEFAULT_LEVELS = {"structured_sparsity": (0.75, 0.5, 0.25),
+                  "unstructured_sparsity": (0.5, 0.25, 0.1, 0.05),
+                  "quantized": (8, 7, 6, 5, 4, 3)}
+
+
+def build_parser():
+    parser = _Parser(prog="benchmarks/deploy.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="model_final.pt or checkpoint_last.pt of a run")
+    parser.add_argument("--levels", type=_number_list(float), help="levels to export (default: a grid per setting)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--batch_sizes", type=_number_list(int), default=[1, 64])
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls per model and batch size")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per model and batch size first")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    parser.add_argument("--round_to", type=int, help="as utils.export --round_to (structured widths)")
+    parser.add_argument("--out_dir", help="keep the exported files here (default: a temporary directory)")
+    return parser
+
+
+def cpu_description():
+    """CPU model (with family/model numbers, which tell generic names apart) and CPU count."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    numbers = f" (family {fields['cpu family']}, model {fields['model']})" if "model" in fields else ""
+    return f"{name}{numbers}, {os.cpu_count()} logical CPUs"
+
+
+def load_average():
+    try:
+        return "load average %.1f %.1f %.1f" % os.getloadavg()
+    except OSError:
+        return "load average unknown"
+
+
+def nonzero_parameters(model):
+    return sum(int(torch.count_nonzero(p)) for p in model.parameters())
+
+
+@torch.no_grad()
+def macs(model, input_size, device):
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.zeros(1, 3, input_size, input_size, device=device))
+    return counter.get_total_flops() // 2
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def latencies_ms(models, batch_size, input_size, device, warmup, repeats):
+    """Per model, the median wall-clock time and the median CPU time of this process (ms) of one
+    forward of a batch, timed round-robin. CPU time counts only this process's work, so it is
+    the steadier figure when other processes share the CPU."""
+    x = torch.randn(batch_size, 3, input_size, input_size, device=device)
+    for model in models:
+        for _ in range(warmup):
+            model(x)
+    synchronize(device)
+    wall, cpu = [[] for _ in models], [[] for _ in models]
+    for _ in range(repeats):
+        for index, model in enumerate(models):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            model(x)
+            synchronize(device)
+            wall[index].append(time.perf_counter() - start)
+            cpu[index].append(time.process_time() - start_cpu)
+    return [(1000 * statistics.median(w), 1000 * statistics.median(c)) for w, c in zip(wall, cpu)]
+
+
+def valid_level(config, level):
+    try:
+        resolve_level(config, level)
+    except ConfigError:
+        return False
+    return True
+
+
+def check_args(args):
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats {args.repeats}: must be at least 1")
+    if args.warmup < 0:
+        raise ConfigError(f"--warmup {args.warmup}: must be non-negative")
+    if args.threads < 1:
+        raise ConfigError(f"--threads {args.threads}: must be at least 1")
+    if not args.batch_sizes or min(args.batch_sizes) < 1:
+        raise ConfigError(f"--batch_sizes {args.batch_sizes}: must be positive integers")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
+    if args.out_dir and not os.path.isdir(args.out_dir):
+        raise ConfigError(f"--out_dir {args.out_dir}: no such directory")
+
+
+def export_all(payload, config, path, levels, round_to, out_dir, device):
+    """[(label, loaded model, file size, export header)], the uncompressed model first."""
+    quantized = config.setting == "quantized"
+    base = uncompressed_level(config)
+    jobs = [("float32" if quantized else "uncompressed", base, True, None)]
+    jobs += [(f"{level:g}", level, False, round_to) for level in levels]
+    results = []
+    for label, level, is_base, rounding in jobs:
+        content = export_model(payload, level, path=path, round_to=rounding, float_weights=is_base and quantized)
+        file = os.path.join(out_dir, f"export_{'base' if is_base else label}.pt")
+        save_export(file, content)
+        results.append((label, load_exported(file, map_location=device), os.path.getsize(file), content))
+    return results
+
+
+def ratio(base, value):
+    return f"{base / value:.2f}x" if value else "-"
+
+
+def table(rows, batch_sizes, cpu_time):
+    head = ["level", "alpha", "nonzero params", "x", "MACs", "x", "file KiB", "x"]
+    for batch in batch_sizes:
+        head += [f"b{batch} ms", "x"] + ([f"b{batch} CPU ms", "x"] if cpu_time else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = rows[0]
+    for row in rows:
+        cells = [row["label"], "-" if row["alpha"] is None else f"{row['alpha']:.4g}",
+                 f"{row['params']:,}", ratio(base["params"], row["params"]),
+                 f"{row['macs']:,}", ratio(base["macs"], row["macs"]),
+                 f"{row['size'] / 1024:.1f}", ratio(base["size"], row["size"])]
+        for (wall, cpu), (base_wall, base_cpu) in zip(row["ms"], base["ms"]):
+            cells += [f"{wall:.2f}", ratio(base_wall, wall)]
+            if cpu_time:
+                cells += [f"{cpu:.2f}", ratio(base_cpu, cpu)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run(args):
+    check_args(args)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    payload = ckpt.load(args.checkpoint)
+    config = checkpoint_config(payload, args.checkpoint)
+    levels = args.levels or [level for level in DEFAULT_LEVELS[config.setting] if valid_level(config, level)]
+    load_before = load_average()
+    with tempfile.TemporaryDirectory() as scratch:
+        exported = export_all(payload, config, args.checkpoint, levels, args.round_to, args.out_dir or scratch, device)
+    models = [model for _, model, _, _ in exported]
+    input_size = exported[0][3]["input_size"]
+    timings = [latencies_ms(models, batch, input_size, device, args.warmup, args.repeats)
+               for batch in args.batch_sizes]
+    rows = []
+    for index, (label, model, size, content) in enumerate(exported):
+        rows.append({"label": label, "alpha": content["alpha"], "params": nonzero_parameters(model),
+                     "macs": macs(model, input_size, device), "size": size,
+                     "ms": [timing[index] for timing in timings]})
+    where = cpu_description() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    base = exported[0][3]
+    print(f"{config.setting}/{config.method} {config.model} ({config.norm}) from {args.checkpoint}")
+    print(f"device {args.device}: {where}; torch {torch.__version__}, {args.threads} threads; "
+          f"{load_before} before, {load_average()} after")
+    print(f"latency = median of {args.repeats} calls after {args.warmup} warm-up calls"
+          + ("; CPU ms = CPU time of this process per call" if device.type == "cpu" else ""))
+    print(f"levels are {base['level_name']}; ratios (x) = uncompressed ({exported[0][0]}, level "
+          f"{base['level']:g}) / this level")
+    if args.round_to:
+        print(f"widths rounded up to multiples of {args.round_to}: these networks differ from the trained "
+              f"model at their level")
+    print(table(rows, args.batch_sizes, cpu_time=device.type == "cpu"))
+    return rows
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except UserError as error:
+        print(f"benchmarks/deploy.py: error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
+
+
+if __name__ == "__main__":
+    main()
