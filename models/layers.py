@@ -220,8 +220,9 @@ class QuantConv2d(LineMixin, nn.Conv2d):
         # The first active batch copies its range, later ones move the EMA. torch.where
         # keeps this free of host synchronisation on GPUs.
         with torch.no_grad():
-            batch_min = torch.clamp(x.detach().min().float(), max=0.0)
-            batch_max = torch.clamp(x.detach().max().float(), min=0.0)
+            batch_min, batch_max = torch.aminmax(x.detach())
+            batch_min = torch.clamp(batch_min.float(), max=0.0)
+            batch_max = torch.clamp(batch_max.float(), min=0.0)
             ready = self.act_range_ready
             self.act_min.copy_(torch.where(ready, self.act_min.lerp(batch_min, self.ema_momentum), batch_min))
             self.act_max.copy_(torch.where(ready, self.act_max.lerp(batch_max, self.ema_momentum), batch_max))
