@@ -239,7 +239,7 @@ def test_torchrun_trains_and_records_once(tiny_cifar, tmp_path, setting):
 def test_torchrun_run_interrupted_and_resumed_matches_the_uninterrupted_run(tiny_cifar, tmp_path):
     setting = "structured_sparsity"
     reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
-    args = training_args(tiny_cifar, 3, setting)
+    args = training_args(tiny_cifar, 2, setting)
     reference = check_one_run(torchrun(setting, reference_dir, *args), reference_dir)
 
     # SIGTERM to torchrun after the first epoch: it passes the signal on to both processes,
@@ -250,7 +250,7 @@ def test_torchrun_run_interrupted_and_resumed_matches_the_uninterrupted_run(tiny
     output = []
     for line in process.stdout:
         output.append(line)
-        if "epoch 1/3 done" in line:
+        if "epoch 1/2 done" in line:
             process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=300) != 0
     text = "".join(output)
