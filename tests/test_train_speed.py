@@ -50,7 +50,7 @@ def test_compile_is_refused_for_methods_with_a_new_level_every_step(cli, tiny_ci
 @pytest.mark.slow
 def test_benchmark_prints_its_table(cli, tiny_cifar):
     result = cli(BENCHMARK, "--device", "cpu", "--data_dir", tiny_cifar, "--images", "16", "--batch_size", "16",
-                 "--epochs", "2", "--threads", "1")
+                 "--epochs", "1", "--threads", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if re.match(r"^\w+/lcs_l ", line)]
     assert len(rows) == 6, result.stdout

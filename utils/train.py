@@ -305,11 +305,13 @@ def check_compile_support(method, config):
 
 
 def compile_network(network, method):
-    # One graph per level setting, a second batch shape (the last batch of an epoch) and
-    # some slack; beyond that dynamo would silently fall back to eager, so make it an error.
+    # Static shapes: a graph per level setting and batch shape (the last batch of an epoch
+    # is smaller). Dynamic shapes would not help (the levels are few) and inductor fails on
+    # the symbolic channel counts of slimmable convs. Past the limit dynamo would silently
+    # fall back to eager, so that is made an error.
     torch._dynamo.config.recompile_limit = max(8, 2 * method.distinct_train_levels() + 2)
     torch._dynamo.config.fail_on_recompile_limit_hit = True
-    return torch.compile(network)
+    return torch.compile(network, dynamic=False)
 
 
 class TrainStep:
