@@ -72,3 +72,60 @@ def test_benchmark_refuses_an_unknown_setting(cli):
     result = cli(BENCHMARK, "--settings", "structured")
     assert result.returncode == 2
     assert "--settings: unknown setting 'structured'" in result.stderr
+
+
+COMPILABLE = {("structured_sparsity", "ns"), ("structured_sparsity", "lec"), ("quantized", "target_bit_width"),
+              ("quantized", "lcs_l")}
+
+
+def method_for(setting, name, *flags):
+    from methods import METHODS
+    from training_params import parse
+
+    config, _ = parse(setting, ["--method", name, "--save_dir", "unused", *flags])
+    return METHODS[setting][name](config, 100), config
+
+
+def test_compile_is_allowed_exactly_for_methods_with_few_fixed_levels():
+    from methods import METHODS
+    from utils.errors import ConfigError
+    from utils.train import check_compile_support
+
+    for setting, methods in METHODS.items():
+        for name in methods:
+            method, config = method_for(setting, name)
+            if (setting, name) in COMPILABLE:
+                check_compile_support(method, config)
+                # Every training step must use one of the declared level settings.
+                seen = {repr(method.train_levels(step, torch.Generator().manual_seed(step)))
+                        for step in (0, 1, 2, 50, 99, 100, 101, 150, 400)}
+                assert 1 <= len(seen) <= method.distinct_train_levels()
+            else:
+                with pytest.raises(ConfigError, match="--compile"):
+                    check_compile_support(method, config)
+
+
+def test_quantized_lcs_l_with_continuous_alpha_is_not_compilable(tmp_path):
+    from utils.errors import ConfigError
+    from utils.train import check_compile_support
+
+    config_file = tmp_path / "continuous.yaml"
+    config_file.write_text("discrete_alpha_map: false\n")
+    method, config = method_for("quantized", "lcs_l", "--config", str(config_file))
+    assert method.distinct_train_levels() is None
+    with pytest.raises(ConfigError, match="quantized/lcs_l"):
+        check_compile_support(method, config)
+
+
+def test_cudnn_autotuning_is_off_for_structured_runs_only():
+    from utils.train import configure_backends
+
+    saved = torch.backends.cudnn.benchmark
+    try:
+        for setting, name, expected in (("structured_sparsity", "lcs_l", False), ("structured_sparsity", "lec", False),
+                                        ("unstructured_sparsity", "lcs_l", True), ("quantized", "lcs_l", True)):
+            _, config = method_for(setting, name)
+            configure_backends(config, torch.device("cuda"))
+            assert torch.backends.cudnn.benchmark is expected, (setting, name)
+    finally:
+        torch.backends.cudnn.benchmark = saved
