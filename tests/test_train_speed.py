@@ -129,3 +129,25 @@ def test_cudnn_autotuning_is_off_for_structured_runs_only():
             assert torch.backends.cudnn.benchmark is expected, (setting, name)
     finally:
         torch.backends.cudnn.benchmark = saved
+
+
+def test_set_level_writes_every_layer_that_reads_a_level_also_in_copies():
+    import copy
+
+    from models import build_model
+    from models.factory import LayerFactory
+    from models.layers import Norm2d, SlimConv2d, set_level
+
+    model = build_model("cpreresnet20", LayerFactory(norm_kind="IN", body="slim", line_norms=True), 10)
+    set_level(model, alpha=0.3, width_factor=0.5, topk=None)
+    convs = [m for m in model.modules() if isinstance(m, SlimConv2d)]
+    norms = [m for m in model.modules() if isinstance(m, Norm2d)]
+    assert len(convs) == 23 and len(norms) == 19
+    assert all(m.width_factor == 0.5 and not hasattr(m, "alpha") for m in convs)
+    assert all(m.alpha == 0.3 and not hasattr(m, "width_factor") for m in norms)
+    assert not any(hasattr(m, "topk") for m in model.modules())
+    twin = copy.deepcopy(model)
+    set_level(twin, alpha=0.9, width_factor=None)
+    assert all(m.alpha == 0.9 for m in twin.modules() if isinstance(m, Norm2d))
+    assert all(m.width_factor == 0.5 for m in twin.modules() if isinstance(m, SlimConv2d))
+    assert all(m.alpha == 0.3 for m in norms)
