@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from data.augment import crop_flip, draw_crop_flip, normalize
+from data.augment import Normalizer, crop_coordinates, draw_crop_flip, gather_crops, pad_images
 from data.cifar import CIFAR_MEAN, CIFAR_STD, load_cifar10
 from utils.errors import ConfigError
 
@@ -60,34 +60,46 @@ class Stream:
 
 
 class TensorTrainStream(Stream):
+    """Training batches cropped, flipped and normalised on the device.
+
+    Per epoch: the order, the augmentation draws and the crop coordinates go to the device
+    in one copy each; per batch: slices of those, one gather and the normalisation (no
+    host synchronisation, no host-to-device copy).
+    """
+
     def __init__(self, images, labels, batch_size, seed, rank, world_size, memory_format):
         super().__init__(len(labels), batch_size, seed, rank, world_size)
-        self.images, self.labels, self.memory_format = images, labels, memory_format
+        self.padded, self.labels = pad_images(images), labels
+        self.height, self.width = images.shape[2:]
+        self.normalize = Normalizer(CIFAR_MEAN, CIFAR_STD, images.device, memory_format)
 
     def batches(self, epoch, start_step=0):
         full = epoch_order(self.num_images, epoch, self.seed, self.rank, self.world_size)
         generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, self.rank))
         offsets, flips = draw_crop_flip(len(full), generator)
-        device = self.images.device
-        order = torch.tensor(full, dtype=torch.long)
+        device = self.padded.device
+        order = torch.tensor(full, dtype=torch.long).to(device, non_blocking=True)
+        rows, cols = crop_coordinates(offsets.to(device, non_blocking=True), flips.to(device, non_blocking=True),
+                                      self.height, self.width)
+        labels = self.labels[order]
         for start in range(start_step * self.batch_size, len(full), self.batch_size):
-            index = order[start:start + self.batch_size].to(device, non_blocking=True)
-            images = crop_flip(self.images[index], offsets[start:start + self.batch_size],
-                               flips[start:start + self.batch_size])
-            yield normalize(images, CIFAR_MEAN, CIFAR_STD, self.memory_format), self.labels[index]
+            batch = slice(start, start + self.batch_size)
+            images = gather_crops(self.padded, order[batch], rows[batch], cols[batch])
+            yield self.normalize(images), labels[batch]
 
 
 class TensorTestStream:
     def __init__(self, images, labels, batch_size, rank, world_size, memory_format):
         # Each process evaluates its own shard; no image is counted twice.
         self.images, self.labels = images[rank::world_size], labels[rank::world_size]
-        self.batch_size, self.memory_format = batch_size, memory_format
+        self.batch_size = batch_size
+        self.normalize = Normalizer(CIFAR_MEAN, CIFAR_STD, images.device, memory_format)
         self.num_images = len(labels)
 
     def batches(self):
         for start in range(0, len(self.labels), self.batch_size):
-            images = self.images[start:start + self.batch_size]
-            yield normalize(images, CIFAR_MEAN, CIFAR_STD, self.memory_format), self.labels[start:start + self.batch_size]
+            batch = slice(start, start + self.batch_size)
+            yield self.normalize(self.images[batch]), self.labels[batch]
 
 
 class SeededTransformDataset(Dataset):

@@ -52,6 +52,11 @@ class Method:
     def apply_levels(self, model, levels):
         set_level(model, **levels)
 
+    def distinct_train_levels(self):
+        """How many different level settings training runs (None: a new one at almost every
+        step). torch.compile builds a graph per setting, so --compile needs a small number."""
+        return None
+
     def regularizer(self, model):
         """An extra loss term for this step, or None."""
         return None

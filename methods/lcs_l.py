@@ -95,6 +95,12 @@ class LcsLQuantized(LineMethod, QuantizedMethod):
             alpha = uniform(0.0, 1.0, generator)
         return [self._levels(alpha, step)]
 
+    def distinct_train_levels(self):
+        if not self.config.discrete_alpha_map:
+            return None
+        # n alphas, each with activation quantization off (warmup) and on.
+        return 2 * (self.config.max_bits - self.config.min_bits + 1)
+
     def eval_points(self):
         return [EvalPoint(level=alpha_to_bits(a, self.config.min_bits, self.config.max_bits), alpha=float(a))
                 for a in self.config.alpha_grid]

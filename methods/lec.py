@@ -25,6 +25,9 @@ class LEC(Method):
     def train_levels(self, step, generator):
         return [{}]
 
+    def distinct_train_levels(self):
+        return 1
+
     @torch.no_grad()
     def after_backward(self, model):
         """Sub-gradient of s * sum |gamma| on every norm weight (biases untouched)."""

@@ -12,3 +12,6 @@ class NS(StructuredMethod):
 
     def train_levels(self, step, generator):
         return [{"width_factor": w} for w in self.config.width_factors_list]
+
+    def distinct_train_levels(self):
+        return len(self.config.width_factors_list)

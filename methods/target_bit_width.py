@@ -12,3 +12,6 @@ class TargetBitWidth(QuantizedMethod):
 
     def train_levels(self, step, generator):
         return [{"num_bits": self.config.num_bits, "act_quant": self.activation_quant(step)}]
+
+    def distinct_train_levels(self):
+        return 2  # activation quantization off, then on

@@ -44,13 +44,27 @@ def topk_mask(weight, topk_fraction):
     return mask.view_as(weight)
 
 
+def level_layers(model):
+    """The layers of `model` that read levels, found once and kept on the model (a network's
+    layers do not change once it is built; a compressed network is a new model)."""
+    layers = model.__dict__.get("_level_layers")
+    if layers is None:
+        layers = tuple(module for module in model.modules() if getattr(module, "level_attrs", ()))
+        model.__dict__["_level_layers"] = layers
+    return layers
+
+
 def set_level(model, **levels):
-    """Set compression levels on every layer that reads them (None values are skipped)."""
-    for module in model.modules():
-        reads = getattr(module, "level_attrs", ())
-        for name, value in levels.items():
-            if value is not None and name in reads:
-                setattr(module, name, value)
+    """Set compression levels on every layer that reads them (None values are skipped).
+
+    Runs before every forward pass, so it walks the cached layer list and writes the plain
+    attributes straight into their __dict__ (nn.Module.__setattr__ is ten times slower)."""
+    levels = {name: value for name, value in levels.items() if value is not None}
+    for layer in level_layers(model):
+        attributes = layer.__dict__
+        for name in layer.level_attrs:
+            if name in levels:
+                attributes[name] = levels[name]
 
 
 def quant_layers(model):
@@ -220,8 +234,9 @@ class QuantConv2d(LineMixin, nn.Conv2d):
         # The first active batch copies its range, later ones move the EMA. torch.where
         # keeps this free of host synchronisation on GPUs.
         with torch.no_grad():
-            batch_min = torch.clamp(x.detach().min().float(), max=0.0)
-            batch_max = torch.clamp(x.detach().max().float(), min=0.0)
+            batch_min, batch_max = torch.aminmax(x.detach())
+            batch_min = torch.clamp(batch_min.float(), max=0.0)
+            batch_max = torch.clamp(batch_max.float(), min=0.0)
             ready = self.act_range_ready
             self.act_min.copy_(torch.where(ready, self.act_min.lerp(batch_min, self.ema_momentum), batch_min))
             self.act_max.copy_(torch.where(ready, self.act_max.lerp(batch_max, self.ema_momentum), batch_max))

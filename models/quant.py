@@ -50,10 +50,26 @@ def dequantize(codes, scale, zero_point):
     return (codes - zero_point).float() * scale
 
 
+def quantize_dequantize(x, scale, zero_point, q_min, q_max):
+    """(clamp(round(x / scale) + zero_point, q_min, q_max) - zero_point) * scale with the
+    arithmetic of torch.fake_quantize_per_tensor_affine (x times the float reciprocal of the
+    scale, round half to even), so the two agree bit for bit.
+
+    On CUDA the fused kernel is one launch; elsewhere (and when compiled, where it would break
+    the graph) these elementwise operations are faster: the fused CPU kernel also writes a
+    mask that the straight-through gradient never reads.
+    """
+    if x.is_cuda and not torch.compiler.is_compiling():
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, q_min, q_max)
+    zero_point = zero_point.to(x.dtype)
+    codes = torch.round(x * (1.0 / scale)).add_(zero_point).clamp_(q_min, q_max)
+    return codes.sub_(zero_point).mul_(scale)
+
+
 class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, q_min, q_max):
-        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, q_min, q_max)
+        return quantize_dequantize(x, scale, zero_point, q_min, q_max)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -69,5 +85,5 @@ def fake_quantize(x, range_min, range_max, num_bits):
 
 def fake_quantize_tensor(x, num_bits):
     """Fake-quantize with the range of x itself (weights: recomputed at every call)."""
-    detached = x.detach()
-    return fake_quantize(x, detached.min(), detached.max(), num_bits)
+    range_min, range_max = torch.aminmax(x.detach())
+    return fake_quantize(x, range_min, range_max, num_bits)

@@ -22,33 +22,34 @@ def run_script(setting, *args):
 
 @contextlib.contextmanager
 def signal_during_step(step, signum):
-    """Send `signum` to this process while training step `step` (counted over the whole run)
-    is running, as a scheduler or Ctrl-C would."""
-    with _signal_when("train_step", lambda run, *args, **kwargs: run.progress.global_step == step, signum):
+    """Send `signum` to this process while training step `step` (0-based, counted from the
+    start of a fresh run begun inside this context) is running, as a scheduler or Ctrl-C would."""
+    calls = iter(range(10**9))
+    with _signal_when(train.TrainStep, "__call__", lambda *args, **kwargs: next(calls) == step, signum):
         yield
 
 
 @contextlib.contextmanager
 def signal_during_final_evaluation(signum):
-    with _signal_when("record_evaluation", lambda run, *args, final=False, **kwargs: final, signum):
+    with _signal_when(train.Run, "record_evaluation", lambda run, *args, final=False, **kwargs: final, signum):
         yield
 
 
 @contextlib.contextmanager
-def _signal_when(method_name, condition, signum):
+def _signal_when(owner, method_name, condition, signum):
     assert threading.current_thread() is threading.main_thread(), "signal handlers need the main thread"
-    original = getattr(train.Run, method_name)
+    original = getattr(owner, method_name)
 
-    def method(run, *args, **kwargs):
-        if condition(run, *args, **kwargs):
+    def method(self, *args, **kwargs):
+        if condition(self, *args, **kwargs):
             os.kill(os.getpid(), signum)
-        return original(run, *args, **kwargs)
+        return original(self, *args, **kwargs)
 
-    setattr(train.Run, method_name, method)
+    setattr(owner, method_name, method)
     try:
         yield
     finally:
-        setattr(train.Run, method_name, original)
+        setattr(owner, method_name, original)
 
 
 @contextlib.contextmanager

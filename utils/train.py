@@ -125,6 +125,8 @@ class Run:
         budget = config.warmup_budget
         warmup = warmup_iterations(budget, config.epochs, self.data.num_train, config.batch_size) if budget else None
         self.method = METHODS[config.setting][config.method](config, warmup)
+        if config.compile:
+            check_compile_support(self.method, config)
         self.model = build_model(config.model, self.method.layer_factory(), self.data.num_classes)
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=memory_format)
@@ -132,9 +134,7 @@ class Run:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.learning_rate,
                                          momentum=config.momentum, weight_decay=config.weight_decay)
-        if self.device.type == "cuda":
-            # Autotuning every newly drawn width would stall slimmable networks.
-            torch.backends.cudnn.benchmark = config.setting != "structured_sparsity"
+        configure_backends(config, self.device)
 
     # -- run directory ------------------------------------------------------------------
     def prepare_run_dir(self):
@@ -239,11 +239,7 @@ class Run:
         if progress.finished:
             _log(self.context, f"The run in {self.save_dir} has already finished ({config.epochs} epochs).")
             return 0
-        train_model = self.model
-        if self.context.distributed:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            train_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
-        forward = torch.compile(train_model, dynamic=True) if config.compile else train_model
+        step = TrainStep(self.model, self.method, self.optimizer, self.context, config)
         with StopFlag() as stop:
             try:
                 while progress.epoch < config.epochs:
@@ -255,7 +251,7 @@ class Run:
                         progress.evaluated_epoch = progress.epoch
                         self.save_checkpoint()
                         self.stop_if_requested(stop)
-                    self.train_epoch(train_model, forward, lr, stop)
+                    self.train_epoch(step, lr, stop)
                     progress.epoch += 1
                     progress.step_in_epoch = 0
                     self.save_checkpoint()
@@ -275,16 +271,18 @@ class Run:
         self.print_summary("Final evaluation")
         return 0
 
-    def train_epoch(self, train_model, forward, lr, stop):
+    def train_epoch(self, step, lr, stop):
         self.model.train()
         config, progress = self.config, self.progress
         log = EpochLog(self.context, progress.epoch, config.epochs, self.data.train.steps_per_epoch,
                        progress.step_in_epoch, lr)
         monitor = LossMonitor()
+        # Checking the losses waits for the device: on GPUs (and across processes) only every
+        # 10 steps, so the host can queue work ahead.
         check_every = 10 if self.context.distributed or self.device.type == "cuda" else 1
         for images, labels in self.data.train.batches(progress.epoch, progress.step_in_epoch):
             levels = self.method.train_levels(progress.global_step, self.generator)
-            loss, logits = self.train_step(train_model, forward, levels, images, labels)
+            loss, logits = step(levels, images, labels)
             monitor.add(loss, progress.epoch, progress.step_in_epoch, levels)
             progress.step_in_epoch += 1
             progress.global_step += 1
@@ -301,29 +299,6 @@ class Run:
         if any_process(stop.signum is not None, self.context, self.device):
             raise Interrupted(stop.signum or signal.SIGTERM)
 
-    def train_step(self, train_model, forward, levels_list, images, labels):
-        total = 0.0
-        distributed = train_model is not self.model
-        for index, levels in enumerate(levels_list):
-            self.method.apply_levels(self.model, levels)
-            last = index == len(levels_list) - 1
-            # Forwards of one step: gradients add up locally and are all-reduced once.
-            sync = contextlib.nullcontext() if last or not distributed else train_model.no_sync()
-            with sync:
-                with autocast(self.device, self.config.amp):
-                    logits = forward(images)
-                loss = F.cross_entropy(logits.float(), labels)
-                if last:
-                    penalty = self.method.regularizer(self.model)
-                    if penalty is not None:
-                        loss = loss + penalty
-                loss.backward()
-            total = total + loss.detach()
-        self.method.after_backward(self.model)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return total, logits
-
     # -- reporting ----------------------------------------------------------------------
     def print_summary(self, title):
         if not self.context.is_main:
@@ -337,6 +312,78 @@ class Run:
         print(f"Files in {self.save_dir}:\n" + "\n".join(f"  {name:<{width}}  {about}" for name, about in files),
               flush=True)
 
+
+
+def configure_backends(config, device):
+    """cuDNN autotuning times every kernel for each new input shape. Slimmable networks meet
+    new shapes with almost every drawn width (and LEC with every slimmed network), so for
+    the structured setting it stays off: no stall on new widths, cuDNN's heuristics instead."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = config.setting != "structured_sparsity"
+
+
+def check_compile_support(method, config):
+    """--compile builds one graph per distinct level setting of training; methods that draw
+    a new width / TopK / alpha at every step would recompile at every step (and slimmable
+    widths break the compiler's dynamic shapes), so they are refused up front."""
+    if method.distinct_train_levels() is None:
+        raise ConfigError(f"--compile: {config.setting}/{config.method} draws a new compression level at "
+                          f"almost every step, so torch.compile would rebuild its graph every step; it is for "
+                          f"methods with a few fixed levels (structured ns and lec, quantized target_bit_width, "
+                          f"quantized lcs_l with discrete_alpha_map); run without --compile")
+
+
+def compile_network(network, method):
+    # Static shapes: a graph per level setting and batch shape (the last batch of an epoch
+    # is smaller). Dynamic shapes would not help (the levels are few) and inductor fails on
+    # the symbolic channel counts of slimmable convs. Past the limit dynamo would silently
+    # fall back to eager, so that is made an error.
+    torch._dynamo.config.recompile_limit = max(8, 2 * method.distinct_train_levels() + 2)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    return torch.compile(network, dynamic=False)
+
+
+class TrainStep:
+    """One optimisation step (SPEC 3.9): a forward and backward per level of the step (so the
+    losses are summed), the method's regulariser on the last one, the method's gradient
+    edits, one SGD step. Nothing here waits for the device.
+
+    Under DDP the gradients are all-reduced once, by the last backward (the others run in
+    no_sync); every process then holds the gradient of the global batch and applies the
+    method's gradient edits (LEC's L1 sub-gradient) identically, so the replicas stay equal.
+    """
+
+    def __init__(self, model, method, optimizer, context, config):
+        self.model, self.method, self.optimizer = model, method, optimizer
+        self.device, self.amp = context.device, config.amp
+        self.ddp = None
+        network = model
+        if context.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = network = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        self.forward = compile_network(network, method) if config.compile else network
+
+    def __call__(self, levels_list, images, labels):
+        """(sum of the losses, logits of the last forward), both left on the device."""
+        total = None
+        for index, levels in enumerate(levels_list):
+            self.method.apply_levels(self.model, levels)
+            last = index == len(levels_list) - 1
+            sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+            with sync:
+                with autocast(self.device, self.amp):
+                    logits = self.forward(images)
+                loss = F.cross_entropy(logits.float(), labels)
+                if last:
+                    penalty = self.method.regularizer(self.model)
+                    if penalty is not None:
+                        loss = loss + penalty
+                loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        self.method.after_backward(self.model)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, logits
 
 
 def _describe(row):
@@ -431,6 +478,8 @@ class EpochLog:
             return
         self.loss_sum += mean_loss
         self.loss_count += 1
+        if self.bar is None and step - self.shown_step < max(1, self.steps // 10) and step != self.steps:
+            return  # the batch accuracy below waits for the device: only for lines shown
         loss = self.loss_sum / self.loss_count
         rate = images_per_step * (step - self.first_step) / max(time.perf_counter() - self.start, 1e-9)
         accuracy = (logits.argmax(dim=1) == labels).float().mean().item()
@@ -438,8 +487,6 @@ class EpochLog:
             self.bar.update(step - self.shown_step)
             self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{100 * accuracy:.1f}%", lr=f"{self.lr:.4g}",
                                  img_s=f"{rate:.0f}")
-        elif step - self.shown_step < max(1, self.steps // 10) and step != self.steps:
-            return
         else:
             print(f"epoch {self.epoch + 1}/{self.epochs} [{step}/{self.steps} {100 * step / self.steps:.0f}%] "
                   f"loss {loss:.4f} acc {100 * accuracy:.1f}% lr {self.lr:.4g} {rate:.0f} img/s", flush=True)

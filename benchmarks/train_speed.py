@@ -1,0 +1,260 @@
+"""Training speed of this project's loop against a loop built like the original's.
+
+For one method per setting (lcs_l, structured / unstructured / quantized), both loops train
+the same network (cPreResNet20) with the same method, batch size and training images, in
+the same process:
+
+* original-style: a torchvision-style CIFAR dataset (uint8 array -> PIL image ->
+  RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize), a DataLoader with
+  2 worker processes (pinned memory on CUDA), a blocking copy of every batch, levels set by
+  walking all modules, every loss read back with .item(), fp32, cudnn.benchmark on (CUDA).
+* this project: utils.train's epoch loop (Run.train_epoch with TrainStep) with the data
+  pipeline and speed flags given here (default: the on-device tensor pipeline, fp32).
+
+The loops take turns epoch by epoch, so a change in machine load hits both. The first epoch
+of each loop is reported on its own (worker start-up, autotuning, compilation); the median of
+the later ones is the steady state that images/s, ms/step and the speed-up are computed from.
+
+    python benchmarks/train_speed.py --device cpu                      # small, on the CPU
+    python benchmarks/train_speed.py --device cuda --images 50000 --epochs 3
+"""
+
+import argparse
+import contextlib
+import io
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data import cifar_transforms  # noqa: E402
+from data.cifar import load_cifar10  # noqa: E402
+from methods import METHODS  # noqa: E402
+from methods.levels import cosine_lr  # noqa: E402
+from models import build_model  # noqa: E402
+from training_params import parse  # noqa: E402
+from utils.distributed import Context, pick_device  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.train import Run, StopFlag, TrainStep, configure_backends  # noqa: E402
+
+SETTINGS = ("structured_sparsity", "unstructured_sparsity", "quantized")
+METHOD = "lcs_l"
+CIFAR_EPOCH = 50_000
+DEFAULT_DATA = "data/cifar10-jpeg"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--settings", default=",".join(SETTINGS),
+                        help=f"comma-separated subset of {', '.join(SETTINGS)}")
+    parser.add_argument("--data_dir", default=None,
+                        help=f"CIFAR-10 as for training (default: {DEFAULT_DATA} if present, else ./data)")
+    parser.add_argument("--images", type=int, default=2560, help="training images per epoch (default: 2560)")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per loop, the first one reported apart")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the original-style loop")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--after_warmup", action="store_true",
+                        help="time the steps after the warmup (TopK at its target, activations quantized)")
+    parser.add_argument("--data_pipeline", choices=("tensor", "dataloader"), default="tensor",
+                        help="this project's data pipeline (default: tensor)")
+    parser.add_argument("--amp", action="store_true", help="this project's loop with bfloat16 autocast (CUDA)")
+    parser.add_argument("--channels_last", action="store_true", help="this project's loop in channels-last")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    for setting in args.settings:
+        if setting not in SETTINGS:
+            parser.error(f"--settings: unknown setting {setting!r} (allowed: {', '.join(SETTINGS)})")
+    for name in ("images", "batch_size", "epochs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}: must be at least 1, got {getattr(args, name)}")
+    if args.data_dir is None:
+        args.data_dir = DEFAULT_DATA if os.path.isdir(DEFAULT_DATA) else "./data"
+    return args
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- the original-style loop ---------------------------------------------------------------
+class OriginalStyleCIFAR(Dataset):
+    """What torchvision.datasets.CIFAR10 does per item: array -> PIL image -> transforms."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
+
+
+class OriginalStyleLoop:
+    def __init__(self, config, images, labels, device, workers, warmup):
+        self.device = device
+        self.method = METHODS[config.setting][config.method](config, warmup)
+        torch.manual_seed(config.seed)
+        self.model = build_model(config.model, self.method.layer_factory(), 10).to(device)
+        self.method.bind(self.model)
+        self.network = torch.nn.DataParallel(self.model) if device.type == "cuda" else self.model
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.learning_rate,
+                                         momentum=config.momentum, weight_decay=config.weight_decay)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.loader = DataLoader(OriginalStyleCIFAR(images, labels, cifar_transforms()[0]),
+                                 batch_size=config.batch_size, shuffle=True, num_workers=workers,
+                                 pin_memory=device.type == "cuda")
+        self.steps_per_epoch = len(self.loader)
+
+    def epoch(self, first_step, lr):
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        step = first_step
+        for batch_index, (images, labels) in enumerate(self.loader):
+            images, labels = images.to(self.device), labels.to(self.device)
+            self.optimizer.zero_grad()
+            levels_list = self.method.train_levels(step, self.generator)
+            total = 0.0
+            for index, levels in enumerate(levels_list):
+                self.method.apply_levels(self.model, levels)
+                logits = self.network(images)
+                loss = F.cross_entropy(logits, labels)
+                if index == len(levels_list) - 1:
+                    penalty = self.method.regularizer(self.model)
+                    if penalty is not None:
+                        loss = loss + penalty
+                loss.backward()
+                total += loss.item()
+            self.method.after_backward(self.model)
+            self.optimizer.step()
+            if batch_index % 10 == 0:  # the original's progress line
+                (logits.argmax(dim=1) == labels).float().mean().item()
+            step += 1
+
+
+# -- this project's loop -------------------------------------------------------------------
+class ProjectLoop:
+    def __init__(self, config, options, device):
+        context = Context(device=device)
+        self.run = Run(config, options, context)
+        self.step = TrainStep(self.run.model, self.run.method, self.run.optimizer, context, config)
+        self.steps_per_epoch = self.run.data.train.steps_per_epoch
+        self.device, self.config = device, config
+
+    def epoch(self, first_step, lr, epoch):
+        configure_backends(self.config, self.device)
+        for group in self.run.optimizer.param_groups:
+            group["lr"] = lr
+        self.run.progress.epoch, self.run.progress.step_in_epoch = epoch, 0
+        self.run.progress.global_step = first_step
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+            self.run.train_epoch(self.step, lr, StopFlag())
+
+
+def project_config(setting, args, device, save_dir):
+    argv = ["--method", METHOD, "--data_dir", args.data_dir, "--train_subset", str(args.images),
+            "--test_subset", "16", "--batch_size", str(args.batch_size), "--device", device.type,
+            "--data_pipeline", args.data_pipeline, "--seed", str(args.seed), "--save_dir", save_dir,
+            "--num_workers", str(args.workers)]
+    argv += [flag for flag in ("--amp", "--channels_last") if getattr(args, flag[2:])]
+    return parse(setting, argv)
+
+
+def timed(device, function, *args):
+    synchronize(device)
+    start = time.perf_counter()
+    function(*args)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure(setting, args, device, images, labels):
+    """{loop name: (first epoch s, [later epochs s], steps per epoch)} for one setting."""
+    with tempfile.TemporaryDirectory() as save_dir:
+        config, options = project_config(setting, args, device, save_dir)
+        project = ProjectLoop(config, options, device)
+        warmup = project.run.method.warmup_iterations
+        original = OriginalStyleLoop(config, images, labels, device, args.workers, warmup)
+        first_step = warmup if (args.after_warmup and warmup) else 0
+        lr = cosine_lr(config.learning_rate, 0, config.epochs)
+        times = {"original-style": [], "this project": []}
+        for epoch in range(args.epochs):
+            start = first_step + epoch * project.steps_per_epoch
+            times["original-style"].append(timed(device, original.epoch, start, lr))
+            times["this project"].append(timed(device, project.epoch, start, lr, epoch))
+        steps = {"original-style": original.steps_per_epoch, "this project": project.steps_per_epoch}
+        return {name: (values[0], values[1:] or values[:1], steps[name]) for name, values in times.items()}
+
+
+def describe_device(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def format_results(results, args):
+    header = (f"{'setting':<28} {'loop':<15} {'first epoch s':>13} {'epoch s':>9} {'images/s':>9} "
+              f"{'ms/step':>8} {'s per 50k':>9} {'speed-up':>8}")
+    lines = [header, "-" * len(header)]
+    for setting, loops in results.items():
+        baseline = statistics.median(loops["original-style"][1])
+        for name, (first, later, steps) in loops.items():
+            epoch_s = statistics.median(later)
+            rate = args.images / epoch_s
+            speedup = f"{baseline / epoch_s:.2f}x" if name == "this project" else "1.00x"
+            lines.append(f"{setting + '/' + METHOD:<28} {name:<15} {first:>13.3f} {epoch_s:>9.3f} {rate:>9.1f} "
+                         f"{1000 * epoch_s / steps:>8.1f} {CIFAR_EPOCH / rate:>9.1f} {speedup:>8}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        device = pick_device(args.device)
+        images, labels = load_cifar10(args.data_dir, True, args.images, args.seed)
+        args.images = len(labels)
+        flags = " ".join(flag for flag in ("--amp", "--channels_last") if getattr(args, flag[2:])) or "fp32"
+        print(f"cPreResNet20, batch {args.batch_size}, {args.images} training images per epoch, "
+              f"{args.epochs} epochs per loop{', after the warmup' if args.after_warmup else ''}; "
+              f"this project: {args.data_pipeline} pipeline, {flags}; original-style: DataLoader with "
+              f"{args.workers} workers, fp32\ndevice: {describe_device(device)}; torch {torch.__version__}",
+              flush=True)
+        results = {}
+        for setting in args.settings:
+            results[setting] = measure(setting, args, device, images, labels)
+            print(f"measured {setting}", flush=True)
+    except UserError as error:
+        print(f"train_speed.py: error: {error}", file=sys.stderr)
+        return 2
+    print(format_results(results, args), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
