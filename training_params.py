@@ -36,6 +36,7 @@ SCRIPTS = {
 DATASETS = ("cifar10", "imagenet")
 DATASET_MODELS = {"cifar10": ("cpreresnet20", "vgg19"), "imagenet": ("resnet18", "vgg19")}
 NORMS = ("IN", "BN", "GN")
+MIN_IMAGE_SIZE_WITH_IN = {"resnet18": 33, "vgg19": 32}
 DEVICES = ("auto", "cpu", "cuda")
 DATA_PIPELINES = ("auto", "tensor", "dataloader")
 
@@ -545,6 +546,12 @@ def validate(config, sources):
         _require(value is None or value >= 1, s, key, f"must be at least 1, got {value}")
     if c.image_size is not None:
         _require(c.image_size >= 16, s, "image_size", f"must be at least 16, got {c.image_size}")
+    if c.norm == "IN" and c.dataset == "imagenet":
+        # Instance statistics need more than one value per channel: the last feature map
+        # (1/32 of the input for resnet18, four 2x2 max-pools for vgg19) must exceed 1x1.
+        low = MIN_IMAGE_SIZE_WITH_IN[c.model]
+        _require(c.image_size >= low, s, "image_size",
+                 f"{c.model} with IN needs at least {low} (its last feature map would be 1x1), got {c.image_size}")
     _require(c.device in DEVICES, s, "device", f"must be auto, cpu or cuda, got {c.device!r}")
     _require(c.data_pipeline in DATA_PIPELINES, s, "data_pipeline",
              f"must be auto, tensor or dataloader, got {c.data_pipeline!r}")
