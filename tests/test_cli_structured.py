@@ -89,7 +89,7 @@ def floor_only_parameters():
 def test_other_models(micro_cifar, tiny_imagenet, tmp_path, model, method, data):
     """ResNet18 and VGG19 on small ImageNet-layout images, VGG19 (with LEC) on CIFAR-10 too.
     ResNet18 gets 64x64 inputs: at 32x32 its last feature map is 1x1, where InstanceNorm
-    (the lcs_l default) is undefined."""
+    (the lcs_l default) is undefined (refused, see test_refused_values)."""
     save_dir = tmp_path / "run"
     if data == "imagenet":
         size = 64 if model == "resnet18" else 32
@@ -136,6 +136,9 @@ def test_list_alias_sets_the_evaluation_widths():
     (("--method", "lec", "--eval_width_factors", "1.0,0.5"), "--eval_width_factors"),
     (("--warmup_budget", "50"), "--warmup_budget"),
     (("--eval_width_factors", "1.0,0.1"), "--eval_width_factors"),
+    # InstanceNorm (the lcs_l default) is undefined on resnet18's 1x1 last map at 32x32.
+    (("--model", "resnet18", "--dataset", "imagenet", "--imagenet_dir", "unused", "--image_size", "32"),
+     "--image_size"),
 ])
 def test_refused_values(micro_cifar, tmp_path, args, flag):
     assert_refused(SCRIPT, args, flag, micro_cifar, tmp_path / "run")
