@@ -159,7 +159,19 @@ def check_run(save_dir, *, setting, method, norm, levels, model="cpreresnet20", 
     assert [float(line["accuracy"]) for line in table] == pytest.approx([row["accuracy"] for row in final])
     assert all(line["final"] == "True" for line in table)
     assert_config_reloads(save_dir, setting)
+    assert_checkpoints(save_dir, evaluated_epochs[-1])
     return rows
+
+
+def assert_checkpoints(save_dir, epochs):
+    """Both checkpoints are plain data (weights_only) holding the model, the epoch and the
+    run's config; the training one also the optimiser state."""
+    config = read_config(save_dir)
+    for name, extra in (("checkpoint_last.pt", "optimizer"), ("model_final.pt", None)):
+        payload = torch.load(os.path.join(save_dir, name), map_location="cpu", weights_only=True)
+        assert payload["model"] and payload["epoch"] == epochs and payload["config"] == config, name
+        if extra:
+            assert payload[extra]["state"], name
 
 
 def help_entries(help_text):
