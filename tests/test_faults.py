@@ -15,7 +15,7 @@ import torch
 import training_params
 from utils import checkpoint as ckpt
 from utils.errors import CheckpointError, DataError, TrainingError, one_line
-from utils.train import Run
+from utils.train import Run, TrainStep
 
 # One TopK level, 16 training images in 2 steps per epoch, 10 test images: the smallest run
 # that trains, evaluates and checkpoints.
@@ -69,16 +69,17 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_c
 def test_weights_that_overflow_after_a_finite_loss_are_not_saved(tiny_cifar, tmp_path, capsys, monkeypatch):
     """The last step of an epoch can report a finite loss while its update overflows: the
     end-of-epoch checkpoint must not replace the good one with NaN weights."""
-    original = Run.train_step
+    original = TrainStep.__call__
+    calls = iter(range(10**6))
 
     def overflowing_step(self, *args):
         result = original(self, *args)
-        if self.progress.global_step == 1:  # the second (last) step of epoch 0, after its loss
+        if next(calls) == 1:  # the second (last) step of epoch 0, after its loss
             with torch.no_grad():
                 next(self.model.parameters()).fill_(float("inf"))
         return result
 
-    monkeypatch.setattr(Run, "train_step", overflowing_step)
+    monkeypatch.setattr(TrainStep, "__call__", overflowing_step)
     save_dir = tmp_path / "run"
     status, lines = run_main(["--data_dir", tiny_cifar, "--save_dir", str(save_dir), *TINY_RUN], capsys)
     assert status == 1
