@@ -24,7 +24,7 @@ import yaml
 from methods import METHODS
 from methods.levels import bits_to_alpha, width_to_alpha
 from models import MODELS
-from utils.errors import ConfigError, UserError, one_line
+from utils.errors import ConfigError, UsageParser, UserError, number_list, one_line
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 CONFIG_ROOT = os.path.join(REPO_ROOT, "configs")
@@ -113,10 +113,6 @@ class Config:
         """The keys that matter for this setting and method (what config.yaml holds)."""
         keys = allowed_keys(self.setting, self.method) | {"setting", "method"}
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in keys}
-
-    @property
-    def num_classes(self):
-        return 10 if self.dataset == "cifar10" else None
 
     @property
     def input_size(self):
@@ -213,32 +209,6 @@ def method_yaml_path(setting, method):
 
 
 # -- flags -----------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr, exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _number_list(kind):
-    def parse(text):
-        values = []
-        for item in text.split(","):
-            item = item.strip()
-            try:
-                value = float(item)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-            if kind is int:
-                if not value.is_integer():
-                    raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-                value = int(value)
-            values.append(value)
-        return values
-    parse.__name__ = "list"
-    return parse
-
-
 def _add_common_flags(parser, setting):
     add = parser.add_argument
     add("--model", choices=sorted(MODELS), help="network (default: cpreresnet20)")
@@ -279,7 +249,7 @@ def _add_common_flags(parser, setting):
 def build_parser(setting):
     methods = list(METHODS[setting])
     # No abbreviations: a mistyped flag such as --learning_rat must not pass for another.
-    parser = _Parser(prog=SCRIPTS[setting], description=SETTING_DESCRIPTIONS[setting], allow_abbrev=False)
+    parser = UsageParser(prog=SCRIPTS[setting], description=SETTING_DESCRIPTIONS[setting], allow_abbrev=False)
     parser.add_argument("--method", choices=methods, help=f"training method (default: lcs_l; one of {', '.join(methods)})")
     _add_common_flags(parser, setting)
     add = parser.add_argument
@@ -290,17 +260,17 @@ def build_parser(setting):
         add("--topk_upper_bound", type=float,
             help="highest TopK fraction trained: the dense, accurate end (lcs_l, lcs_p; needs --eval_topk_grid)")
         add("--warmup_budget", type=float, help="percent of all iterations for the TopK warmup, in (0, 100] (default: 80)")
-        add("--eval_topk_grid", type=_number_list(float), help="comma-separated TopK fractions to evaluate")
+        add("--eval_topk_grid", type=number_list(float), help="comma-separated TopK fractions to evaluate")
     elif setting == "structured_sparsity":
-        add("--width_factors_list", type=_number_list(float), help="comma-separated widths trained per batch (ns)")
-        add("--width_factor_limits", type=_number_list(float), help="lo,hi: range of widths trained (lcs_l, lcs_p, us)")
+        add("--width_factors_list", type=number_list(float), help="comma-separated widths trained per batch (ns)")
+        add("--width_factor_limits", type=number_list(float), help="lo,hi: range of widths trained (lcs_l, lcs_p, us)")
         add("--width_factor_samples", type=int, help="widths per batch, both ends included (lcs_l, lcs_p, us; default 4)")
-        add("--eval_width_factors", "--list", dest="eval_width_factors", type=_number_list(float),
+        add("--eval_width_factors", "--list", dest="eval_width_factors", type=number_list(float),
             help="comma-separated width factors to evaluate")
     else:
-        add("--bit_width", type=_number_list(int), help="bit width to train at, 3..8 (target_bit_width; default 6)")
-        add("--eval_bit_widths", type=_number_list(int), help="comma-separated bit widths to evaluate, 3..8")
-        add("--bit_width_limits", type=_number_list(int), help="min,max: range of bit widths trained (lcs_l, lcs_p)")
+        add("--bit_width", type=number_list(int), help="bit width to train at, 3..8 (target_bit_width; default 6)")
+        add("--eval_bit_widths", type=number_list(int), help="comma-separated bit widths to evaluate, 3..8")
+        add("--bit_width_limits", type=number_list(int), help="min,max: range of bit widths trained (lcs_l, lcs_p)")
         add("--warmup_budget", type=float,
             help="percent of all iterations before activations are quantized, in (0, 100] (default: 80)")
     return parser

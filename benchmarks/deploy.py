@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from training_params import _Parser, _number_list  # noqa: E402
+from utils.errors import UsageParser, number_list  # noqa: E402
 from utils import checkpoint as ckpt  # noqa: E402
 from utils.errors import ConfigError, UserError  # noqa: E402
 from utils.export import (checkpoint_config, export_model, load_exported, resolve_level,  # noqa: E402
@@ -36,11 +36,11 @@ DEFAULT_LEVELS = {"structured_sparsity": (0.75, 0.5, 0.25),
 
 
 def build_parser():
-    parser = _Parser(prog="benchmarks/deploy.py", description=__doc__.split("\n\n")[0])
+    parser = UsageParser(prog="benchmarks/deploy.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="model_final.pt or checkpoint_last.pt of a run")
-    parser.add_argument("--levels", type=_number_list(float), help="levels to export (default: a grid per setting)")
+    parser.add_argument("--levels", type=number_list(float), help="levels to export (default: a grid per setting)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--batch_sizes", type=_number_list(int), default=[1, 64])
+    parser.add_argument("--batch_sizes", type=number_list(int), default=[1, 64])
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per model and batch size")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per model and batch size first")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")

@@ -267,3 +267,15 @@ def test_resume_refusals_and_a_finished_run(straight_run, tiny_cifar, tmp_path, 
     assert_one_line_error(capsys.readouterr().err, f"--resume: no checkpoint_last.pt in {empty}")
     assert run_script("structured_sparsity", "--resume", straight / ckpt.LAST) == 2
     assert_one_line_error(capsys.readouterr().err, "holds a training checkpoint of unstructured_sparsity/lcs_l")
+
+
+def test_resume_hint_names_torchrun_when_the_run_was_distributed():
+    from types import SimpleNamespace
+    from utils.train import resume_command
+    config = SimpleNamespace(setting="quantized", save_dir="runs/my run")
+    assert resume_command(config, {}) == "python train_quantized.py --save_dir 'runs/my run' --resume"
+    single_node = {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}
+    assert resume_command(config, single_node) == (
+        "torchrun --standalone --nproc_per_node=4 train_quantized.py --save_dir 'runs/my run' --resume")
+    two_nodes = {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}
+    assert resume_command(config, two_nodes).startswith("torchrun <this run's torchrun options")

@@ -12,11 +12,10 @@ accuracy (and sparsity for the sparsity settings); an empty cell means the run w
 evaluated at that level.
 """
 
-import argparse
 import os
 import sys
 
-from utils.errors import ConfigError, UserError
+from utils.errors import ConfigError, UsageParser, UserError
 from utils.metrics import METRICS, latest_results, plot_runs, read_rows, text_table, write_csv
 
 SPARSITY_SETTINGS = ("structured_sparsity", "unstructured_sparsity")
@@ -119,15 +118,8 @@ def compare(run_dirs, out, labels=None):
     return "\n".join(text)
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr, exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser():
-    parser = _Parser(
+    parser = UsageParser(
         prog="python -m utils.compare",
         description="Overlay the accuracy-vs-compression results of several runs in one figure and one table.")
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (each with metrics.jsonl)")

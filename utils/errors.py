@@ -1,5 +1,7 @@
 """Errors meant for the user: the entry scripts print them as one line, without a traceback."""
 
+import argparse
+
 
 class UserError(Exception):
     """A mistake or a fault the user can act on. `exit_code` is the process status."""
@@ -38,3 +40,31 @@ def one_line(error):
         name, separator, message = lines[-1].partition(": ")
         return message if separator and name.endswith(type(error).__name__) else lines[-1]
     return " ".join(line.strip() for line in lines)
+
+
+class UsageParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr with exit status 2
+    (argparse's default prints the whole usage block first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def number_list(kind):
+    """argparse type for comma-separated numbers; `kind` int refuses non-integers."""
+    def parse(text):
+        values = []
+        for item in text.split(","):
+            item = item.strip()
+            try:
+                value = float(item)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+            if kind is int:
+                if not value.is_integer():
+                    raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+                value = int(value)
+            values.append(value)
+        return values
+    parse.__name__ = "list"  # argparse names the type in "invalid list value" messages
+    return parse

@@ -38,7 +38,8 @@ from models.layers import (ChannelSelection, LineMixin, QuantConv2d, TopKConv2d,
                            set_level)
 from models.quant import dequantize, grid_limits, quantize_tensor_to_int
 from models.slimming import lec_slim
-from training_params import Config, _Parser
+from training_params import Config
+from utils.errors import UsageParser
 from utils import checkpoint as ckpt
 from utils.errors import CheckpointError, ConfigError, UserError
 
@@ -437,7 +438,7 @@ def describe(content, size_bytes):
 
 
 def build_parser():
-    parser = _Parser(
+    parser = UsageParser(
         prog="python -m utils.export",
         description="Write a standalone compressed model at one level of a trained checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="model_final.pt or checkpoint_last.pt of a run")

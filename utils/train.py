@@ -398,8 +398,16 @@ def _describe(row):
     return text
 
 
-def resume_command(config):
-    return f"python {SCRIPTS[config.setting]} --save_dir {shlex.quote(config.save_dir)} --resume"
+def resume_command(config, environ=os.environ):
+    """The command that continues this run; under torchrun, with a torchrun prefix."""
+    command = f"{SCRIPTS[config.setting]} --save_dir {shlex.quote(config.save_dir)} --resume"
+    world_size = int(environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return f"python {command}"
+    local = int(environ.get("LOCAL_WORLD_SIZE", world_size))
+    if local == world_size:
+        return f"torchrun --standalone --nproc_per_node={local} {command}"
+    return f"torchrun <this run's torchrun options, on every node> {command}"
 
 
 def interrupted_message(signum, progress, steps_per_epoch, config):
@@ -505,8 +513,10 @@ def run(config, options):
     context = setup(config.device)
     try:
         check_run_dir(config.save_dir, options)
-        # --device auto falls back to the CPU without CUDA, and --amp is off there: say so.
-        amp_note = " (--amp has no effect off CUDA)" if config.amp and context.device.type != "cuda" else ""
+        # --device auto falls back to the CPU without CUDA; --amp there is bfloat16 on the CPU,
+        # fast only with bfloat16 units: say so.
+        amp_note = (" (--amp on the CPU: bfloat16 autocast, faster than fp32 only on CPUs with bfloat16 "
+                    "units such as AMX)") if config.amp and context.device.type != "cuda" else ""
         _log(context, f"Device: {context.device}, {context.world_size} process(es){amp_note}")
         state = Run(config, options, context)
         if options.eval_only:
