@@ -1,16 +1,21 @@
-"""Short CPU trainings on real CIFAR-10 (2,000 training images, a few epochs): LCS+L of each
-setting must beat chance (10 %) clearly at both ends of its compression range.
+"""Short CPU trainings on real CIFAR-10 (a few hundred training images, 8-9 epochs): LCS+L of
+each setting must beat chance (10 %) clearly at both ends of its compression range.
 
 Each test runs its script once as a child process on one CPU thread, evaluates only the
 levels it asserts, and on 1,000 test images (chance accuracy 10 % +- 0.95 % standard
-error). The recipes were picked from short measurements on this project's 2-core machine:
+error). The recipes were picked from short measurements on this project's 2-core machine
+(about 60-90 s of CPU each):
 
+* The LR schedule ramps up over 5 epochs (lr * (e + 1) / 5) and only then decays (cosine),
+  so a 3-4 epoch run ends at its highest LR and is evaluated on a noisy iterate. 8-9 epochs
+  over fewer images (the same CPU as 3 epochs over 2,000) end with the LR decaying
+  (x 1.0, 0.75, 0.25 for the last three of 8 epochs) and a peak LR of 0.1 at batch 16:
+  measured 21-29 % instead of 13-25 % (2,000 images, 3 epochs, batch 32, lr 0.25-0.4).
+  Higher peak LRs (0.2, 0.4) and more images over 3 epochs measured lower here.
 * LCS+L networks learn slowly at first (the original's unstructured LCS+L was at 45-49 %
-  after 10 full CIFAR-10 epochs), so in this budget they reach about 15-25 %. The
-  thresholds sit below every value measured over seeds 0-2 and more than three standard
-  errors above chance.
-* The LR schedule ramps up over 5 epochs (lr * (e + 1) / 5), so --learning_rate is set
-  above the YAML value to train at a useful rate in a 3-4 epoch run.
+  after 10 full CIFAR-10 epochs; even a dense network reached only 25 % with the old 3-epoch
+  recipe). The thresholds sit below every value measured over seeds 0-2 and about ten
+  standard errors above chance.
 """
 
 import pytest
@@ -20,7 +25,7 @@ from cli_helpers import assert_ok, evaluations, read_metrics, run_subprocess
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
 TEST_IMAGES = 1000
-COMMON = ("--train_subset", 2000, "--test_subset", TEST_IMAGES, "--batch_size", 32, "--seed", 0)
+COMMON = ("--test_subset", TEST_IMAGES, "--batch_size", 16, "--seed", 0)
 
 
 def train(script, data_dir, save_dir, *args):
@@ -37,41 +42,51 @@ def accuracies(group):
 
 
 def test_structured_lcs_l_beats_chance_at_full_and_quarter_width(real_cifar, tmp_path):
-    """3 epochs (lr 0.05, 0.1, 0.15), the sandwich reduced to its two ends (the widths asserted;
-    half the CPU of the default four widths per step).
+    """800 images, 8 epochs of 50 steps, the sandwich reduced to its two ends (the widths
+    asserted; half the CPU of the default four widths per step).
 
     --norm BN instead of the default IN: with IN before the global pooling, cPreResNet20 stays
     near chance for the first few hundred steps (measured here: 13 % at width 1.0 after 3 epochs
-    with batch 16 and lr up to 0.3); BN learns from the first steps (measured: 20-25 % at both
-    widths over seeds 0-2)."""
+    with batch 16 and lr up to 0.3); BN learns from the first steps. Measured over seeds 0, 1, 2:
+    28.5, 25.2, 28.0 % at width 1.0 and 21.1, 23.0, 25.8 % at width 0.25."""
     groups = train("train_structured.py", real_cifar, tmp_path / "run", "--method", "lcs_l", "--norm", "BN",
-                   "--epochs", 3, "--test_freq", 3, "--learning_rate", 0.25, "--width_factor_samples", 2,
-                   "--eval_width_factors", "1.0,0.25")
+                   "--train_subset", 800, "--epochs", 8, "--test_freq", 8, "--learning_rate", 0.1,
+                   "--width_factor_samples", 2, "--eval_width_factors", "1.0,0.25")
     final = accuracies(groups[-1])
     assert set(final) == {1.0, 0.25}
-    assert all(accuracy >= 0.17 for accuracy in final.values()), final
+    assert all(accuracy >= 0.19 for accuracy in final.values()), final
 
 
 def test_unstructured_lcs_l_beats_chance_dense_and_at_5_percent(real_cifar, tmp_path):
-    """3 epochs (lr 0.08, 0.16, 0.24), the TopK warmup over the first half (warmup_budget 50
-    instead of 80), so the final evaluation is at k = alpha. Measured over seeds 0-2: 16-21 %."""
-    groups = train("train_unstructured.py", real_cifar, tmp_path / "run", "--method", "lcs_l", "--epochs", 3,
-                   "--test_freq", 3, "--learning_rate", 0.4, "--warmup_budget", 50, "--eval_topk_grid", "0.05,1.0")
+    """750 images, 8 epochs of 47 steps; the TopK warmup over the first half (warmup_budget 50
+    instead of 80: W = 188 of 376 steps), so the final evaluation is at k = alpha. GN (the
+    YAML's): BN measured no better here (18.9 and 21.8 % for seed 0 with lr 0.2). Measured over
+    seeds 0, 1, 2: 23.7, 21.7, 21.6 % at k = 0.05 and 22.8, 21.4, 21.8 % dense."""
+    groups = train("train_unstructured.py", real_cifar, tmp_path / "run", "--method", "lcs_l",
+                   "--train_subset", 750, "--epochs", 8, "--test_freq", 8, "--learning_rate", 0.1,
+                   "--warmup_budget", 50, "--eval_topk_grid", "0.05,1.0")
     final = groups[-1]
     assert [row["effective_topk"] for row in final] == pytest.approx([0.05, 1.0])
     accuracy = accuracies(final)
-    assert all(value >= 0.13 for value in accuracy.values()), accuracy
+    assert all(value >= 0.20 for value in accuracy.values()), accuracy
 
 
 def test_quantized_lcs_l_beats_chance_before_and_after_the_activation_delay(real_cifar, tmp_path):
-    """4 epochs (lr 0.06 .. 0.24), 63 steps each; warmup_budget 76 gives W = 190 steps, just
-    past the third epoch. The evaluation at epoch 3 (after 189 steps) therefore has weights
-    quantized and activations not; the final one follows an epoch with quantized activations.
-    Measured over seeds 0-2: 13-21 % at 3 and 8 bits in both."""
-    groups = train("train_quantized.py", real_cifar, tmp_path / "run", "--method", "lcs_l", "--epochs", 4,
-                   "--test_freq", 3, "--learning_rate", 0.3, "--warmup_budget", 76, "--eval_bit_widths", "3,8")
+    """720 images, 9 epochs of 45 steps; warmup_budget 78 gives W = ceil(0.78 * 405) = 316
+    steps, just past the seventh epoch. The evaluation at epoch 7 (after 315 steps) therefore
+    has weights quantized and activations not; the final one follows two epochs (LR x 0.5,
+    0.15) with quantized activations. Measured over seeds 0, 1, 2 (3 / 8 bits):
+    before the delay 19.7, 17.4, 17.5 % and
+    19.6, 20.3, 16.7 %; after it 17.7, 14.4, 19.4 % and 17.3, 21.5, 19.5 %. Activation
+    quantization costs accuracy that a few low-LR steps do not win back, and the evaluation
+    before it must come early enough to leave them (evaluating at epoch 6 of 8 instead:
+    14.5 / 17.4 % before, 21.0 / 22.6 % after; at epoch 8 of 9: 16.1 / 17.0 % after), so this
+    test keeps the margin of the previous recipe (13-21 %, 2,000 images, 4 epochs)."""
+    groups = train("train_quantized.py", real_cifar, tmp_path / "run", "--method", "lcs_l",
+                   "--train_subset", 720, "--epochs", 9, "--test_freq", 7, "--learning_rate", 0.1,
+                   "--warmup_budget", 78, "--eval_bit_widths", "3,8")
     untrained, before, after = groups
-    assert [row["epoch"] for row in (before[0], after[0])] == [3, 4]
+    assert [row["epoch"] for row in (before[0], after[0])] == [7, 9]
     assert all(row["act_quant"] is False for row in before)
     assert all(row["act_quant"] is True for row in after)
     for group in (before, after):
