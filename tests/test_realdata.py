@@ -1,10 +1,10 @@
-"""Short CPU trainings on real CIFAR-10 (a few hundred training images, 8-9 epochs): LCS+L of
+"""Short CPU trainings on real CIFAR-10 (750-1,440 training images, 8-9 epochs): LCS+L of
 each setting must beat chance (10 %) clearly at both ends of its compression range.
 
 Each test runs its script once as a child process on one CPU thread, evaluates only the
 levels it asserts, and on 1,000 test images (chance accuracy 10 % +- 0.95 % standard
 error). The recipes were picked from short measurements on this project's 2-core machine
-(about 60-90 s of CPU each):
+(about 60-125 s of CPU each):
 
 * The LR schedule ramps up over 5 epochs (lr * (e + 1) / 5) and only then decays (cosine),
   so a 3-4 epoch run ends at its highest LR and is evaluated on a noisy iterate. 8-9 epochs
@@ -15,7 +15,7 @@ error). The recipes were picked from short measurements on this project's 2-core
 * LCS+L networks learn slowly at first (the original's unstructured LCS+L was at 45-49 %
   after 10 full CIFAR-10 epochs; even a dense network reached only 25 % with the old 3-epoch
   recipe). The thresholds sit below every value measured over seeds 0-2: about ten standard
-  errors above chance for the sparsity settings, three for the quantized one.
+  errors above chance for the sparsity settings, five for the quantized one.
 """
 
 import pytest
@@ -72,20 +72,20 @@ def test_unstructured_lcs_l_beats_chance_dense_and_at_5_percent(real_cifar, tmp_
 
 
 def test_quantized_lcs_l_beats_chance_before_and_after_the_activation_delay(real_cifar, tmp_path):
-    """720 images, 9 epochs of 45 steps; warmup_budget 78 gives W = ceil(0.78 * 405) = 316
-    steps, just past the seventh epoch. The evaluation at epoch 7 (after 315 steps) therefore
+    """1,440 images, 9 epochs of 90 steps; warmup_budget 78 gives W = ceil(0.78 * 810) = 632
+    steps, just past the seventh epoch. The evaluation at epoch 7 (after 630 steps) therefore
     has weights quantized and activations not; the final one follows two epochs (LR x 0.5,
-    0.15) with quantized activations. Measured over seeds 0, 1, 2 (3 / 8 bits):
-    before the delay 19.7, 17.4, 17.5 % and
-    19.6, 20.3, 16.7 %; after it 17.7, 14.4, 19.4 % and 17.3, 21.5, 19.5 %. Activation
-    quantization costs accuracy that a few low-LR steps do not win back, and the evaluation
-    before it must come early enough to leave them (evaluating at epoch 6 of 8 instead:
-    14.5 / 17.4 % before, 21.0 / 22.6 % after; at epoch 8 of 9: 16.1 / 17.0 % after), so this
-    test keeps the margin of the previous recipe (13-21 %, 2,000 images, 4 epochs). Also measured
-    no better: lr 0.05 (14.4-21.3 %), 576 images over 11 epochs with the delay at epoch 7
-    (13.6-24.1 %), BN (diverged at lr 0.1 for seed 0; 12.5-19.7 % for seed 1)."""
+    0.15) with quantized activations. Measured over seeds 0, 1, 2 (3 / 8 bits): before the
+    delay 23.1, 17.2, 19.4 % and 24.3, 19.6, 18.7 %; after it 19.6, 20.9, 24.7 % and 26.0,
+    23.0, 25.5 % (about 125 s of CPU per run).
+
+    Twice the images of the other two tests: with 720 images (80 s of CPU) the lowest value
+    over the same seeds was 14.4 %, since activation quantization costs accuracy that a few
+    low-LR steps over few images do not win back. Also measured no better at 720 images:
+    lr 0.05 (14.4-21.3 %), 576 images over 11 epochs (13.6-24.1 %), BN (diverged at lr 0.1
+    for seed 0; 12.5-19.7 % for seed 1)."""
     groups = train("train_quantized.py", real_cifar, tmp_path / "run", "--method", "lcs_l",
-                   "--train_subset", 720, "--epochs", 9, "--test_freq", 7, "--learning_rate", 0.1,
+                   "--train_subset", 1440, "--epochs", 9, "--test_freq", 7, "--learning_rate", 0.1,
                    "--warmup_budget", 78, "--eval_bit_widths", "3,8")
     untrained, before, after = groups
     assert [row["epoch"] for row in (before[0], after[0])] == [7, 9]
@@ -94,4 +94,4 @@ def test_quantized_lcs_l_beats_chance_before_and_after_the_activation_delay(real
     for group in (before, after):
         accuracy = accuracies(group)
         assert set(accuracy) == {3, 8}
-        assert all(value >= 0.13 for value in accuracy.values()), (group[0]["epoch"], accuracy)
+        assert all(value >= 0.15 for value in accuracy.values()), (group[0]["epoch"], accuracy)
