@@ -66,8 +66,3 @@ class Normalizer:
     def __call__(self, images):
         out = images.to(torch.float32, memory_format=self.memory_format)
         return out.div_(255).sub_(self.mean).div_(self.std)
-
-
-def normalize(images, mean, std, memory_format=torch.contiguous_format):
-    """One-off form of `Normalizer`."""
-    return Normalizer(mean, std, images.device, memory_format)(images)

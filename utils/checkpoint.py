@@ -53,8 +53,6 @@ def _write_payload(path, payload):
     # a path name reports it as a RuntimeError from its C++ writer.
     with open(path, "wb") as handle:
         torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())  # the rename must not publish data still in the page cache
 
 
 def write_text(path, text):

@@ -39,9 +39,8 @@ from models.layers import (ChannelSelection, LineMixin, QuantConv2d, TopKConv2d,
 from models.quant import dequantize, grid_limits, quantize_tensor_to_int
 from models.slimming import lec_slim
 from training_params import Config
-from utils.errors import UsageParser
 from utils import checkpoint as ckpt
-from utils.errors import CheckpointError, ConfigError, UserError
+from utils.errors import CheckpointError, ConfigError, UsageParser, UserError
 
 FORMAT = "lcs-export"
 VERSION = 1

@@ -6,7 +6,7 @@ import io
 import json
 import os
 
-from utils.checkpoint import atomic_write
+from utils.checkpoint import atomic_write, write_text
 from utils.errors import DataError
 
 METRICS = "metrics.jsonl"
@@ -47,13 +47,7 @@ def read_rows(path):
 
 
 def write_rows(path, rows):
-    text = "".join(json.dumps(row) + "\n" for row in rows)
-    atomic_write(path, lambda temporary: _write_text(temporary, text))
-
-
-def _write_text(path, text):
-    with open(path, "w") as handle:
-        handle.write(text)
+    write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def latest_results(rows):
@@ -86,7 +80,7 @@ def write_csv(path, header, lines):
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(lines)
-    atomic_write(path, lambda temporary: _write_text(temporary, buffer.getvalue()))
+    write_text(path, buffer.getvalue())
 
 
 def write_results_csv(path, rows):

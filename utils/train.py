@@ -313,7 +313,6 @@ class Run:
               flush=True)
 
 
-
 def configure_backends(config, device):
     """cuDNN autotuning times every kernel for each new input shape. Slimmable networks meet
     new shapes with almost every drawn width (and LEC with every slimmed network), so for
