@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import yaml
 
 from methods import METHODS
 from methods.levels import bits_to_alpha, width_to_alpha
 from models import MODELS
-from utils.errors import ConfigError, UsageParser, UserError, number_list, one_line
+from utils.errors import ConfigError, UsageParser, UserError, number_list, one_line, shown
+from utils.yaml_io import read_yaml
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 CONFIG_ROOT = os.path.join(REPO_ROOT, "configs")
@@ -160,15 +160,15 @@ KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false",
 
 def _check_entry(source, key, value, setting, method):
     if key not in FIELDS:
-        raise ConfigError(f"{source}: unknown key '{key}' (allowed: {', '.join(sorted(allowed_keys(setting, method)))})")
+        raise ConfigError(f"{source}: unknown key {shown(key)} (allowed: {', '.join(sorted(allowed_keys(setting, method)))})")
     if key not in allowed_keys(setting, method):
-        raise ConfigError(f"{source}: key '{key}' is not used by {setting}/{method}")
+        raise ConfigError(f"{source}: key {shown(key)} is not used by {setting}/{method}")
     kind = FIELDS[key].metadata["kind"]
     if not _type_ok(kind, value):
         hint = ""
         if isinstance(value, str) and kind.rstrip("?") in ("float", "int") and _is_number_text(value):
             hint = " (YAML reads numbers like 1e-4 as text: write 1.0e-4)"
-        raise ConfigError(f"{source}: key '{key}' must be {KIND_WORDS[kind.rstrip('?')]}, got {value!r}{hint}")
+        raise ConfigError(f"{source}: key '{key}' must be {KIND_WORDS[kind.rstrip('?')]}, got {shown(value)}{hint}")
 
 
 def _is_number_text(text):
@@ -177,31 +177,6 @@ def _is_number_text(text):
         return True
     except ValueError:
         return False
-
-
-def read_yaml(path):
-    """A YAML mapping from `path`, or ConfigError naming the file (and line)."""
-    try:
-        with open(path) as handle:
-            data = yaml.safe_load(handle)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, expected a YAML file") from None
-    except yaml.YAMLError as error:
-        mark, context = getattr(error, "problem_mark", None), getattr(error, "context_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        if getattr(error, "context", None) and context is not None:  # e.g. an unclosed [ further up
-            problem += f" ({error.context} from line {context.line + 1})"
-        raise ConfigError(f"{path}{where}: YAML syntax error: {problem}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: cannot read: {error}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
-    return data
 
 
 def method_yaml_path(setting, method):
@@ -548,9 +523,18 @@ MAX_SEED = 2**32 - 1  # NumPy's seed range
 MIN_IMAGE_SIZE = {"resnet18": 33, "vgg19": 32}
 
 
+# What makes sense, so that a typo cannot start a thousand workers or a batch no memory holds.
+UPPER_BOUNDS = {"epochs": 100_000, "batch_size": 65_536, "num_workers": 256, "image_size": 1024,
+                "width_factor_samples": 64}
+MAX_GRID_POINTS = 256
+
+
 def _validate_numbers(c, s):
     for key in ("epochs", "batch_size", "test_freq"):
         _require(getattr(c, key) >= 1, s, key, f"must be at least 1, got {getattr(c, key)}")
+    for key, high in UPPER_BOUNDS.items():
+        value = getattr(c, key)
+        _require(value is None or value <= high, s, key, f"must be at most {high}, got {value}")
     for key in ("learning_rate", "weight_decay"):
         value = getattr(c, key)
         _require(math.isfinite(value) and value >= 0, s, key, f"must be a finite number >= 0, got {value}")
@@ -608,6 +592,7 @@ def check_save_dir(save_dir, source):
 
 def _check_grid(s, key, grid, low, high, low_open=True, what="grid values"):
     _require(isinstance(grid, list) and len(grid) > 0, s, key, "the evaluation grid is empty")
+    _require(len(grid) <= MAX_GRID_POINTS, s, key, f"at most {MAX_GRID_POINTS} values, got {len(grid)}")
     for value in grid:
         _in_range(s, key, value, low, high, low_open=low_open, what=what)
 
@@ -674,6 +659,7 @@ def _validate_quantized(c, s):
         return
     grid = c.eval_param_grid
     _require(isinstance(grid, list) and len(grid) > 0, s, "eval_param_grid", "the evaluation grid is empty")
+    _require(len(grid) <= MAX_GRID_POINTS, s, "eval_param_grid", f"at most {MAX_GRID_POINTS} values, got {len(grid)}")
     low, high = (c.min_bits, c.max_bits) if c.method == "lcs_p" else (3, 8)
     for bits in grid:
         _require(float(bits).is_integer() and low <= bits <= high, s, "eval_param_grid",
@@ -760,6 +746,7 @@ def main(setting, argv=None):
     """Entry point of the three scripts: parse, then train or evaluate."""
     from utils.train import run
 
+    config = None
     try:
         config, options = parse(setting, argv)
         status = run(config, options)
@@ -773,6 +760,18 @@ def main(setting, argv=None):
     except torch.cuda.OutOfMemoryError as error:  # torch.OutOfMemoryError from torch 2.5 on
         _exit_with_error(setting, f"out of memory on the device ({one_line(error)[:200]}); try a smaller "
                                   f"--batch_size", 1)
+    except (MemoryError, RuntimeError) as error:
+        if not isinstance(error, MemoryError) and "can't allocate memory" not in str(error):
+            raise
+        _exit_with_error(setting, "out of memory on the host (a tensor could not be allocated); try a smaller "
+                                  "--batch_size or --image_size", 1)
+    except KeyboardInterrupt:
+        # A second Ctrl-C (the first stops after the current step and saves), or one before
+        # training began: stop at once. A write in progress is abandoned whole (atomic), so
+        # the last checkpoint on disk stays valid.
+        where = f" in {config.save_dir}" if config is not None else ""
+        _exit_with_error(setting, f"interrupted (Ctrl-C) before a checkpoint could be saved; stopped at once, the "
+                                  f"last checkpoint written{where}, if any, is intact (resume with --resume)", 130)
     sys.exit(status)
 
 

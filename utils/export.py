@@ -40,11 +40,14 @@ from models.quant import dequantize, grid_limits, quantize_tensor_to_int
 from models.slimming import lec_slim
 from training_params import Config
 from utils import checkpoint as ckpt
-from utils.errors import CheckpointError, ConfigError, UsageParser, UserError
+from utils import checkpoint_schema as schema
+from utils.atomic import refuse_overwrite
+from utils.errors import CheckpointError, ConfigError, UsageParser, UserError, one_line
 
 FORMAT = "lcs-export"
 VERSION = 1
 ACT_BUFFERS = ("act_min", "act_max", "act_range_ready")
+MAX_ROUND_TO = 1024  # no layer of the three networks is wider
 LEVEL_NAMES = {"structured_sparsity": "width_factor", "unstructured_sparsity": "topk", "quantized": "num_bits"}
 
 
@@ -304,13 +307,14 @@ def export_model(payload, level, path="checkpoint", round_to=None, float_weights
 
     `float_weights` (quantized only) stores the quantized weights as float32 values instead of
     packed codes: the same model, stored uncompressed (the benchmark's baseline)."""
+    schema.check_model(payload, path)  # tensors only, all finite
     model, config = training_model(payload, path)
     setting = config.setting
     if round_to is not None and (setting != "structured_sparsity" or config.method == "lec"):
         raise ConfigError(f"--round_to {round_to}: only for width-factor exports (structured lcs_l, lcs_p, us, "
                           f"ns); this is {setting}/{config.method}")
-    if round_to is not None and round_to < 1:
-        raise ConfigError(f"--round_to {round_to}: must be a positive number of channels")
+    if round_to is not None and not 1 <= round_to <= MAX_ROUND_TO:
+        raise ConfigError(f"--round_to {round_to}: must be a number of channels in 1..{MAX_ROUND_TO}")
     levels, alpha = resolve_level(config, level)
     set_level(model, **levels)
     num_classes = num_classes_of(payload["model"])
@@ -334,10 +338,13 @@ def export_model(payload, level, path="checkpoint", round_to=None, float_weights
     return header
 
 
-def save_export(path, content):
+def save_export(path, content, inputs=(), flag="--out"):
+    """Write an export to `path`; ConfigError where that would replace one of `inputs` (the
+    checkpoint) or a run directory's own files."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
-        raise ConfigError(f"--out {path}: directory {directory} does not exist")
+        raise ConfigError(f"{flag} {path}: directory {directory} does not exist")
+    refuse_overwrite(flag, path, inputs)
     ckpt.save(path, content)
 
 
@@ -452,11 +459,12 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        refuse_overwrite("--out", args.out, [args.checkpoint])  # before the work of exporting
         payload = ckpt.load(args.checkpoint)
         content = export_model(payload, args.level, path=args.checkpoint, round_to=args.round_to)
-        save_export(args.out, content)
+        save_export(args.out, content, inputs=[args.checkpoint])
     except UserError as error:
-        print(f"utils.export: error: {error}", file=sys.stderr)
+        print(f"utils.export: error: {one_line(error)}", file=sys.stderr)
         sys.exit(error.exit_code)
     print(describe(content, os.path.getsize(args.out)))
     print(f"wrote {args.out}")

@@ -33,8 +33,10 @@ from methods.levels import cosine_lr, warmup_iterations
 from models import build_model
 from training_params import SCRIPTS
 from utils import checkpoint as ckpt
+from utils import checkpoint_schema as schema
 from utils.distributed import any_process, barrier, setup, teardown
-from utils.errors import CheckpointError, ConfigError, TrainingError
+from utils.run_lock import RunDirLock
+from utils.errors import CheckpointError, ConfigError, TrainingError, one_line
 from utils.evaluate import autocast, evaluate
 from utils.metrics import METRICS, PLOT, RESULTS, format_table, latest_results, read_rows, update_outputs
 
@@ -167,6 +169,12 @@ class Run:
             ckpt.save(os.path.join(self.save_dir, ckpt.LAST), self.payload())
         barrier(self.context)
 
+    def check_checkpoint(self, payload, path):
+        """The fields every checkpoint holds, before any of it is used (checkpoint_schema)."""
+        schema.check_header(payload, path, self.config.to_dict())
+        schema.check_counters(payload, path, self.config.epochs)
+        schema.check_model(payload, path)
+
     def load_model_state(self, payload, path):
         try:
             self.model.load_state_dict(payload["model"])
@@ -180,10 +188,19 @@ class Run:
         if payload.get("kind") != "training":
             raise CheckpointError(f"{path}: a final model, not a training checkpoint (resume needs "
                                   f"{ckpt.LAST})")
+        self.check_checkpoint(payload, path)
+        schema.check_progress(payload, path, self.config.epochs, self.data.train.steps_per_epoch,
+                              self.method.warmup_iterations)
+        schema.check_optimizer(payload, path, self.optimizer)
+        schema.check_rng(payload, path, self.generator)
         self.load_model_state(payload, path)
-        self.optimizer.load_state_dict(payload["optimizer"])
+        try:  # the schema was checked; this catches what it cannot foresee
+            self.optimizer.load_state_dict(payload["optimizer"])
+            ckpt.restore_rng_state(payload["rng"], self.generator)
+        except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as error:
+            raise CheckpointError(f"{path}: its optimizer or random state cannot be restored "
+                                  f"({one_line(error)[:160]})") from None
         self.progress = Progress(**payload["progress"])
-        ckpt.restore_rng_state(payload["rng"], self.generator)
         kept = [row for row in read_rows(os.path.join(self.save_dir, METRICS)) if self._keep_on_resume(row)]
         self.rows = kept
 
@@ -219,6 +236,7 @@ class Run:
 
     def evaluate_only(self, path):
         payload = ckpt.load(path, map_location=self.device)
+        self.check_checkpoint(payload, path)
         self.load_model_state(payload, path)
         self.progress.epoch = payload.get("epoch", 0)
         self.progress.global_step = payload.get("global_step", 0)
@@ -507,9 +525,25 @@ class EpochLog:
                   flush=True)
 
 
+def lock_run_dir(save_dir, context):
+    """The run directory's lock (see utils.run_lock). Only the first process writes the
+    directory, so only it locks; every process learns whether it got the lock."""
+    lock, refused = None, None
+    if context.is_main:
+        try:
+            lock = RunDirLock(save_dir)
+        except ConfigError as error:
+            refused = error
+    if any_process(refused is not None, context, context.device):
+        raise refused or ConfigError(f"--save_dir {save_dir}: another process is writing to this run directory "
+                                     f"(the first process's error names it)")
+    return lock
+
+
 def run(config, options):
     """Train (or evaluate) as the config and options say; returns the exit status."""
     context = setup(config.device)
+    lock = None
     try:
         check_run_dir(config.save_dir, options)
         # --device auto falls back to the CPU without CUDA; --amp there is bfloat16 on the CPU,
@@ -518,6 +552,8 @@ def run(config, options):
                     "units such as AMX)") if config.amp and context.device.type != "cuda" else ""
         _log(context, f"Device: {context.device}, {context.world_size} process(es){amp_note}")
         state = Run(config, options, context)
+        lock = lock_run_dir(config.save_dir, context)
+        check_run_dir(config.save_dir, options)  # again: a run may have finished there meanwhile
         if options.eval_only:
             return state.evaluate_only(options.checkpoint)
         if options.resume:
@@ -525,4 +561,6 @@ def run(config, options):
         state.prepare_run_dir()
         return state.train()
     finally:
+        if lock is not None:
+            lock.release()
         teardown(context)
