@@ -58,6 +58,8 @@ class UsageParser(argparse.ArgumentParser):
     (argparse's default prints the whole usage block first)."""
 
     def error(self, message):
+        if len(message) > MAX_MESSAGE:  # e.g. an "invalid int value" of 5,000 digits
+            message = f"{message[:MAX_MESSAGE - 12]} ... (cut)"
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 

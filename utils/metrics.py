@@ -38,14 +38,14 @@ def read_rows(path):
     if not os.path.exists(path):
         return []
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        number = 0
-        try:
-            for number, line in enumerate(handle, 1):
-                if line.strip():
-                    rows.append(_parse_row(path, number, line))
-        except UnicodeDecodeError:
-            raise DataError(f"{path}:{number + 1}: not UTF-8 text (a damaged or foreign file)") from None
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{number}: not UTF-8 text (a damaged or foreign file)") from None
+            if line.strip():
+                rows.append(_parse_row(path, number, line))
     return rows
 
 

@@ -87,6 +87,8 @@ def read_yaml(path):
             loader.dispose()
     except yaml.YAMLError as error:
         raise _syntax_error(path, error) from None
+    except (ValueError, OverflowError) as error:  # e.g. an integer of 100,000 digits
+        raise ConfigError(f"{path}: a value cannot be read ({str(error).split(';')[0][:120]})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
