@@ -17,6 +17,27 @@ from utils.errors import ConfigError
 LOCK_FILE = ".lock"
 
 
+def refuse_if_locked(directory, flag="--save_dir"):
+    """ConfigError naming the holder when a live process holds `directory`'s lock; creates
+    nothing (a check before the work of building a run, which takes the lock itself)."""
+    try:
+        handle = open(os.path.join(directory, LOCK_FILE))
+    except OSError:
+        return  # no lock file, no writer
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _locked_error(directory, flag, handle) from None
+
+
+def _locked_error(directory, flag, handle):
+    handle.seek(0)
+    holder = handle.read(500).strip() or "another process"
+    return ConfigError(f"{flag} {directory}: another process is writing to this run directory ({holder}); "
+                       f"wait for it to end or use another {flag}")
+
+
 class RunDirLock:
     """Acquired by the constructor (ConfigError naming the holder when another process writes
     into `directory`); release() gives it up and removes the lock file."""
@@ -36,11 +57,9 @@ class RunDirLock:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read(500).strip() or "another process"
+                error = _locked_error(self.directory, flag, handle)
                 handle.close()
-                raise ConfigError(f"{flag} {self.directory}: another process is writing to this run directory "
-                                  f"({holder}); wait for it to end or use another {flag}") from None
+                raise error from None
             # The previous holder may have removed the file between our open and flock: a lock
             # on a file no longer at this path protects nothing, so start again.
             try:

@@ -35,7 +35,7 @@ from training_params import SCRIPTS
 from utils import checkpoint as ckpt
 from utils import checkpoint_schema as schema
 from utils.distributed import any_process, barrier, setup, teardown
-from utils.run_lock import RunDirLock
+from utils.run_lock import RunDirLock, refuse_if_locked
 from utils.errors import CheckpointError, ConfigError, TrainingError, one_line
 from utils.evaluate import autocast, evaluate
 from utils.metrics import METRICS, PLOT, RESULTS, format_table, latest_results, read_rows, update_outputs
@@ -525,19 +525,19 @@ class EpochLog:
                   flush=True)
 
 
-def lock_run_dir(save_dir, context):
-    """The run directory's lock (see utils.run_lock). Only the first process writes the
-    directory, so only it locks; every process learns whether it got the lock."""
-    lock, refused = None, None
+def on_main_process(context, action, save_dir):
+    """action() in the first process only (it alone writes the run directory, so it alone
+    locks it); when that refuses with a ConfigError, every process raises one."""
+    result, refused = None, None
     if context.is_main:
         try:
-            lock = RunDirLock(save_dir)
+            result = action()
         except ConfigError as error:
             refused = error
     if any_process(refused is not None, context, context.device):
         raise refused or ConfigError(f"--save_dir {save_dir}: another process is writing to this run directory "
                                      f"(the first process's error names it)")
-    return lock
+    return result
 
 
 def run(config, options):
@@ -545,6 +545,8 @@ def run(config, options):
     context = setup(config.device)
     lock = None
     try:
+        # The lock itself (utils.run_lock) is taken once the run is built.
+        on_main_process(context, lambda: refuse_if_locked(config.save_dir), config.save_dir)
         check_run_dir(config.save_dir, options)
         # --device auto falls back to the CPU without CUDA; --amp there is bfloat16 on the CPU,
         # fast only with bfloat16 units: say so.
@@ -552,7 +554,7 @@ def run(config, options):
                     "units such as AMX)") if config.amp and context.device.type != "cuda" else ""
         _log(context, f"Device: {context.device}, {context.world_size} process(es){amp_note}")
         state = Run(config, options, context)
-        lock = lock_run_dir(config.save_dir, context)
+        lock = on_main_process(context, lambda: RunDirLock(config.save_dir), config.save_dir)
         check_run_dir(config.save_dir, options)  # again: a run may have finished there meanwhile
         if options.eval_only:
             return state.evaluate_only(options.checkpoint)
