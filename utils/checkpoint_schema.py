@@ -19,6 +19,10 @@ PROGRESS_FIELDS = {"epoch": int, "step_in_epoch": int, "global_step": int, "eval
 FIXED_HYPERPARAMETERS = ("momentum", "weight_decay", "dampening", "nesterov")
 
 
+def _found(value):
+    return "missing" if value is None else shown(value)
+
+
 def _fail(path, field, message):
     raise CheckpointError(f"{path}: {field} {message}")
 
@@ -80,7 +84,7 @@ def check_progress(payload, path, epochs, steps_per_epoch, warmup_iterations):
     """progress: the position in training, consistent with the epoch count and the data."""
     progress = payload.get("progress")
     if not isinstance(progress, dict):
-        _fail(path, "progress", f"is {shown(progress)}, expected the training position (a dict)")
+        _fail(path, "progress", f"is {_found(progress)}, expected the training position (a dict)")
     if set(progress) != set(PROGRESS_FIELDS):
         _fail(path, "progress", f"has the keys {sorted(map(str, progress))}, expected {sorted(PROGRESS_FIELDS)}")
     for key, kind in PROGRESS_FIELDS.items():
@@ -111,7 +115,7 @@ def check_optimizer(payload, path, optimizer):
     reference = optimizer.state_dict()
     if not isinstance(state, dict) or not isinstance(state.get("state"), dict) \
             or not isinstance(state.get("param_groups"), list):
-        _fail(path, "optimizer", f"is {shown(state)}, expected an optimizer state (state, param_groups)")
+        _fail(path, "optimizer", f"is {_found(state)}, expected an optimizer state (state, param_groups)")
     groups = state["param_groups"]
     if len(groups) != len(reference["param_groups"]):
         _fail(path, "optimizer.param_groups", f"has {len(groups)} groups, expected {len(reference['param_groups'])}")
@@ -144,7 +148,7 @@ def check_rng(payload, path, generator):
     """rng: the states of Python, NumPy, torch and the level sampler, as rng_state writes them."""
     rng = payload.get("rng")
     if not isinstance(rng, dict) or not {"python", "numpy", "torch", "sampler"} <= set(rng):
-        _fail(path, "rng", f"is {shown(rng)}, expected the random states (python, numpy, torch, sampler)")
+        _fail(path, "rng", f"is {_found(rng)}, expected the random states (python, numpy, torch, sampler)")
     python = rng["python"]
     if not (isinstance(python, (list, tuple)) and len(python) == 3 and _is_int(python[0])
             and isinstance(python[1], (list, tuple)) and len(python[1]) == 625

@@ -8,7 +8,7 @@ import math
 import os
 
 from utils.checkpoint import atomic_write, write_text
-from utils.errors import DataError, shown
+from utils.errors import DataError
 
 METRICS = "metrics.jsonl"
 RESULTS = "results.csv"
@@ -60,8 +60,13 @@ def _parse_row(path, number, line):
         value = row.get(key)
         if not _has_type(value, kinds):
             words = " or ".join("null" if kind is None else TYPE_WORDS[kind] for kind in kinds)
-            raise DataError(f"{path}:{number}: {key} is {shown(value)}, expected {words}")
+            raise DataError(f"{path}:{number}: {key} is {shown_json(value)}, expected {words}")
     return row
+
+
+def shown_json(value, limit=60):
+    text = json.dumps(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
 
 
 TYPE_WORDS = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
