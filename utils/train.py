@@ -35,10 +35,10 @@ from training_params import SCRIPTS
 from utils import checkpoint as ckpt
 from utils import checkpoint_schema as schema
 from utils.distributed import any_process, barrier, setup, teardown
-from utils.run_lock import RunDirLock, refuse_if_locked
 from utils.errors import CheckpointError, ConfigError, TrainingError, one_line
 from utils.evaluate import autocast, evaluate
 from utils.metrics import METRICS, PLOT, RESULTS, format_table, latest_results, read_rows, update_outputs
+from utils.run_lock import RunDirLock, refuse_if_locked
 
 CONFIG_FILE = "config.yaml"
 # The files of a run, as the end-of-run summary describes them.
