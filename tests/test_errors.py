@@ -36,7 +36,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = {"structured": "structured_sparsity", "unstructured": "unstructured_sparsity", "quantized": "quantized"}
 SCRIPTS = {"structured": "train_structured.py", "unstructured": "train_unstructured.py",
            "quantized": "train_quantized.py"}
-TOOLS = {"export": "utils.export", "compare": "utils.compare", "deploy": "benchmarks.deploy"}
+TOOLS = {"export": "utils.export", "compare": "utils.compare", "deploy": "benchmarks.deploy",
+         "train_speed": "benchmarks.train_speed"}
 CASE_TIMEOUT_S = 90   # a case that builds data and, wrongly accepted, would start training
 HOSTILE_LIMIT_S = 20  # a hostile input is refused before any data is read
 MEMORY_MARGIN_BYTES = 3 * 2**30
@@ -369,6 +370,7 @@ CASES = [
             "--batch_sizes 100000000: must be in 1..4096"),
     Hostile("deploy_huge_threads", "deploy", "--checkpoint {ckpt_final} --threads 1000000", "--threads 1000000"),
     Hostile("deploy_huge_repeats", "deploy", "--checkpoint {ckpt_final} --repeats 10000000000", "--repeats"),
+    Hostile("train_speed_huge_workers", "train_speed", "--workers 100000 --device cpu", "--workers: must be in 0..256"),
     Hostile("export_huge_round_to", "export", "--checkpoint {ckpt_final} --level 0.5 --round_to 100000000 "
             "--out {exports}/x.pt", "--round_to 100000000", watch="{exports}"),
 ]
