@@ -59,7 +59,7 @@ def calibrate_bn(model, batches):
 
 
 @contextlib.contextmanager
-def test_batch_statistics(model):
+def own_batch_statistics(model):
     """Evaluate as the original evaluated LEC: every BN layer normalises each batch with that
     batch's own statistics (training mode), and the running statistics are left unchanged
     (momentum 0)."""

@@ -5,7 +5,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from models.bn_calibration import calibrate_bn, preserved_bn_statistics, test_batch_statistics
+from models.bn_calibration import calibrate_bn, own_batch_statistics, preserved_bn_statistics
 from models.layers import Norm2d
 from utils.distributed import all_reduce_sum
 
@@ -90,7 +90,7 @@ def evaluate(model, method, data, context, step, amp=False, bn_statistics=True, 
                 metrics = dict(method.compression_metrics(net, data.input_size))
                 metrics.update(extra)
                 statistics = BNStatistics(net) if bn_statistics else None
-                with test_batch_statistics(net) if test_batch_bn else contextlib.nullcontext():
+                with own_batch_statistics(net) if test_batch_bn else contextlib.nullcontext():
                     accuracy, loss, count = test_pass(net, data.test, context, amp)
                 row = {"level": point.level, "alpha": point.alpha, "accuracy": accuracy, "loss": loss,
                        "num_images": count, **metrics, "bn_calibration_images": calibrated,
