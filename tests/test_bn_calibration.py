@@ -3,20 +3,27 @@ statistics on a hand-checked network, torch's update_bn as a cross-check, the sl
 the original's test-batch mode of LEC, and the model left as it was."""
 
 import copy
+import signal
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
 from torch.optim.swa_utils import update_bn
 
+import inprocess
+from cli_helpers import assert_refused
+from data.augment import Normalizer
+from data.cifar import CIFAR_MEAN, CIFAR_STD, load_cifar10, subset_indices
 from methods import METHODS
 from methods.base import EvalPoint
 from models import build_model
 from models.bn_calibration import bn_layers, calibrate_bn, own_batch_statistics, preserved_bn_statistics
 from models.layers import Norm2d, SlimConv2d
 from training_params import parse
+from utils import evaluate as evaluate_module
 from utils.distributed import Context
 from utils.evaluate import evaluate
 from unit_support import single_thread  # noqa: F401 (single_thread: autouse fixture)
@@ -188,3 +195,99 @@ def test_evaluation_with_calibration_equals_a_calibrated_network_in_eval_mode(me
     assert rows[True]["bn_calibration_images"] == 12 and rows[False]["bn_calibration_images"] == 0
     assert rows[True]["accuracy"] == accuracy and rows[True]["loss"] == pytest.approx(loss, rel=1e-5)
     assert rows[False]["loss"] != pytest.approx(loss, rel=1e-3)
+
+
+# -- runs: the calibration subset, recorded settings, resume, eval-only, refusals --------------------
+RUN_FLAGS = ("--epochs", 2, "--test_freq", 1, "--batch_size", 8, "--train_subset", 16, "--test_subset", 8,
+             "--seed", 3)
+
+
+@pytest.fixture
+def recorded_calibrations(monkeypatch):
+    """The images of every calibration the evaluations run, in order."""
+    calls = []
+
+    def recording(net, batches):
+        batches = list(batches)
+        calls.append(torch.cat([images for images, _ in batches]))
+        return original(net, batches)
+
+    original = evaluate_module.calibrate_bn
+    monkeypatch.setattr(evaluate_module, "calibrate_bn", recording)
+    return calls
+
+
+def lec_flags(tiny_cifar, tmp_path, save_dir):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("eval_param_grid: [0.9, 1.0]\n")
+    return ("--method", "lec", *RUN_FLAGS, "--bn_calibration_images", 12, "--config", grid,
+            "--data_dir", tiny_cifar, "--save_dir", save_dir)
+
+
+def test_calibration_images_are_the_same_at_every_level_evaluation_and_after_a_resume(
+        tiny_cifar, tmp_path, recorded_calibrations):
+    """12 seeded training images with the test transform (no augmentation), the same for both
+    levels of all three evaluations of a run interrupted after epoch 1 and resumed (two at
+    epoch 0 before the interruption, four after the resume), and for --eval_only."""
+    images, _ = load_cifar10(tiny_cifar, True, 16, 3)
+    chosen = subset_indices(16, 12, 3)
+    expected = Normalizer(CIFAR_MEAN, CIFAR_STD, torch.device("cpu"))(
+        torch.from_numpy(images[chosen]).permute(0, 3, 1, 2).contiguous())
+    save_dir = tmp_path / "run"
+    with inprocess.signal_during_step(1, signal.SIGTERM):  # the last step of epoch 1
+        assert inprocess.run_script("structured_sparsity", *lec_flags(tiny_cifar, tmp_path, save_dir)) == 143
+    assert len(recorded_calibrations) == 2
+    assert inprocess.run_script("structured_sparsity", "--save_dir", save_dir, "--resume") == 0
+    assert len(recorded_calibrations) == 6
+    assert all(torch.equal(call, expected) for call in recorded_calibrations)
+    rows = inprocess.read_rows(save_dir)
+    assert [row["epoch"] for row in rows] == [0, 0, 1, 1, 2, 2]
+    assert all(row["bn_calibration_images"] == 12 and row["lec_test_batch_statistics"] is False for row in rows)
+    assert yaml.safe_load((save_dir / "config.yaml").read_text())["bn_calibration_images"] == 12
+
+    # --eval_only takes both flags: the original's test-batch statistics, then running statistics.
+    checkpoint = save_dir / "model_final.pt"
+    assert inprocess.run_script("structured_sparsity", "--eval_only", "--checkpoint", checkpoint) == 0
+    assert len(recorded_calibrations) == 8 and torch.equal(recorded_calibrations[-1], expected)
+    assert [row["accuracy"] for row in inprocess.read_rows(save_dir)[-2:]] == [row["accuracy"] for row in rows[-2:]]
+    for flag, value in (("--lec_test_batch_statistics", None), ("--bn_calibration_images", 0)):
+        args = (flag,) if value is None else (flag, value)
+        assert inprocess.run_script("structured_sparsity", "--eval_only", "--checkpoint", checkpoint, *args) == 0
+        last = inprocess.read_rows(save_dir)[-2:]
+        assert [row["level"] for row in last] == [0.9, 1.0]
+        assert all(row["bn_calibration_images"] == 0 for row in last)
+        assert all(row["lec_test_batch_statistics"] is (value is None) for row in last)
+    assert len(recorded_calibrations) == 8
+
+
+def test_us_with_and_without_calibration(tiny_cifar, tmp_path):
+    """Calibration changes the recorded evaluation, never the training: both runs end with the
+    same weights and statistics."""
+    runs = {}
+    for images in (0, 16):
+        save_dir = tmp_path / f"us_{images}"
+        assert inprocess.run_script("structured_sparsity", "--method", "us", *RUN_FLAGS[2:], "--epochs", 1,
+                                    "--eval_width_factors", "1.0,0.5", "--bn_calibration_images", images,
+                                    "--data_dir", tiny_cifar, "--save_dir", save_dir) == 0
+        runs[images] = save_dir
+    final = {images: [row for row in inprocess.read_rows(d) if row["final"]] for images, d in runs.items()}
+    assert [row["bn_calibration_images"] for row in final[0]] == [0, 0]
+    assert [row["bn_calibration_images"] for row in final[16]] == [16, 16]
+    assert final[0][1]["loss"] != pytest.approx(final[16][1]["loss"], rel=1e-4)
+    inprocess.assert_same_tensors(inprocess.load_checkpoint(runs[0] / "model_final.pt")["model"],
+                                  inprocess.load_checkpoint(runs[16] / "model_final.pt")["model"])
+
+
+@pytest.mark.parametrize("script, args, flag", [
+    ("train_structured.py", ("--method", "lcs_p", "--bn_calibration_images", 64), "--bn_calibration_images"),
+    ("train_structured.py", ("--method", "us", "--norm", "IN", "--bn_calibration_images", 8),
+     "--bn_calibration_images"),
+    ("train_structured.py", ("--method", "lec", "--bn_calibration_images", -1), "--bn_calibration_images"),
+    ("train_structured.py", ("--method", "us", "--lec_test_batch_statistics"), "--lec_test_batch_statistics"),
+    ("train_structured.py", ("--method", "lec", "--lec_test_batch_statistics", "--bn_calibration_images", 8),
+     "--lec_test_batch_statistics"),
+    ("train_unstructured.py", ("--bn_calibration_images", 8), "--bn_calibration_images"),
+    ("train_quantized.py", ("--lec_test_batch_statistics",), "--lec_test_batch_statistics"),
+])
+def test_refused_combinations(tiny_cifar, tmp_path, script, args, flag):
+    assert_refused(script, args, flag, tiny_cifar, tmp_path / "run")
