@@ -204,16 +204,6 @@ def test_quantized_cpreresnet20_topology():
                 assert isinstance(conv.norm, Norm2d) and conv.norm.num_features == conv.out_channels
 
 
-def test_quantized_bottleneck_is_relu_conv_norm_three_times_plus_residual():
-    model = build_model("cpreresnet20", QUANT, 10).eval()
-    block = model.layer1[1]                                                 # identity residual
-    x = torch.randn(2, 64, 8, 8)
-    relu = torch.relu
-    with torch.no_grad():
-        expected = block.conv3(relu(block.conv2(relu(block.conv1(relu(x)))))) + x
-        assert torch.allclose(block(x), expected, atol=1e-6)
-
-
 # -- LEC: threshold, floor and slimming (SPEC 3.5, 5) -----------------------------------------------
 def lec_model():
     return build_model("cpreresnet20", STANDARD, 10).eval()
