@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
 TEST_IMAGES = 1000
 # Re-estimated BN statistics may trail running statistics by at most this accuracy (5 of the
-# LEC test's 500 images); every gain measured was above 1.5 points.
+# LEC test's 500 images); the smallest gain measured was 1.6 points.
 MARGIN = 0.01
 COMMON = ("--test_subset", TEST_IMAGES, "--batch_size", 16, "--seed", 0)
 
@@ -108,9 +108,12 @@ def test_lec_re_estimated_bn_statistics_not_worse_than_running_statistics(real_c
     the same 500 test images. A paired comparison: the model is the same, only the statistics
     differ.
 
-    Measured (re-estimated vs running, percent), seeds 0, 1, 2: MEASURED.
-    With 512 images: seeds 0, 1, 2 at 0.9: 16.2 vs 12.0, 18.8 vs 17.8, 22.4 vs 21.4; at 1.0:
-    23.0 vs 17.0, 20.8 vs 20.6, 23.8 vs 21.8. The margin sits below the smallest gain measured."""
+    Measured (re-estimated vs running statistics, percent) over seeds 0, 1, 2: at 0.9 21.0 vs
+    18.4, 17.0 vs 14.8, 20.2 vs 17.0; at 1.0 23.4 vs 21.2, 20.4 vs 18.8, 21.4 vs 19.8: gains of
+    1.6-3.2 points (about 40 s of CPU for the training run, 17 s for the evaluation). With 512
+    images and 2,048 calibration images (all 512 used) the gains were 1.0-4.2 at 0.9 and
+    0.2-6.0 at 1.0, so the test allows re-estimation to trail by MARGIN (1 point) rather than
+    asking for a gain."""
     save_dir = tmp_path / "run"
     grid = tmp_path / "grid.yaml"
     grid.write_text("eval_param_grid: [0.9, 1.0]\n")
