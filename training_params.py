@@ -95,6 +95,11 @@ class Config:
     max_bits: Optional[int] = _key("int?")
     discrete_alpha_map: Optional[bool] = _key("bool?", None, "alpha drawn from {1/n, ..., 1}")
     beta: Optional[float] = _key("float?", None, "weight of the cos^2 line penalty")
+    # BN statistics at evaluation (structured)
+    bn_calibration_images: Optional[int] = _key("int", None, "training images that re-estimate BN statistics "
+                                                              "before each evaluation (0: off)")
+    lec_test_batch_statistics: Optional[bool] = _key("bool", None, "LEC: normalise each test batch with its own "
+                                                                    "statistics (the original's evaluation)")
     # where and how to run
     data_dir: str = _key("str", "./data")
     imagenet_dir: Optional[str] = _key("str?")
@@ -125,6 +130,8 @@ COMMON_KEYS = {"model", "dataset", "norm", "epochs", "batch_size", "test_freq", 
                "device", "num_workers", "train_subset", "test_subset", "data_pipeline", "amp",
                "channels_last", "compile"}
 WARMUP_SETTINGS = ("unstructured_sparsity", "quantized")
+# Settings whose evaluation may re-estimate BN statistics (--bn_calibration_images).
+CALIBRATION_SETTINGS = ("structured_sparsity",)
 # Keys that only say where or how to run: they may change when resuming or evaluating.
 RUNTIME_KEYS = {"data_dir", "imagenet_dir", "device", "num_workers", "save_dir", "data_pipeline"}
 
@@ -133,6 +140,8 @@ def allowed_keys(setting, method):
     keys = set(COMMON_KEYS) | set(METHODS[setting][method].config_keys)
     if setting in WARMUP_SETTINGS:
         keys |= {"warmup_budget", "num_groups"}
+    if setting in CALIBRATION_SETTINGS:
+        keys.add("bn_calibration_images")
     return keys
 
 
@@ -219,6 +228,16 @@ def _add_common_flags(parser, setting):
     add("--checkpoint", help="checkpoint to evaluate with --eval_only")
     if setting == "structured_sparsity":  # accepted only to be refused with a clear message
         add("--warmup_budget", type=float, help=argparse.SUPPRESS)
+        add("--bn_calibration_images", type=int,
+            help="before each evaluation, re-estimate the BN running statistics of the network as evaluated "
+                 "on this many training images (test transform, seeded subset); 0: off (default: 2048 for lec, "
+                 "0 for the others; BN only)")
+        add("--lec_test_batch_statistics", action="store_true", default=None,
+            help="lec: evaluate with each test batch's own BN statistics, as the original did (transductive; "
+                 "replaces the re-estimation)")
+    else:  # accepted only to be refused with a clear message
+        add("--bn_calibration_images", type=int, help=argparse.SUPPRESS)
+        add("--lec_test_batch_statistics", action="store_true", default=None, help=argparse.SUPPRESS)
 
 
 def build_parser(setting):
@@ -306,6 +325,7 @@ def _apply_setting_flags(layers, args, setting, method):
     def refuse(flag, allowed):
         raise ConfigError(f"--{flag}: not used by --method {method} (only by {allowed})")
 
+    _apply_bn_statistics_flags(layers, args, setting, method, refuse)
     if setting == "structured_sparsity":
         if _flag_given(args, "warmup_budget"):
             raise ConfigError("--warmup_budget: the structured setting has no warmup (only train_unstructured.py "
@@ -369,6 +389,31 @@ def _apply_setting_flags(layers, args, setting, method):
                 layers.set("eval_param_grid", list(range(limits[0], limits[1] + 1)), "--bit_width_limits")
         if _flag_given(args, "eval_bit_widths"):
             layers.set("eval_bit_widths", args.eval_bit_widths, "--eval_bit_widths")
+
+
+def _apply_bn_statistics_flags(layers, args, setting, method, refuse):
+    """--bn_calibration_images and --lec_test_batch_statistics: one way of getting the BN
+    statistics of an evaluation. A flag for one mode switches off the other when that came
+    from a file or default; both given as flags is an error."""
+    given = [flag for flag in ("bn_calibration_images", "lec_test_batch_statistics") if _flag_given(args, flag)]
+    if given and setting not in CALIBRATION_SETTINGS:
+        raise ConfigError(f"--{given[0]}: only train_structured.py re-estimates BN statistics; {setting} networks "
+                          f"are evaluated with their running statistics")
+    if "lec_test_batch_statistics" in given and method != "lec":
+        refuse("lec_test_batch_statistics", "lec")
+    for flag in given:
+        layers.set(flag, getattr(args, flag), f"--{flag}")
+    test_batch = layers.get("lec_test_batch_statistics")
+    images = layers.get("bn_calibration_images")
+    if not test_batch or images == 0:
+        return
+    if "bn_calibration_images" in given and "lec_test_batch_statistics" in given:
+        raise ConfigError(f"--lec_test_batch_statistics: evaluates with test-batch statistics, so it excludes "
+                          f"--bn_calibration_images {images} (give 0 or leave it out)")
+    if "bn_calibration_images" in given:
+        layers.set("lec_test_batch_statistics", False, "--bn_calibration_images")
+    elif images is None or "lec_test_batch_statistics" in given:
+        layers.set("bn_calibration_images", 0, "--lec_test_batch_statistics")
 
 
 def _derive(layers, setting, method):
@@ -447,6 +492,8 @@ def merge(setting, args, base=None, base_source=None):
     _apply_setting_flags(layers, args, setting, method)
     _derive(layers, setting, method)
     config = Config(setting=setting, method=method)
+    if setting in CALIBRATION_SETTINGS:
+        config.bn_calibration_images = 0
     for key, value in METHODS[setting][method].defaults.items():
         setattr(config, key, value)
     if setting in WARMUP_SETTINGS:
@@ -600,6 +647,12 @@ def _check_grid(s, key, grid, low, high, low_open=True, what="grid values"):
 def _validate_structured(c, s):
     _require(c.norm != "GN", s, "norm", "GN is not supported by the structured setting (slimmable layers "
                                          "take IN or BN)")
+    images = c.bn_calibration_images
+    _require(images >= 0, s, "bn_calibration_images", f"must be 0 (off) or a number of training images, got {images}")
+    _require(images == 0 or c.norm == "BN", s, "bn_calibration_images",
+             f"re-estimates BN running statistics, but --norm {c.norm} keeps none (only BN does); use 0")
+    _require(not (c.lec_test_batch_statistics and images), s, "lec_test_batch_statistics",
+             f"evaluates with test-batch statistics, so it excludes bn_calibration_images {images} (set it to 0)")
     if c.method in ("lec", "ns"):
         _require(c.norm == "BN", s, "norm", f"{c.method} needs BN, got {c.norm}")
     if c.method == "lec":
@@ -728,7 +781,8 @@ def _refuse_changes(setting, base, config, eval_only):
     the run. Flags repeating the checkpoint's values are fine."""
     allowed = set(RUNTIME_KEYS)
     if eval_only:
-        allowed |= {"batch_size", "test_subset", "alpha_grid", "eval_param_grid"}
+        allowed |= {"batch_size", "test_subset", "alpha_grid", "eval_param_grid", "bn_calibration_images",
+                    "lec_test_batch_statistics"}
     for key, value in config.to_dict().items():
         # A key the checkpoint lacks (written before the key existed) takes its default.
         if key in allowed or key not in base or base[key] == value:

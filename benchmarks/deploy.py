@@ -45,6 +45,7 @@ def build_parser():
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per model and batch size first")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--round_to", type=int, help="as utils.export --round_to (structured widths)")
+    parser.add_argument("--data_dir", help="as utils.export --data_dir (runs that re-estimated BN statistics)")
     parser.add_argument("--out_dir", help="keep the exported files here (default: a temporary directory)")
     return parser
 
@@ -154,7 +155,7 @@ def check_args(args):
         raise ConfigError(f"--out_dir {args.out_dir}: no such directory")
 
 
-def export_all(payload, config, path, levels, round_to, out_dir, device):
+def export_all(payload, config, path, levels, round_to, out_dir, device, data_dir=None):
     """[(label, loaded model, file size, export header)], the uncompressed model first."""
     quantized = config.setting == "quantized"
     base = uncompressed_level(config)
@@ -162,7 +163,8 @@ def export_all(payload, config, path, levels, round_to, out_dir, device):
     jobs += [(f"{level:g}", level, False, round_to) for level in levels]
     results = []
     for label, level, is_base, rounding in jobs:
-        content = export_model(payload, level, path=path, round_to=rounding, float_weights=is_base and quantized)
+        content = export_model(payload, level, path=path, round_to=rounding, float_weights=is_base and quantized,
+                               data_dir=data_dir)
         file = os.path.join(out_dir, f"export_{'base' if is_base else label}.pt")
         save_export(file, content, inputs=[path], flag="--out_dir")
         results.append((label, load_exported(file, map_location=device), os.path.getsize(file), content))
@@ -201,7 +203,8 @@ def run(args):
     levels = args.levels or [level for level in DEFAULT_LEVELS[config.setting] if valid_level(config, level)]
     load_before = load_average()
     with tempfile.TemporaryDirectory() as scratch:
-        exported = export_all(payload, config, args.checkpoint, levels, args.round_to, args.out_dir or scratch, device)
+        exported = export_all(payload, config, args.checkpoint, levels, args.round_to, args.out_dir or scratch, device,
+                              args.data_dir)
     models = [model for _, model, _, _ in exported]
     input_size = exported[0][3]["input_size"]
     timings = [timed_batch(models, batch, input_size, device, args) for batch in args.batch_sizes]

@@ -216,7 +216,7 @@ class Run:
     # -- evaluation ---------------------------------------------------------------------
     def record_evaluation(self, final=False, eval_only=False, checkpoint=None):
         results = evaluate(self.model, self.method, self.data, self.context, self.progress.global_step,
-                           amp=self.config.amp)
+                           amp=self.config.amp, test_batch_bn=bool(self.config.lec_test_batch_statistics))
         config = self.config
         index = max([row["evaluation"] for row in self.rows], default=-1) + 1
         for result in results:
