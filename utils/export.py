@@ -161,7 +161,7 @@ def _unstructured_level(config, level):
 
 
 def _quantized_level(config, level):
-    low, high = (config.min_bits, config.max_bits) if config.method in ("lcs_l", "lcs_p") else (3, 8)
+    low, high = _quantized_range(config)
     _require_level(float(level).is_integer() and low <= level <= high, config, level,
                    f"integer bit widths in {low}..{high}")
     bits = int(level)
@@ -173,6 +173,21 @@ def _quantized_level(config, level):
     return {"alpha": alpha, "num_bits": bits}, alpha
 
 
+def _structured_range(config):
+    return (0.0, 1.0) if config.method in ("lec", "ns") else tuple(config.width_factor_limits)
+
+
+def _unstructured_range(config):
+    return 0.0, 1.0
+
+
+def _quantized_range(config):
+    return (config.min_bits, config.max_bits) if config.method in ("lcs_l", "lcs_p") else (3, 8)
+
+
+# (lowest, highest) level a checkpoint exports; fractions (0, 1] exclude their lower end.
+LEVEL_RANGES = {"structured_sparsity": _structured_range, "unstructured_sparsity": _unstructured_range,
+                "quantized": _quantized_range}
 LEVEL_RESOLVERS = {"structured_sparsity": _structured_level, "unstructured_sparsity": _unstructured_level,
                    "quantized": _quantized_level}
 
@@ -183,13 +198,14 @@ def resolve_level(config, level):
     return LEVEL_RESOLVERS[config.setting](config, float(level))
 
 
+def level_range(config):
+    """(lowest, highest) level of a checkpoint's method, in its level unit."""
+    return LEVEL_RANGES[config.setting](config)
+
+
 def uncompressed_level(config):
     """The least compressed level of a checkpoint's setting (the benchmark's baseline)."""
-    if config.setting == "structured_sparsity":
-        return 1.0 if config.method in ("ns", "lec") else config.width_factor_limits[1]
-    if config.setting == "unstructured_sparsity":
-        return 1.0
-    return config.max_bits if config.method in ("lcs_l", "lcs_p") else 8
+    return level_range(config)[1]
 
 
 # -- export -----------------------------------------------------------------------------
@@ -305,6 +321,11 @@ def export_model(payload, level, path="checkpoint", round_to=None, float_weights
     `float_weights` (quantized only) stores the quantized weights as float32 values instead of
     packed codes: the same model, stored uncompressed (the benchmark's baseline)."""
     model, config = training_model(payload, path)
+    return export_at(model, config, num_classes_of(payload["model"]), level, round_to, float_weights)
+
+
+def export_at(model, config, num_classes, level, round_to=None, float_weights=False):
+    """export_model for a training-time model already built (its level is changed)."""
     setting = config.setting
     if round_to is not None and (setting != "structured_sparsity" or config.method == "lec"):
         raise ConfigError(f"--round_to {round_to}: only for width-factor exports (structured lcs_l, lcs_p, us, "
@@ -313,7 +334,6 @@ def export_model(payload, level, path="checkpoint", round_to=None, float_weights
         raise ConfigError(f"--round_to {round_to}: must be a positive number of channels")
     levels, alpha = resolve_level(config, level)
     set_level(model, **levels)
-    num_classes = num_classes_of(payload["model"])
     if setting == "structured_sparsity":
         target, state, extra = _export_structured(model, config, num_classes, float(level), round_to)
     elif setting == "unstructured_sparsity":
@@ -342,19 +362,18 @@ def save_export(path, content):
 
 
 # -- load -------------------------------------------------------------------------------
-def read_export(path):
+def read_export(path, file_format=FORMAT, version=VERSION, kind="exported model", command="python -m utils.export"):
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such exported model")
+        raise CheckpointError(f"{path}: no such {kind}")
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many kinds for damaged files
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise CheckpointError(f"{path}: not a readable exported model ({first[:160]})") from None
-    if not isinstance(content, dict) or content.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not an exported model of this project (export it with python -m "
-                              f"utils.export)")
-    if content.get("version") != VERSION:
-        raise CheckpointError(f"{path}: export version {content.get('version')}, this code reads {VERSION}")
+        raise CheckpointError(f"{path}: not a readable {kind} ({first[:160]})") from None
+    if not isinstance(content, dict) or content.get("format") != file_format:
+        raise CheckpointError(f"{path}: not this project's {kind} (write it with {command})")
+    if content.get("version") != version:
+        raise CheckpointError(f"{path}: {kind} version {content.get('version')}, this code reads {version}")
     return content
 
 
@@ -392,7 +411,11 @@ def _stored_state(content):
 
 def load_exported(path, map_location="cpu"):
     """The exported network as a standard nn.Module in eval mode."""
-    content = read_export(path)
+    return build_exported(read_export(path), path, map_location)
+
+
+def build_exported(content, path="export", map_location="cpu"):
+    """The network of an export's content (a dict as export_model returns it)."""
     model = build_model(content["model_name"], _factory(content), content["num_classes"],
                         widths=content["widths"], selected=content["selected"])
     state = _stored_state(content)
