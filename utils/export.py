@@ -464,25 +464,62 @@ def build_parser():
         prog="python -m utils.export",
         description="Write a standalone compressed model at one level of a trained checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="model_final.pt or checkpoint_last.pt of a run")
-    parser.add_argument("--level", required=True, type=float,
+    parser.add_argument("--level", type=float,
                         help="width factor (structured), fraction of channels kept (lec), TopK fraction "
                              "(unstructured) or bit width (quantized)")
+    parser.add_argument("--subspace", action="store_true",
+                        help="write the whole trained subspace instead of one level (load it with "
+                             "deploy.load_subspace and pick the level at run time)")
     parser.add_argument("--out", required=True, help="file to write")
     parser.add_argument("--round_to", type=int, help="round structured widths up to a multiple of this")
+    parser.add_argument("--format", default="pt", choices=("pt", "onnx"),
+                        help="pt (this project's file) or onnx (checked with ONNX Runtime; needs "
+                             "requirements-deploy.txt)")
+    parser.add_argument("--data_dir", help="onnx: check on CIFAR-10 test images from here (default: random images)")
+    parser.add_argument("--check_images", type=int, default=256, help="onnx: images to check the export on")
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.subspace == (args.level is not None):
+        parser.error("give either --level LEVEL (one level) or --subspace (every level)")
+    if args.subspace and (args.format != "pt" or args.round_to):
+        parser.error("--subspace writes a pt file of the trained widths; --format onnx and --round_to take --level")
     try:
+        if args.check_images < 1:
+            raise ConfigError(f"--check_images {args.check_images}: must be at least 1")
         payload = ckpt.load(args.checkpoint)
-        content = export_model(payload, args.level, path=args.checkpoint, round_to=args.round_to)
-        save_export(args.out, content)
+        if args.subspace:
+            from deploy.subspace import describe as describe_subspace, make_subspace, save_subspace
+            content = make_subspace(payload, path=args.checkpoint)
+            save_subspace(args.out, content)
+            lines = [describe_subspace(content, os.path.getsize(args.out))]
+        else:
+            content = export_model(payload, args.level, path=args.checkpoint, round_to=args.round_to)
+            lines = WRITERS[args.format](args, content)
     except UserError as error:
         print(f"utils.export: error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
-    print(describe(content, os.path.getsize(args.out)))
+    print("\n".join(lines))
     print(f"wrote {args.out}")
+
+
+def _write_pt(args, content):
+    save_export(args.out, content)
+    return [describe(content, os.path.getsize(args.out))]
+
+
+def _write_onnx(args, content):
+    from deploy.onnx_export import write_checked
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise ConfigError(f"--out {args.out}: directory {os.path.dirname(os.path.abspath(args.out))} does not exist")
+    lines = write_checked(content, args.out, args.data_dir, args.check_images)
+    return [describe(content, os.path.getsize(args.out)).replace("KiB", "KiB of ONNX", 1)] + lines
+
+
+WRITERS = {"pt": _write_pt, "onnx": _write_onnx}
 
 
 if __name__ == "__main__":
