@@ -109,6 +109,15 @@ class QDQConv2d(nn.Module):
         return self.norm(out) if self.norm is not None else out
 
 
+def without_activation_quantization(model):
+    """A quantized export stored with float weights becomes the plain float network (its ONNX
+    form is the float32 baseline: no QuantizeLinear/DequantizeLinear at all)."""
+    for module in model.modules():
+        if isinstance(module, QuantConv2d):
+            module.act_range_ready.fill_(False)
+    return model
+
+
 def traceable(model, content):
     """The exported network with each quantized conv replaced by its QDQ form (a copy)."""
     codes = weight_codes(content)
@@ -322,6 +331,8 @@ def write_checked(content, path, data_dir=None, count=256):
     require_onnx()
     directory = os.path.dirname(os.path.abspath(path))
     model = build_exported(content, path)
+    if content.get("quantized") and not content["quantized"]["names"]:
+        without_activation_quantization(model)
     images, source = check_images(content, data_dir, count)
     handle, scratch = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
     os.close(handle)

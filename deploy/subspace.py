@@ -92,6 +92,7 @@ class Subspace:
         self.levels = list(content["levels"])
         self.level_range = level_range(self.config)
         self.codes = content["codes"]
+        self.model_input_size = self.config.input_size or 224
         method = METHODS[self.config.setting][self.config.method](self.config, None)
         self.model = build_model(self.config.model, method.layer_factory(), self.num_classes)
         stored = unpack_tensors(content["weights"])

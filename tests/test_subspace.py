@@ -112,3 +112,26 @@ def test_subspace_cli_and_bad_flags(tmp_path, capsys):
         assert exit_info.value.code == 2 and err.count("\n") == 1 and "--level" in err
     with pytest.raises(Exception, match="not this project's subspace artefact"):
         load_subspace(path)
+
+
+def test_training_and_subspaces_need_no_onnx(tmp_path):
+    """With onnx and onnxruntime unimportable, the training scripts and the subspace loader
+    import and run, and --format onnx stops with a one-line error naming the requirements file."""
+    import subprocess
+    import sys
+
+    path, *_ = make_checkpoint(tmp_path, "structured_sparsity", "us")
+    out = tmp_path / "model.lcs.pt"
+    save_subspace(str(out), make_subspace(ckpt.load(path), path))
+    code = ("import sys; sys.modules['onnx'] = sys.modules['onnxruntime'] = None\n"
+            "import torch, train_structured, train_unstructured, train_quantized\n"
+            "from deploy import load_subspace\n"
+            f"print(load_subspace({str(out)!r}).at(0.5)(torch.zeros(1, 3, 32, 32)).shape)\n"
+            "from utils.export import main\n"
+            f"main(['--checkpoint', {path!r}, '--level', '0.5', '--format', 'onnx', '--out', "
+            f"{str(tmp_path / 'm.onnx')!r}])\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "torch.Size([1, 10])" in result.stdout
+    assert result.stderr.count("\n") == 1 and "requirements-deploy.txt" in result.stderr, result.stderr
+    assert not (tmp_path / "m.onnx").exists()
