@@ -88,7 +88,12 @@ class QDQConv2d(nn.Module):
         self.quantized = codes is not None
         self.act = None
         if self.quantized:
-            _, self.w_scale, self.w_zero_point = codes
+            # b-bit weight codes c times 2^(8-b) at scale / 2^(8-b): the same values, exactly, as
+            # int8 codes; the conv bias is stored at input scale x weight scale, so its rounding
+            # is 2^(8-b) times finer (at 4 bits it would otherwise flip a few % of output codes).
+            spread = 2 ** (8 - num_bits)
+            _, scale, zero_point = codes
+            self.w_scale, self.w_zero_point = scale / spread, zero_point * spread
             if bool(layer.act_range_ready):
                 a_scale, a_zero_point = affine_params(layer.act_min, layer.act_max, num_bits)
                 q_min, q_max = grid_limits(num_bits)
