@@ -11,8 +11,10 @@
   integer convolution. A BN norm is folded into the conv (its bias as int32 codes at the
   product of the input and weight scales), so conv -> ReLU -> next conv's QuantizeLinear fuse.
   Bit widths below 8 are int8 codes restricted to the b-bit grid (weights by their codes,
-  activations by a Clip to the b-bit range before QuantizeLinear): the speed of 8 bits, the
-  accuracy of b bits. Activations are uint8 (code + 128), as ONNX Runtime's integer
+  activations by a Clip to the b-bit range before QuantizeLinear): the accuracy of b bits. That
+  Clip stands between a conv's ReLU and the next QuantizeLinear, and ONNX Runtime (1.32) then
+  fuses no conv into an integer one: below 8 bits the graph runs float convolutions of
+  dequantized values. Activations are uint8 (code + 128), as ONNX Runtime's integer
   convolutions take them; their dequantized values are those of the signed b-bit grid.
 
 onnx and onnxruntime are imported here only, when a function needs them
