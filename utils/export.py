@@ -1,6 +1,11 @@
 """Export a trained model at one compression level as a standalone compressed model, and load it.
 
     python -m utils.export --checkpoint RUN/model_final.pt --level 0.5 --out model.pt [--round_to 8]
+    python -m utils.export --checkpoint RUN/model_final.pt --level 8 --format onnx --out model.onnx
+    python -m utils.export --checkpoint RUN/model_final.pt --subspace --out model.lcs.pt
+
+--format onnx and --subspace are written by the deploy package (deploy.onnx_export,
+deploy.subspace); this module keeps the per-level export they build on.
 
 The level is in the unit of the checkpoint's setting: a width factor (structured lcs_l, lcs_p,
 us, ns), the fraction of norm channels kept (structured lec), a TopK fraction (unstructured) or
@@ -516,7 +521,10 @@ def _write_onnx(args, content):
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise ConfigError(f"--out {args.out}: directory {os.path.dirname(os.path.abspath(args.out))} does not exist")
     lines = write_checked(content, args.out, args.data_dir, args.check_images)
-    return [describe(content, os.path.getsize(args.out)).replace("KiB", "KiB of ONNX", 1)] + lines
+    # The .pt storage lines (bitmasks, packed codes) do not describe the ONNX file.
+    summary = [line for line in describe(content, os.path.getsize(args.out)).splitlines()
+               if " stored as " not in line]
+    return [summary[0].replace("KiB", "KiB of ONNX", 1)] + summary[1:] + lines
 
 
 WRITERS = {"pt": _write_pt, "onnx": _write_onnx}
