@@ -21,8 +21,10 @@ onnx and onnxruntime are imported here only, when a function needs them
 (requirements-deploy.txt); training never imports this module.
 """
 
+import copy
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -132,7 +134,6 @@ def traceable(model, content):
                     for name, module in model.named_modules() if isinstance(module, QuantConv2d)}
     if not replacements:
         return model
-    import copy
     traced = copy.deepcopy(model)
     for name, replacement in replacements.items():
         parent_name, _, child = name.rpartition(".")
@@ -163,7 +164,7 @@ def store_integer_weights(model):
     becomes an int8 initializer of its codes, and the float bias of a conv whose input and
     weight are both dequantized becomes int32 codes at scale input scale x weight scale
     (ONNX Runtime fuses a conv into an integer conv only when all its inputs are dequantized)."""
-    from onnx import helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
     initializers = {tensor.name: tensor for tensor in graph.initializer}
@@ -187,7 +188,7 @@ def store_integer_weights(model):
         codes = numpy_helper.from_array(
             ((weight / scale).round() + zero_point.astype("int32")).clip(-128, 127).astype(zero_point.dtype),
             weight_q.input[0] + "_int8")
-        assert codes.data_type == onnx_int8(), "weight codes must be int8"
+        assert codes.data_type == TensorProto.INT8, "weight codes must be int8"
         graph.initializer.append(codes)
         weight_dq.input[0] = codes.name
         removed += [weight_q, initializers.pop(weight_q.input[0])]
@@ -199,7 +200,7 @@ def store_integer_weights(model):
             graph.initializer.extend([
                 numpy_helper.from_array((bias / bias_scale).round().astype("int32"), stem + "_int32"),
                 numpy_helper.from_array(bias_scale, stem + "_scale"),
-                numpy_helper.from_array(bias_scale.astype("int32") * 0, stem + "_zero_point")])
+                numpy_helper.from_array(np.zeros_like(bias_scale, dtype=np.int32), stem + "_zero_point")])
             graph.node.append(helper.make_node("DequantizeLinear", [stem + "_int32", stem + "_scale",
                                                                     stem + "_zero_point"], [stem + "_dequantized"]))
             removed.append(initializers.pop(stem))
@@ -207,11 +208,6 @@ def store_integer_weights(model):
     for item in removed:
         (graph.node if hasattr(item, "op_type") else graph.initializer).remove(item)
     sort_topologically(graph)
-
-
-def onnx_int8():
-    from onnx import TensorProto
-    return TensorProto.INT8
 
 
 def sort_topologically(graph):
