@@ -16,14 +16,22 @@ machinery (no optimiser, RNG states or counters):
   weights (both endpoints for LCS+L);
 * quantized: each quantized conv as integer codes per bit width when all bit widths' codes
   together take fewer bits than its float weights (LCS+L: 3+4+...+8 = 33 bits per weight
-  instead of 2 x 32 for the endpoints), else its float weights.
+  instead of 2 x 32 for the endpoints), else its float weights;
+* runs whose evaluations re-estimated BN statistics (`bn_calibration_images` > 0: LEC by
+  default): the re-estimated statistics of every level of the run's evaluation grid, computed
+  at export on the run's training images (`--data_dir`), as the per-level export computes them.
+  Such a subspace gives only those levels: another level would need training images on the
+  device.
 
 `sub.at(level)` resolves the level as the per-level export does. The training-time network
 is built once at load; a slimmable one (structured width factors) serves every level in place,
 so a switch copies nothing. For the other methods `at` builds the network the per-level export
 would hold (LEC slimmed, TopK-masked weights, quantized weights decoded from their codes).
-Either way the logits equal those of the training-time model at that level.
+Either way the logits equal those of the training-time model at that level. With stored BN
+statistics `at` builds the level's network and loads that level's statistics into it.
 """
+
+import dataclasses
 
 import torch.nn as nn
 
@@ -34,6 +42,8 @@ from training_params import Config
 from utils.errors import CheckpointError, ConfigError
 from utils.export import (build_exported, export_at, level_range, num_classes_of, pack_tensors, read_export,
                           resolve_level, save_export, training_model, unpack_tensors)
+
+BN_STATISTICS = ("running_mean", "running_var")
 
 FORMAT = "lcs-subspace"
 VERSION = 1
@@ -65,17 +75,34 @@ def _quantized_codes(model, config, num_classes, state):
 CODE_STORAGE = {"quantized": _quantized_codes}
 
 
-def make_subspace(payload, path="checkpoint"):
-    """The subspace artefact (a dict of plain data) of a checkpoint payload."""
+def calibrated(config):
+    """Whether the per-level export of `config`'s run re-estimates BN statistics."""
+    return config.setting == "structured_sparsity" and bool(config.bn_calibration_images)
+
+
+def _bn_statistics(model, config, num_classes, levels, data_dir):
+    """Per level, the BN statistics its per-level export re-estimates (packed), in `levels` order."""
+    statistics = []
+    for level in levels:
+        state = unpack_tensors(export_at(model, config, num_classes, level, data_dir=data_dir)["dense"])
+        statistics.append(pack_tensors({key: value for key, value in state.items()
+                                        if key.rsplit(".", 1)[-1] in BN_STATISTICS}))
+    return statistics
+
+
+def make_subspace(payload, path="checkpoint", data_dir=None):
+    """The subspace artefact (a dict of plain data) of a checkpoint payload. A run that
+    re-estimated BN statistics at evaluation needs its training images in `data_dir`."""
     model, config = training_model(payload, path)
     num_classes = num_classes_of(payload["model"])
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     store_codes = CODE_STORAGE.get(config.setting)
     codes = store_codes(model, config, num_classes, state) if store_codes else None
     method = METHODS[config.setting][config.method](config, None)
+    levels = [point.level for point in method.eval_points()]
+    statistics = _bn_statistics(model, config, num_classes, levels, data_dir) if calibrated(config) else None
     return {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "num_classes": num_classes,
-            "levels": [point.level for point in method.eval_points()], "weights": pack_tensors(state),
-            "codes": codes}
+            "levels": levels, "weights": pack_tensors(state), "codes": codes, "bn_statistics": statistics}
 
 
 def save_subspace(path, content):
@@ -92,6 +119,7 @@ class Subspace:
         self.levels = list(content["levels"])
         self.level_range = level_range(self.config)
         self.codes = content["codes"]
+        self.bn_statistics = content.get("bn_statistics")
         self.model_input_size = self.config.input_size or 224
         method = METHODS[self.config.setting][self.config.method](self.config, None)
         self.model = build_model(self.config.model, method.layer_factory(), self.num_classes)
@@ -105,22 +133,41 @@ class Subspace:
         self.model.eval()
         self.in_place = any(isinstance(module, SlimConv2d) for module in self.model.modules())
 
+    def stored_level(self, level):
+        """The index of `level` among the levels whose BN statistics are stored; ConfigError
+        naming those levels for any other."""
+        for index, stored in enumerate(self.levels):
+            if abs(float(level) - stored) <= 1e-9:
+                return index
+        raise ConfigError(f"{self.path}: level {level:g} is not stored; this run evaluated with BN statistics "
+                          f"re-estimated per level, and the subspace holds them for levels "
+                          f"{', '.join(f'{stored:g}' for stored in self.levels)} only")
+
     def content_at(self, level):
-        """The per-level export content (as utils.export writes it) of `level`."""
+        """The per-level export content (as utils.export writes it) of `level`; with stored BN
+        statistics, those of the level (the re-estimation itself needs training images)."""
+        config = self.config
+        if self.bn_statistics:
+            index = self.stored_level(level)
+            config = dataclasses.replace(config, bn_calibration_images=0)
         try:
-            content = export_at(self.model, self.config, self.num_classes, level)
+            content = export_at(self.model, config, self.num_classes, level)
         except ConfigError as error:
             raise ConfigError(f"{self.path}: {error}") from None
         if self.codes:
             content["quantized"] = self.codes[int(level)]
+        if self.bn_statistics:
+            state = unpack_tensors(content["dense"])
+            state.update(unpack_tensors(self.bn_statistics[index]))
+            content["dense"] = pack_tensors(state)
         return content
 
     def at(self, level):
         """The network at `level`, an nn.Module in eval mode. A slimmable network (structured
         width factors) is shared by all levels: the module returned sets its level before each
         forward, so a switch copies nothing. Other methods get the level's compressed network
-        built (as the per-level export would be)."""
-        if self.in_place:
+        built (as the per-level export would be), as do levels with stored BN statistics."""
+        if self.in_place and not self.bn_statistics:
             try:
                 levels, _ = resolve_level(self.config, level)
             except ConfigError as error:
@@ -151,5 +198,7 @@ def load_subspace(path):
 def describe(content, size_bytes):
     config = content["config"]
     stored = f"codes for {len(content['codes'])} bit widths" if content["codes"] else "float weights"
+    if content.get("bn_statistics"):
+        stored += ", BN statistics re-estimated per level"
     return (f"{config['setting']}/{config['method']} {config['model']}: subspace with {stored}, "
             f"{size_bytes / 1024:.1f} KiB; levels {', '.join(f'{level:g}' for level in content['levels'])}")

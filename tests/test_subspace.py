@@ -12,13 +12,13 @@ import torch
 from deploy import load_subspace, make_subspace, save_subspace
 from models.layers import QuantConv2d
 from utils import checkpoint as ckpt
-from utils.export import export_model, main
+from utils.export import build_exported, export_model, main
 from test_export import CASES, inputs, make_checkpoint, training_time_logits
 
 # Three levels for each setting and LEC; quantized LCS+L stores codes, target_bit_width floats.
 SUBSPACE_CASES = [
     ("structured_sparsity", "lcs_l", (), (1.0, 0.6, 0.25)),
-    ("structured_sparsity", "lec", (), (0.9, 0.6, 0.3)),
+    ("structured_sparsity", "lec", ("--bn_calibration_images", "0"), (0.9, 0.6, 0.3)),
     ("unstructured_sparsity", "lcs_l", (), (1.0, 0.3, 0.05)),
     ("quantized", "lcs_l", (), (8, 5, 3)),
     ("quantized", "target_bit_width", (), (7, 5, 3)),
@@ -96,6 +96,33 @@ def test_subspace_levels_outside_the_range_are_one_line_errors(tmp_path, setting
     with pytest.raises(Exception) as error:
         load_subspace(out).at(level)
     assert message in str(error.value) and out in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("method,levels", [("us", (0.75, 0.25)), ("lec", (0.9, 0.5))])
+def test_calibrated_subspace_equals_the_calibrated_per_level_export(tmp_path, tiny_cifar, capsys, method, levels):
+    """A run whose evaluations re-estimated BN statistics: the subspace stores them per level of
+    the run's grid (computed from --data_dir at export) and gives those levels only."""
+    flags = ("--data_dir", tiny_cifar, "--bn_calibration_images", "24", "--batch_size", "10", "--norm", "BN")
+    path, *_ = make_checkpoint(tmp_path, "structured_sparsity", method, flags)
+    out = str(tmp_path / "model.lcs.pt")
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", path, "--subspace", "--out", out])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--data_dir" in err and not os.path.exists(out)
+    main(["--checkpoint", path, "--subspace", "--out", out, "--data_dir", tiny_cifar])
+    assert "BN statistics re-estimated per level" in capsys.readouterr().out
+    sub = load_subspace(out)
+    x = inputs()
+    payload = ckpt.load(path)
+    for level in levels:
+        expected = build_exported(export_model(payload, level, data_dir=tiny_cifar))
+        with torch.no_grad():
+            assert (sub.at(level)(x) - expected(x)).abs().max() <= 1e-5, level
+    with pytest.raises(Exception) as error:
+        sub.at(0.4 if method == "lec" else 0.3)
+    message = str(error.value)
+    held = ", ".join(f"{level:g}" for level in sub.levels)
+    assert "is not stored" in message and f"levels {held} only" in message and "\n" not in message
 
 
 def test_subspace_cli_and_bad_flags(tmp_path, capsys):

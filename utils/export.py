@@ -542,7 +542,7 @@ def main(argv=None):
         payload = ckpt.load(args.checkpoint)
         if args.subspace:
             from deploy.subspace import describe as describe_subspace, make_subspace, save_subspace
-            content = make_subspace(payload, path=args.checkpoint)
+            content = make_subspace(payload, path=args.checkpoint, data_dir=args.data_dir)
             save_subspace(args.out, content)
             lines = [describe_subspace(content, os.path.getsize(args.out))]
         else:
