@@ -11,7 +11,7 @@ and the median latency at each batch size, each with its ratio uncompressed / th
 (higher = smaller or faster). Latencies are timed round-robin over all models, one call each
 per round after a warm-up, so that load from other processes spreads over all of them.
 
-With --runtime onnxruntime every model is exported to ONNX (quantized levels as QDQ graphs),
+With --runtime onnxruntime every model is exported to ONNX (quantized levels as integer convs),
 checked against the torch model, and timed in ONNX Runtime on the CPU with --threads intra-op
 threads; the file column is then the ONNX file, and ratios compare with the uncompressed model
 in ONNX Runtime. Both runtimes also report the subspace artefact (deploy.subspace): its size
