@@ -4,7 +4,7 @@
                                 [--device cpu|cuda] [--repeats 20] [--batch_sizes 1,64]
 
 Every level, and the uncompressed model (width 1.0 / TopK 1.0 / the same network with float32
-weights), is exported with utils.export, written to a file and loaded back. The table gives, per
+weights), is exported with deploy.export, written to a file and loaded back. The table gives, per
 level: nonzero parameters, MACs for one image (FlopCounterMode on the loaded model), file size
 and the median latency at each batch size, each with its ratio uncompressed / this level
 (higher = smaller or faster). Latencies are timed round-robin over all models, one call each
@@ -26,13 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from utils.errors import UsageParser, number_list  # noqa: E402
 from utils import checkpoint as ckpt  # noqa: E402
 from utils.errors import ConfigError, UserError  # noqa: E402
-from utils.export import (checkpoint_config, export_model, load_exported, resolve_level,  # noqa: E402
-                          save_export, uncompressed_level)
-
-# The uncompressed model is always measured first; these are the levels compared with it.
-DEFAULT_LEVELS = {"structured_sparsity": (0.75, 0.5, 0.25),
-                  "unstructured_sparsity": (0.5, 0.25, 0.1, 0.05),
-                  "quantized": (8, 7, 6, 5, 4, 3)}
+from deploy.export import (EXPORTERS, checkpoint_method, export_model, load_exported,  # noqa: E402
+                           resolve_level, save_export, uncompressed_level)
 
 
 def build_parser():
@@ -44,7 +39,7 @@ def build_parser():
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per model and batch size")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per model and batch size first")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
-    parser.add_argument("--round_to", type=int, help="as utils.export --round_to (structured widths)")
+    parser.add_argument("--round_to", type=int, help="as deploy.export --round_to (structured widths)")
     parser.add_argument("--out_dir", help="keep the exported files here (default: a temporary directory)")
     return parser
 
@@ -109,9 +104,9 @@ def latencies_ms(models, batch_size, input_size, device, warmup, repeats):
     return [(1000 * statistics.median(w), 1000 * statistics.median(c)) for w, c in zip(wall, cpu)]
 
 
-def valid_level(config, level):
+def valid_level(method, level):
     try:
-        resolve_level(config, level)
+        resolve_level(method, level)
     except ConfigError:
         return False
     return True
@@ -132,10 +127,11 @@ def check_args(args):
         raise ConfigError(f"--out_dir {args.out_dir}: no such directory")
 
 
-def export_all(payload, config, path, levels, round_to, out_dir, device):
-    """[(label, loaded model, file size, export header)], the uncompressed model first."""
-    quantized = config.setting == "quantized"
-    base = uncompressed_level(config)
+def export_all(payload, method, path, levels, round_to, out_dir, device):
+    """[(label, loaded model, file size, export header)], the uncompressed model first (for
+    integer codes: the same model with float32 weights)."""
+    quantized = EXPORTERS[method.export_format].stores_codes
+    base = uncompressed_level(method)
     jobs = [("float32" if quantized else "uncompressed", base, True, None)]
     jobs += [(f"{level:g}", level, False, round_to) for level in levels]
     results = []
@@ -175,11 +171,13 @@ def run(args):
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     payload = ckpt.load(args.checkpoint)
-    config = checkpoint_config(payload, args.checkpoint)
-    levels = args.levels or [level for level in DEFAULT_LEVELS[config.setting] if valid_level(config, level)]
+    method = checkpoint_method(payload, args.checkpoint)
+    config = method.config
+    # The uncompressed model is always measured first; these are the levels compared with it.
+    levels = args.levels or [level for level in method.deploy_levels if valid_level(method, level)]
     load_before = load_average()
     with tempfile.TemporaryDirectory() as scratch:
-        exported = export_all(payload, config, args.checkpoint, levels, args.round_to, args.out_dir or scratch, device)
+        exported = export_all(payload, method, args.checkpoint, levels, args.round_to, args.out_dir or scratch, device)
     models = [model for _, model, _, _ in exported]
     input_size = exported[0][3]["input_size"]
     timings = [latencies_ms(models, batch, input_size, device, args.warmup, args.repeats)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import training_params
-from utils import train
+from engine import train
 
 
 def run_script(setting, *args):

@@ -356,20 +356,22 @@ def _checkpoints(tiny_cifar, root):
     import training_params
     from utils import checkpoint as ckpt
     from utils.distributed import Context
-    from utils.train import Run
+    from engine import run_dir
+    from engine.train import Run
 
     def written_run(setting, flags, save_dir):
         config, options = training_params.parse(setting, ["--data_dir", tiny_cifar, "--batch_size", "16",
                                                           "--train_subset", "16", "--test_subset", "10",
                                                           "--save_dir", save_dir] + flags)
         state = Run(config, options, Context())
-        state.prepare_run_dir()
+        run_dir.prepare(config.save_dir, config, options.overwrite)
         state.save_checkpoint()
         return state
 
-    run_dir = str(root / "run")
-    state = written_run("structured_sparsity", ["--method", "us"], run_dir)
-    p = {"run": run_dir, "ckpt_last": os.path.join(run_dir, ckpt.LAST), "ckpt_final": os.path.join(run_dir, ckpt.FINAL)}
+    directory = str(root / "run")
+    state = written_run("structured_sparsity", ["--method", "us"], directory)
+    p = {"run": directory, "ckpt_last": os.path.join(directory, ckpt.LAST),
+         "ckpt_final": os.path.join(directory, ckpt.FINAL)}
     ckpt.save(p["ckpt_final"], state.payload(kind="model"))
     with open(p["ckpt_last"], "rb") as handle:
         data = handle.read()

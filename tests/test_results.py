@@ -1,5 +1,5 @@
 """Run outputs: results.csv and the accuracy-vs-compression plot after every evaluation, the
-table printed at the end of training, and the compare tool (`python -m utils.compare`)."""
+table printed at the end of training, and the compare tool (`python compare_runs.py`)."""
 
 import contextlib
 import csv
@@ -12,7 +12,9 @@ import sys
 import pytest
 
 from inprocess import one_thread, read_rows, run_script, single_thread  # noqa: F401
-from utils import compare, metrics, train
+import compare_runs as compare
+from engine import train
+from utils import metrics
 from utils.metrics import format_table, latest_results, update_outputs, write_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,7 +145,7 @@ def test_compare_two_run_directories(two_runs, tmp_path):
     root, _, _ = two_runs
     out = tmp_path / "figures" / "compare.png"
     out.parent.mkdir()
-    result = subprocess.run([sys.executable, "-m", "utils.compare", str(root / "lcs_l"), str(root / "lcs_p"),
+    result = subprocess.run([sys.executable, "compare_runs.py", str(root / "lcs_l"), str(root / "lcs_p"),
                              "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr

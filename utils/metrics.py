@@ -26,6 +26,23 @@ AXIS_SCALES = {"topk": "log"}
 LOG_TICKS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
+def evaluation_rows(results, index, epoch, step, config, level_name, final=False, eval_only=False,
+                    checkpoint=None):
+    """The metrics rows of one evaluation (one per level): where the run stood, what was
+    trained, then the evaluation's results."""
+    rows = []
+    for result in results:
+        row = {"evaluation": index, "epoch": epoch, "step": step, "setting": config.setting,
+               "method": config.method, "model": config.model, "dataset": config.dataset, "norm": config.norm,
+               "level_name": level_name, **result, "final": final, "eval_only": eval_only}
+        if eval_only:
+            row["checkpoint"] = os.path.abspath(checkpoint)
+        row.setdefault("sparsity", None)
+        row.setdefault("num_bits", None)
+        rows.append(row)
+    return rows
+
+
 def read_rows(path):
     """The rows of a metrics.jsonl file ([] if there is none); DataError naming the line of a
     damaged one."""
@@ -165,7 +182,8 @@ def format_table(rows):
     sparsity or whether activations were quantized."""
     if not rows:
         return ""
-    extra = "act_quant" if rows[0]["setting"] == "quantized" else "sparsity"
+    # Sparsity for the sparsity settings; for quantized models, whether activations were quantized.
+    extra = "act_quant" if rows[0].get("act_quant") is not None else "sparsity"
     has_alpha = any(row.get("alpha") is not None for row in rows)
     header = [rows[0]["level_name"]] + (["alpha"] if has_alpha else []) + ["accuracy", "loss", extra]
     lines = []

@@ -15,7 +15,6 @@ is preempted cleanly by SIGTERM / Ctrl-C, and runs under torchrun with DDP.
 import contextlib
 import os
 import random
-import shlex
 import signal
 import sys
 import threading
@@ -25,30 +24,18 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 from data import build_data
+from engine import run_dir
+from engine.evaluate import autocast, evaluate
 from methods import METHODS
 from methods.levels import cosine_lr, warmup_iterations
 from models import build_model
-from training_params import SCRIPTS
 from utils import checkpoint as ckpt
 from utils.distributed import any_process, barrier, setup, teardown
 from utils.errors import CheckpointError, ConfigError, TrainingError
-from utils.evaluate import autocast, evaluate
-from utils.metrics import METRICS, PLOT, RESULTS, format_table, latest_results, read_rows, update_outputs
+from utils.metrics import METRICS, evaluation_rows, format_table, latest_results, read_rows, update_outputs
 
-CONFIG_FILE = "config.yaml"
-# The files of a run, as the end-of-run summary describes them.
-FILE_DESCRIPTIONS = {
-    CONFIG_FILE: "the resolved config",
-    METRICS: "every evaluation, one JSON object per level",
-    RESULTS: "the table above",
-    PLOT: "accuracy against compression level",
-    ckpt.LAST: "training checkpoint (--resume)",
-    ckpt.FINAL: "the trained model (--eval_only --checkpoint)",
-}
-RUN_FILES = tuple(FILE_DESCRIPTIONS)
 EXIT_INTERRUPTED = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
 
@@ -92,14 +79,6 @@ class StopFlag:
             signal.signal(signum, handler)
 
 
-def check_run_dir(save_dir, options):
-    """Refuse to train over an existing run unless told to resume or overwrite it."""
-    existing = [name for name in RUN_FILES if os.path.exists(os.path.join(save_dir, name))]
-    if existing and not (options.resume or options.overwrite or options.eval_only):
-        raise ConfigError(f"--save_dir {save_dir}: already holds a run ({', '.join(existing)}); "
-                          f"pass --resume to continue it or --overwrite to replace it")
-
-
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -122,7 +101,7 @@ class Run:
         self.rows = []
         seed_everything(config.seed)
         self.data = build_data(config, self.device, context.rank, context.world_size)
-        budget = config.warmup_budget
+        budget = config.get("warmup_budget")
         warmup = warmup_iterations(budget, config.epochs, self.data.num_train, config.batch_size) if budget else None
         self.method = METHODS[config.setting][config.method](config, warmup)
         if config.compile:
@@ -134,37 +113,20 @@ class Run:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.learning_rate,
                                          momentum=config.momentum, weight_decay=config.weight_decay)
-        configure_backends(config, self.device)
-
-    # -- run directory ------------------------------------------------------------------
-    def prepare_run_dir(self):
-        if not self.context.is_main:
-            return
-        os.makedirs(self.save_dir, exist_ok=True)
-        if self.options.overwrite:
-            for name in RUN_FILES:
-                path = os.path.join(self.save_dir, name)
-                if os.path.exists(path):
-                    os.remove(path)
-        text = yaml.safe_dump(self.config.to_dict(), sort_keys=False, default_flow_style=None)
-        ckpt.write_text(os.path.join(self.save_dir, CONFIG_FILE), text)
+        configure_backends(self.method, self.device)
 
     # -- checkpoints --------------------------------------------------------------------
     def payload(self, kind="training"):
-        payload = {"format": ckpt.FORMAT, "kind": kind, "setting": self.config.setting,
-                   "method": self.config.method, "model_name": self.config.model,
-                   "config": self.config.to_dict(), "model": self.model.state_dict(),
-                   "epoch": self.progress.epoch, "global_step": self.progress.global_step,
-                   "warmup_iterations": self.method.warmup_iterations}
-        if kind == "training":
-            payload.update({"optimizer": self.optimizer.state_dict(), "progress": asdict(self.progress),
-                            "rng": ckpt.rng_state(self.generator)})
-        return payload
+        training = kind == "training"
+        return ckpt.make_payload(kind, self.config, self.model, self.progress.epoch, self.progress.global_step,
+                                 self.method.warmup_iterations, optimizer=self.optimizer,
+                                 progress=asdict(self.progress) if training else None,
+                                 rng=ckpt.rng_state(self.generator) if training else None)
 
     def save_checkpoint(self):
         check_finite_weights(self.model, self.progress, self.config)
         if self.context.is_main:
-            ckpt.save(os.path.join(self.save_dir, ckpt.LAST), self.payload())
+            ckpt.save(run_dir.path(self.save_dir, run_dir.LAST), self.payload())
         barrier(self.context)
 
     def load_model_state(self, payload, path):
@@ -179,7 +141,7 @@ class Run:
         payload = ckpt.load(path, map_location=self.device)
         if payload.get("kind") != "training":
             raise CheckpointError(f"{path}: a final model, not a training checkpoint (resume needs "
-                                  f"{ckpt.LAST})")
+                                  f"{run_dir.LAST})")
         self.load_model_state(payload, path)
         self.optimizer.load_state_dict(payload["optimizer"])
         self.progress = Progress(**payload["progress"])
@@ -200,17 +162,9 @@ class Run:
     def record_evaluation(self, final=False, eval_only=False, checkpoint=None):
         results = evaluate(self.model, self.method, self.data, self.context, self.progress.global_step,
                            amp=self.config.amp)
-        config = self.config
         index = max([row["evaluation"] for row in self.rows], default=-1) + 1
-        for result in results:
-            row = {"evaluation": index, "epoch": self.progress.epoch, "step": self.progress.global_step,
-                   "setting": config.setting, "method": config.method, "model": config.model,
-                   "dataset": config.dataset, "norm": config.norm, "level_name": self.method.level_name,
-                   **result, "final": final, "eval_only": eval_only}
-            if eval_only:
-                row["checkpoint"] = os.path.abspath(checkpoint)
-            row.setdefault("sparsity", None)
-            row.setdefault("num_bits", None)
+        for row in evaluation_rows(results, index, self.progress.epoch, self.progress.global_step, self.config,
+                                   self.method.level_name, final, eval_only, checkpoint):
             self.rows.append(row)
             _log(self.context, _describe(row))
         self.progress.evaluations = index + 1
@@ -266,7 +220,7 @@ class Run:
             progress.finished = True
             check_finite_weights(self.model, progress, config)
             if self.context.is_main:
-                ckpt.save(os.path.join(self.save_dir, ckpt.FINAL), self.payload(kind="model"))
+                ckpt.save(run_dir.path(self.save_dir, run_dir.FINAL), self.payload(kind="model"))
             self.save_checkpoint()
         self.print_summary("Final evaluation")
         return 0
@@ -306,19 +260,14 @@ class Run:
         rows = latest_results(self.rows)
         print(f"\n{title} ({self.config.setting}, {self.config.method}, {self.config.model}, epoch "
               f"{self.progress.epoch}):\n{format_table(rows)}")
-        files = [(name, about) for name, about in FILE_DESCRIPTIONS.items()
-                 if os.path.exists(os.path.join(self.save_dir, name))]
-        width = max(len(name) for name, _ in files)
-        print(f"Files in {self.save_dir}:\n" + "\n".join(f"  {name:<{width}}  {about}" for name, about in files),
-              flush=True)
+        print(run_dir.describe_files(self.save_dir), flush=True)
 
 
-def configure_backends(config, device):
-    """cuDNN autotuning times every kernel for each new input shape. Slimmable networks meet
-    new shapes with almost every drawn width (and LEC with every slimmed network), so for
-    the structured setting it stays off: no stall on new widths, cuDNN's heuristics instead."""
+def configure_backends(method, device):
+    """cuDNN autotuning times every kernel for each new input shape; the method says whether
+    its networks keep their shapes (see Method.cudnn_benchmark)."""
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = config.setting != "structured_sparsity"
+        torch.backends.cudnn.benchmark = method.cudnn_benchmark
 
 
 def check_compile_support(method, config):
@@ -397,25 +346,15 @@ def _describe(row):
     return text
 
 
-def resume_command(config, environ=os.environ):
-    """The command that continues this run; under torchrun, with a torchrun prefix."""
-    command = f"{SCRIPTS[config.setting]} --save_dir {shlex.quote(config.save_dir)} --resume"
-    world_size = int(environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return f"python {command}"
-    local = int(environ.get("LOCAL_WORLD_SIZE", world_size))
-    if local == world_size:
-        return f"torchrun --standalone --nproc_per_node={local} {command}"
-    return f"torchrun <this run's torchrun options, on every node> {command}"
-
-
 def interrupted_message(signum, progress, steps_per_epoch, config):
+    script = METHODS[config.setting][config.method].script
     if progress.step_in_epoch:
         where = f"in epoch {progress.epoch + 1}/{config.epochs} after step {progress.step_in_epoch}/{steps_per_epoch}"
     else:
         where = f"after epoch {progress.epoch}/{config.epochs}"
     return (f"Interrupted by {signal.Signals(signum).name} {where}; saved "
-            f"{os.path.join(config.save_dir, ckpt.LAST)}.\nResume with: {resume_command(config)}")
+            f"{run_dir.path(config.save_dir, run_dir.LAST)}.\nResume with: "
+            f"{run_dir.resume_command(script, config.save_dir)}")
 
 
 class LossMonitor:
@@ -438,7 +377,7 @@ class LossMonitor:
             raise TrainingError(
                 f"non-finite loss ({values[first].item()}) at epoch {epoch}, step {step} "
                 f"(levels: {_levels_text(levels)}); training stopped, the last good checkpoint is "
-                f"{os.path.join(config.save_dir, ckpt.LAST)}; try a lower --learning_rate "
+                f"{run_dir.path(config.save_dir, run_dir.LAST)}; try a lower --learning_rate "
                 f"(now {config.learning_rate})")
         self.pending = []
         return values.mean().item()
@@ -455,13 +394,13 @@ def check_finite_weights(model, progress, config):
     raise TrainingError(
         f"non-finite weights ({name}) after {progress.global_step} training steps (before epoch {progress.epoch}, "
         f"step {progress.step_in_epoch}); training stopped without saving them, the last good checkpoint is "
-        f"{os.path.join(config.save_dir, ckpt.LAST)}; try a lower --learning_rate (now {config.learning_rate})")
+        f"{run_dir.path(config.save_dir, run_dir.LAST)}; try a lower --learning_rate (now {config.learning_rate})")
 
 
 def _levels_text(levels):
     def short(value):
         return f"{value:.4g}" if isinstance(value, float) else str(value)
-    return "; ".join(", ".join(f"{k}={short(v)}" for k, v in level.items()) or "-" for level in levels)
+    return "; ".join(", ".join(f"{name}={short(value)}" for name, value in level.items()) or "-" for level in levels)
 
 
 class EpochLog:
@@ -511,7 +450,7 @@ def run(config, options):
     """Train (or evaluate) as the config and options say; returns the exit status."""
     context = setup(config.device)
     try:
-        check_run_dir(config.save_dir, options)
+        run_dir.check_free(config.save_dir, options)
         # --device auto falls back to the CPU without CUDA; --amp there is bfloat16 on the CPU,
         # fast only with bfloat16 units: say so.
         amp_note = (" (--amp on the CPU: bfloat16 autocast, faster than fp32 only on CPUs with bfloat16 "
@@ -522,7 +461,8 @@ def run(config, options):
             return state.evaluate_only(options.checkpoint)
         if options.resume:
             state.resume(options.resume)
-        state.prepare_run_dir()
+        if context.is_main:
+            run_dir.prepare(config.save_dir, config, options.overwrite)
         return state.train()
     finally:
         teardown(context)

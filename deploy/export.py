@@ -1,10 +1,12 @@
 """Export a trained model at one compression level as a standalone compressed model, and load it.
 
-    python -m utils.export --checkpoint RUN/model_final.pt --level 0.5 --out model.pt [--round_to 8]
+    python -m deploy.export --checkpoint RUN/model_final.pt --level 0.5 --out model.pt [--round_to 8]
 
-The level is in the unit of the checkpoint's setting: a width factor (structured lcs_l, lcs_p,
-us, ns), the fraction of norm channels kept (structured lec), a TopK fraction (unstructured) or
-a bit width (quantized). LCS+L models take their alpha from the level.
+The level is in the unit of the checkpoint's method (Method.level_name): a width factor
+(structured), the fraction of norm channels kept (structured lec), a TopK fraction
+(unstructured) or a bit width (quantized); the method checks its range and maps it to the
+layers' Level (LCS+L models take their alpha from it). The method's `export_format` picks how
+the compressed model is stored (EXPORTERS below).
 
 What the file holds (a torch.save'd dict of plain data, readable with weights_only=True):
 
@@ -16,8 +18,8 @@ What the file holds (a torch.save'd dict of plain data, readable with weights_on
 * quantized: the body conv weights (after the BN fold) as integer codes bit-packed at b bits
   with their per-tensor scale and zero point, and the recorded activation ranges.
 
-Tensors of one kind are concatenated into one flat buffer (with their names and shapes):
-torch.save spends about 270 bytes on every stored tensor, some 15 % of a 4-bit cPreResNet20.
+Tensors of one kind are concatenated into one flat buffer (deploy/packing.py): torch.save
+spends about 270 bytes on every stored tensor, some 15 % of a 4-bit cPreResNet20.
 
 `load_exported(path)` rebuilds the network with the standard layers (`build_model` with the
 channel spec; quantized convs that use their stored weights as they are) and returns it in
@@ -27,65 +29,24 @@ eval mode; its outputs equal those of the training-time model evaluated at that 
 import math
 import os
 import sys
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from methods import METHODS
-from methods.levels import alpha_to_bits, bits_to_alpha, width_to_alpha
+from deploy.packing import concat, pack_bits, pack_tensors, unpack_bits, unpack_tensors
+from methods import METHODS, config_from_dict
 from models import build_model, channel_spec
 from models.factory import dense_factory, frozen_quant_factory
-from models.layers import (ChannelSelection, LineMixin, QuantConv2d, TopKConv2d, quant_layers,
-                           set_level)
+from models.layers import ChannelSelection, LineMixin, QuantConv2d, TopKConv2d, set_level
 from models.quant import dequantize, grid_limits, quantize_tensor_to_int
 from models.slimming import lec_slim
-from training_params import Config
 from utils import checkpoint as ckpt
 from utils.errors import CheckpointError, ConfigError, UsageParser, UserError
 
 FORMAT = "lcs-export"
 VERSION = 1
 ACT_BUFFERS = ("act_min", "act_max", "act_range_ready")
-LEVEL_NAMES = {"structured_sparsity": "width_factor", "unstructured_sparsity": "topk", "quantized": "num_bits"}
-
-
-# -- storage helpers (pure) --------------------------------------------------------------
-def pack_bits(values, num_bits):
-    """Non-negative integers below 2**num_bits, num_bits each, little-endian into uint8 bytes."""
-    values = values.flatten().to(torch.uint8)
-    bits = (values.unsqueeze(1) >> torch.arange(num_bits, dtype=torch.uint8)) & 1
-    bits = bits.flatten()
-    bits = torch.cat([bits, bits.new_zeros((-bits.numel()) % 8)]).view(-1, 8)
-    packed = torch.zeros(len(bits), dtype=torch.uint8)
-    for position in range(8):
-        packed |= bits[:, position] << position
-    return packed
-
-
-def unpack_bits(packed, num_bits, count):
-    """The first `count` integers of `num_bits` bits each from pack_bits' bytes (int64)."""
-    bits = (packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
-    bits = bits.flatten()[:count * num_bits].view(count, num_bits).to(torch.int64)
-    return (bits << torch.arange(num_bits)).sum(dim=1)
-
-
-def concat(tensors, dtype=torch.float32):
-    """Flat tensors joined into one (an empty tensor of `dtype` for none)."""
-    return torch.cat([t.flatten() for t in tensors]) if tensors else torch.zeros(0, dtype=dtype)
-
-
-def pack_tensors(tensors):
-    """{name: float tensor} as one flat float32 buffer plus names and shapes."""
-    return {"names": list(tensors), "shapes": [list(t.shape) for t in tensors.values()],
-            "values": concat([t.detach().float().cpu() for t in tensors.values()])}
-
-
-def unpack_tensors(group):
-    tensors, offset = {}, 0
-    for name, shape in zip(group["names"], group["shapes"]):
-        count = math.prod(shape)
-        tensors[name] = group["values"][offset:offset + count].view(shape)
-        offset += count
-    return tensors
 
 
 def round_up_widths(widths, full_widths, multiple):
@@ -102,19 +63,23 @@ def num_classes_of(state):
 
 
 def checkpoint_config(payload, path):
-    """The Config stored in a checkpoint payload."""
+    """The Config stored in a checkpoint payload (configs of earlier versions converted)."""
     try:
-        config = Config(**payload["config"])
-        METHODS[config.setting][config.method]
-    except (TypeError, KeyError) as error:
+        return config_from_dict(payload["config"])
+    except (TypeError, KeyError, ConfigError) as error:
         raise CheckpointError(f"{path}: its config is not one this project reads ({error})") from None
-    return config
+
+
+def checkpoint_method(payload, path):
+    """The method object of a checkpoint (no warmup: exports are taken after it)."""
+    config = checkpoint_config(payload, path)
+    return METHODS[config.setting][config.method](config, None)
 
 
 def training_model(payload, path):
-    """The model as trained (method layers, both endpoints), in eval mode, and its config."""
-    config = checkpoint_config(payload, path)
-    method = METHODS[config.setting][config.method](config, None)
+    """The model as trained (method layers, both endpoints), in eval mode, and its method."""
+    method = checkpoint_method(payload, path)
+    config = method.config
     num_classes = num_classes_of(payload["model"])
     model = build_model(config.model, method.layer_factory(), num_classes)
     try:
@@ -124,7 +89,7 @@ def training_model(payload, path):
                               f"{config.method} ({str(error).splitlines()[0][:120]})") from None
     method.bind(model)
     model.eval()
-    return model, config
+    return model, method
 
 
 def input_size_of(config):
@@ -132,64 +97,16 @@ def input_size_of(config):
 
 
 # -- levels -----------------------------------------------------------------------------
-def _require_level(condition, config, level, allowed):
-    if not condition:
-        raise ConfigError(f"--level {level:g}: {config.setting}/{config.method} checkpoints export {allowed}")
+def resolve_level(method, level):
+    """(Level of the training-time model, alpha) at an export level; ConfigError naming
+    --level when the level is outside what the checkpoint's method can export."""
+    point = method.export_point(float(level))
+    return method.export_level(point), point.alpha
 
 
-def _structured_level(config, level):
-    if config.method == "lec":
-        _require_level(0 < level <= 1, config, level, "a fraction of norm channels kept in (0, 1]")
-        return {}, None
-    if config.method == "ns":
-        _require_level(0 < level <= 1, config, level, "width factors in (0, 1]")
-        return {"width_factor": level}, None
-    low, high = config.width_factor_limits
-    _require_level(low <= level <= high, config, level,
-                   f"width factors in [{low:g}, {high:g}] (the trained width_factor_limits)")
-    if config.method != "lcs_l":
-        return {"width_factor": level}, None
-    alpha = width_to_alpha(level, low, high)
-    return {"alpha": alpha, "width_factor": level}, alpha
-
-
-def _unstructured_level(config, level):
-    _require_level(0 < level <= 1, config, level, "TopK fractions in (0, 1]")
-    if config.method != "lcs_l":
-        return {"topk": level}, None
-    return {"alpha": level, "topk": level}, level
-
-
-def _quantized_level(config, level):
-    low, high = (config.min_bits, config.max_bits) if config.method in ("lcs_l", "lcs_p") else (3, 8)
-    _require_level(float(level).is_integer() and low <= level <= high, config, level,
-                   f"integer bit widths in {low}..{high}")
-    bits = int(level)
-    if config.method != "lcs_l":
-        return {"num_bits": bits}, None
-    # The alpha the run evaluated this bit width at (e.g. 0.499 for 5 bits), else the grid rule.
-    on_grid = [a for a in config.alpha_grid or [] if alpha_to_bits(a, low, high) == bits]
-    alpha = float(on_grid[0]) if on_grid else bits_to_alpha(bits, low, high)
-    return {"alpha": alpha, "num_bits": bits}, alpha
-
-
-LEVEL_RESOLVERS = {"structured_sparsity": _structured_level, "unstructured_sparsity": _unstructured_level,
-                   "quantized": _quantized_level}
-
-
-def resolve_level(config, level):
-    """(set_level arguments, alpha) of the training-time model at an export level; ConfigError
-    naming --level when the level is outside what the checkpoint's method can export."""
-    return LEVEL_RESOLVERS[config.setting](config, float(level))
-
-
-def uncompressed_level(config):
-    """The least compressed level of a checkpoint's setting (the benchmark's baseline)."""
-    if config.setting == "structured_sparsity":
-        return 1.0 if config.method in ("ns", "lec") else config.width_factor_limits[1]
-    if config.setting == "unstructured_sparsity":
-        return 1.0
-    return config.max_bits if config.method in ("lcs_l", "lcs_p") else 8
+def uncompressed_level(method):
+    """The least compressed level a checkpoint's method exports (the benchmark's baseline)."""
+    return method.level_type(method.level_range(method.config).high)
 
 
 # -- export -----------------------------------------------------------------------------
@@ -230,10 +147,14 @@ def _leading(tensor, shape):
     return tensor[tuple(slice(0, size) for size in shape)]
 
 
-def _export_structured(model, config, num_classes, level, round_to):
-    if config.method == "lec":
-        slim, info = lec_slim(model, config.model, num_classes, level)
-        return slim, effective_state(slim), {"widths": info["widths"], "selected": info["selected"]}
+def _export_slimmed_channels(model, config, num_classes, level, round_to):
+    """LEC: the network slimmed at a fraction of norm channels kept."""
+    slim, info = lec_slim(model, config.model, num_classes, level)
+    return slim, effective_state(slim), {"widths": info["widths"], "selected": info["selected"]}
+
+
+def _export_channels(model, config, num_classes, level, round_to):
+    """Slimmable networks: the leading channels each layer keeps at the width, as a dense network."""
     widths = channel_spec(model, input_size_of(config))
     if round_to:
         full = {name: module.out_channels for name, module in model.named_modules() if name in widths}
@@ -244,8 +165,8 @@ def _export_structured(model, config, num_classes, level, round_to):
     return dense, state, {"widths": widths, "selected": None}
 
 
-def _export_unstructured(model, config, num_classes):
-    dense = build_model(config.model, dense_factory(config.norm, config.num_groups or 32), num_classes)
+def _export_topk(model, config, num_classes, level, round_to):
+    dense = build_model(config.model, dense_factory(config.norm, config.get("num_groups") or 32), num_classes)
     state = effective_state(model)
     names, shapes, masks, values = [], [], [], []
     for name, module in model.named_modules():
@@ -266,8 +187,9 @@ def _export_unstructured(model, config, num_classes):
     return dense, state, {"sparse": sparse}
 
 
-def _export_quantized(model, config, num_classes, num_bits, float_weights):
-    frozen = build_model(config.model, frozen_quant_factory(config.norm, num_bits, config.num_groups or 32),
+def _export_int_codes(model, config, num_classes, level, round_to, float_weights=False):
+    num_bits = int(level)
+    frozen = build_model(config.model, frozen_quant_factory(config.norm, num_bits, config.get("num_groups") or 32),
                          num_classes)
     state = effective_state(model)
     q_min, _ = grid_limits(num_bits)
@@ -299,35 +221,52 @@ def _export_quantized(model, config, num_classes, num_bits, float_weights):
     return frozen, state, {"quantized": quantized, "act_ranges": act_ranges, "num_bits": num_bits}
 
 
+@dataclass(frozen=True)
+class Exporter:
+    """How one export format is written: export(model, config, num_classes, level, round_to)
+    -> (network, state, header entries)."""
+
+    export: Callable
+    takes_round_to: bool = False
+    stores_codes: bool = False  # integer codes: float_weights stores the same model uncompressed
+
+
+# Method.export_format -> how its exports are stored.
+EXPORTERS = {
+    "channels": Exporter(_export_channels, takes_round_to=True),
+    "slimmed_channels": Exporter(_export_slimmed_channels),
+    "topk": Exporter(_export_topk),
+    "int_codes": Exporter(_export_int_codes, stores_codes=True),
+}
+
+
 def export_model(payload, level, path="checkpoint", round_to=None, float_weights=False):
     """The export (a dict of plain data) of a checkpoint payload at `level`.
 
     `float_weights` (quantized only) stores the quantized weights as float32 values instead of
     packed codes: the same model, stored uncompressed (the benchmark's baseline)."""
-    model, config = training_model(payload, path)
-    setting = config.setting
-    if round_to is not None and (setting != "structured_sparsity" or config.method == "lec"):
-        raise ConfigError(f"--round_to {round_to}: only for width-factor exports (structured lcs_l, lcs_p, us, "
-                          f"ns); this is {setting}/{config.method}")
+    model, method = training_model(payload, path)
+    config = method.config
+    exporter = EXPORTERS[method.export_format]
+    if round_to is not None and not exporter.takes_round_to:
+        users = ", ".join(f"{setting} {name}" for setting, methods in METHODS.items() for name, cls in methods.items()
+                          if EXPORTERS[cls.export_format].takes_round_to)
+        raise ConfigError(f"--round_to {round_to}: only for width-factor exports ({users}); this is "
+                          f"{config.setting}/{config.method}")
     if round_to is not None and round_to < 1:
         raise ConfigError(f"--round_to {round_to}: must be a positive number of channels")
-    levels, alpha = resolve_level(config, level)
-    set_level(model, **levels)
+    levels, alpha = resolve_level(method, level)
+    level = method.level_type(level)
+    set_level(model, levels)
     num_classes = num_classes_of(payload["model"])
-    if setting == "structured_sparsity":
-        target, state, extra = _export_structured(model, config, num_classes, float(level), round_to)
-    elif setting == "unstructured_sparsity":
-        target, state, extra = _export_unstructured(model, config, num_classes)
-    else:
-        target, state, extra = _export_quantized(model, config, num_classes, levels["num_bits"], float_weights)
+    extra_args = {"float_weights": float_weights} if float_weights else {}
+    target, state, extra = exporter.export(model, config, num_classes, level, round_to, **extra_args)
     for key in implied_keys(target):
         state.pop(key, None)
-    level_name = "topk" if config.method == "lec" else LEVEL_NAMES[setting]
-    header = {"format": FORMAT, "version": VERSION, "setting": setting, "method": config.method,
-              "model_name": config.model, "level_name": level_name,
-              "level": int(level) if setting == "quantized" else float(level), "alpha": alpha,
+    header = {"format": FORMAT, "version": VERSION, "setting": config.setting, "method": config.method,
+              "model_name": config.model, "level_name": method.level_name, "level": level, "alpha": alpha,
               "num_classes": num_classes, "input_size": input_size_of(config), "norm": config.norm,
-              "num_groups": config.num_groups or 32, "widths": None, "selected": None,
+              "num_groups": config.get("num_groups") or 32, "widths": None, "selected": None,
               "round_to": round_to, "num_bits": None}
     header.update(extra)
     header["dense"] = pack_tensors(state)
@@ -352,14 +291,15 @@ def read_export(path):
         raise CheckpointError(f"{path}: not a readable exported model ({first[:160]})") from None
     if not isinstance(content, dict) or content.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an exported model of this project (export it with python -m "
-                              f"utils.export)")
+                              f"deploy.export)")
     if content.get("version") != VERSION:
         raise CheckpointError(f"{path}: export version {content.get('version')}, this code reads {VERSION}")
     return content
 
 
 def _factory(content):
-    if content["setting"] == "quantized":
+    """Frozen quantized convs for an export of integer codes (it records their bit width)."""
+    if content["num_bits"] is not None:
         return frozen_quant_factory(content["norm"], content["num_bits"], content["num_groups"])
     return dense_factory(content["norm"], content["num_groups"])
 
@@ -438,7 +378,7 @@ def describe(content, size_bytes):
 
 def build_parser():
     parser = UsageParser(
-        prog="python -m utils.export",
+        prog="python -m deploy.export",
         description="Write a standalone compressed model at one level of a trained checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="model_final.pt or checkpoint_last.pt of a run")
     parser.add_argument("--level", required=True, type=float,
@@ -456,7 +396,7 @@ def main(argv=None):
         content = export_model(payload, args.level, path=args.checkpoint, round_to=args.round_to)
         save_export(args.out, content)
     except UserError as error:
-        print(f"utils.export: error: {error}", file=sys.stderr)
+        print(f"deploy.export: error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
     print(describe(content, os.path.getsize(args.out)))
     print(f"wrote {args.out}")

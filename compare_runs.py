@@ -1,7 +1,7 @@
 """Compare runs: accuracy against compression level of several run directories in one
 figure and one table (the paper-style comparison of lcs_l, lcs_p and the baselines).
 
-    python -m utils.compare RUN_DIR [RUN_DIR ...] --out FIG.png [--labels A,B,...]
+    python compare_runs.py RUN_DIR [RUN_DIR ...] --out FIG.png [--labels A,B,...]
 
 Each run contributes the results of its latest model: its final evaluation (or, for an
 unfinished run, its latest one) plus any levels added with --eval_only from the same
@@ -17,8 +17,6 @@ import sys
 
 from utils.errors import ConfigError, UsageParser, UserError
 from utils.metrics import METRICS, latest_results, plot_runs, read_rows, text_table, write_csv
-
-SPARSITY_SETTINGS = ("structured_sparsity", "unstructured_sparsity")
 
 
 def load_run(run_dir):
@@ -54,7 +52,7 @@ def comparison_table(labelled):
     for _, rows in labelled:
         if rows[0]["setting"] not in settings:
             settings.append(rows[0]["setting"])
-    with_sparsity = any(s in SPARSITY_SETTINGS for s in settings)
+    with_sparsity = any(row.get("sparsity") is not None for _, rows in labelled for row in rows)
     header = ["setting", "level_name", "level"]
     for label, _ in labelled:
         header.append(f"{label}: accuracy")
@@ -120,7 +118,7 @@ def compare(run_dirs, out, labels=None):
 
 def build_parser():
     parser = UsageParser(
-        prog="python -m utils.compare",
+        prog="compare_runs.py",
         description="Overlay the accuracy-vs-compression results of several runs in one figure and one table.")
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (each with metrics.jsonl)")
     parser.add_argument("--out", required=True, help="figure to write (PNG); the table goes next to it as .csv")
@@ -135,7 +133,7 @@ def main(argv=None):
     try:
         print(compare(args.run_dirs, args.out, labels))
     except UserError as error:
-        print(f"python -m utils.compare: error: {error}", file=sys.stderr)
+        print(f"compare_runs.py: error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
 
 
