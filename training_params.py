@@ -164,7 +164,8 @@ def build_parser(setting):
                         help=f"training method (default: {DEFAULT_METHOD}; one of {', '.join(methods)})")
     _add_common_flags(parser)
     for flag in cls.setting_flags(methods).values():
-        flag.add_to(parser)
+        users = [name for name, method in methods.items() if method.uses_flag(flag)]
+        flag.add_to(parser, users if len(users) < len(methods) else None)
     return parser
 
 
@@ -182,6 +183,10 @@ class _Layers:
     def get(self, key, default=None):
         return self.values.get(key, default)
 
+    def drop(self, key):
+        self.values.pop(key, None)
+        self.sources.pop(key, None)
+
 
 FLAG_KEYS = ("model", "dataset", "norm", "epochs", "test_freq", "learning_rate", "batch_size", "momentum",
              "weight_decay", "save_dir", "data_dir", "imagenet_dir", "seed", "device", "num_workers",
@@ -194,6 +199,9 @@ def _apply_file(layers, data, path, setting, method):
             continue
         _check_entry(path, key, value, setting, method)
         layers.set(key, value, f"{path}: key '{key}'")
+        replaced = METHODS[setting][method].file_keys()[key].replaces
+        if replaced:  # a file of an earlier version: its legacy key wins over the layers before it
+            layers.drop(replaced)
 
 
 def merge(setting, args, base=None, base_source=None):

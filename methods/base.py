@@ -11,6 +11,7 @@ differs. Keys and flags are collected along the class hierarchy, so a mixin (e.g
 of LCS+L) brings its own.
 """
 
+import argparse
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -48,9 +49,13 @@ class Flag:
     def dest(self):
         return self.name.lstrip("-")
 
-    def add_to(self, parser):
+    def add_to(self, parser, users=None):
+        """Add the flag to a setting's parser; `users`: the methods that take it, when not all do."""
+        text = self.help
+        if users and text != argparse.SUPPRESS:
+            text += f" [{', '.join(users)}]"
         parser.add_argument(self.name, *self.aliases, dest=self.dest, type=self.type, metavar=self.metavar,
-                            help=self.help)
+                            help=text)
 
     def values(self, value):
         return self.to_values(value) if self.to_values else {self.keys[0]: value}
@@ -83,11 +88,10 @@ class LevelRange:
 
 
 def collect(cls, attribute):
-    """A class attribute merged along the MRO, base classes first (dicts) or in order (tuples)."""
+    """A dict class attribute merged along the MRO: base classes first, subclasses win."""
     merged = {}
     for klass in reversed(cls.__mro__):
-        merged.update({getattr(item, "name", item): item for item in klass.__dict__.get(attribute, ())}
-                      if attribute.endswith("flags") else klass.__dict__.get(attribute, {}))
+        merged.update(klass.__dict__.get(attribute, {}))
     return merged
 
 
@@ -120,7 +124,7 @@ class Method:
     def flags(cls):
         """{flag name: Flag} of the setting and the method (the setting's parser adds the flags
         of all its methods)."""
-        return collect(cls, "own_flags")
+        return {flag.name: flag for klass in reversed(cls.__mro__) for flag in klass.__dict__.get("own_flags", ())}
 
     @classmethod
     def uses_flag(cls, flag):
@@ -266,7 +270,8 @@ class LineMethod:
 
     line = True
     own_keys = {"beta": Key("float?", 1.0, "weight of the cos^2 line penalty")}
-    legacy_keys = {"alpha_grid": Key("floats?", None, "LCS+L evaluation grid in alpha (before level units)")}
+    legacy_keys = {"alpha_grid": Key("floats?", None, "LCS+L evaluation grid in alpha (before level units)",
+                                     replaces="eval_param_grid")}
     # Regularise the conv weights on the line (unstructured, quantized) or the norm gammas
     # (structured, where only the norms are on the line).
     regularize_norms = False

@@ -7,7 +7,7 @@ of its setting and method, so an unknown key is refused wherever a config is rea
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from utils.errors import ConfigError
 
@@ -21,6 +21,7 @@ class Key:
     default: Any = None
     doc: str = ""
     required: bool = True  # a method's key must not be null once merged (common keys are checked one by one)
+    replaces: Optional[str] = None  # a legacy key: the key it stands for (set by a file, it overrides that key)
 
     def accepts(self, value):
         return _type_ok(self.kind, value)

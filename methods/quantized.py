@@ -33,11 +33,10 @@ class QuantizedMethod(WarmupMethod):
     deploy_levels = (8, 7, 6, 5, 4, 3)
     line = False
     own_flags = (
-        Flag("--bit_width", ("num_bits",), f"bit width to train at, {MIN_BITS}..{MAX_BITS} (target_bit_width; "
-                                           f"default 6)", type=number_list(int), to_values=_one_bit_width),
+        Flag("--bit_width", ("num_bits",), f"bit width to train at, {MIN_BITS}..{MAX_BITS} (default 6)", type=number_list(int), to_values=_one_bit_width),
         Flag("--eval_bit_widths", ("eval_param_grid",),
              f"comma-separated bit widths to evaluate, {MIN_BITS}..{MAX_BITS}", type=number_list(int)),
-        Flag("--bit_width_limits", ("min_bits", "max_bits"), "min,max: range of bit widths trained (lcs_l, lcs_p)",
+        Flag("--bit_width_limits", ("min_bits", "max_bits"), "min,max: range of bit widths trained",
              type=number_list(int), to_values=_bit_width_limits),
         Flag("--warmup_budget", ("warmup_budget",),
              "percent of all iterations before activations are quantized, in (0, 100] (default: 80)", type=float),

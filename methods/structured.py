@@ -22,12 +22,12 @@ class StructuredMethod(Method):
     # New widths meet new shapes at almost every step: cuDNN's heuristics, no autotuning stall.
     cudnn_benchmark = False
     own_flags = (
-        Flag("--width_factors_list", ("width_factors_list",), "comma-separated widths trained per batch (ns)",
+        Flag("--width_factors_list", ("width_factors_list",), "comma-separated widths trained per batch",
              type=number_list(float)),
         Flag("--width_factor_limits", ("width_factor_limits",),
-             "lo,hi: range of widths trained (lcs_l, lcs_p, us)", type=number_list(float)),
+             "lo,hi: range of widths trained", type=number_list(float)),
         Flag("--width_factor_samples", ("width_factor_samples",),
-             "widths per batch, both ends included (lcs_l, lcs_p, us; default 4)", type=int),
+             "widths per batch, both ends included (default 4)", type=int),
         Flag("--eval_width_factors", ("eval_param_grid",), "comma-separated width factors to evaluate",
              type=number_list(float), aliases=("--list",)),
         # The structured setting has no warmup: accepted only to be refused with a clear message.

@@ -16,7 +16,7 @@ class TargetWidth(StructuredMethod):
     name = "target_width"
     own_keys = {"width_factor": Key("float?", 0.5, "width factor trained (target_width)")}
     own_flags = (Flag("--width_factor", ("width_factor",),
-                      "width factor to train at, in (0, 1] (target_width; default 0.5); without "
+                      "width factor to train at, in (0, 1] (default 0.5); without "
                       "--eval_width_factors it is also the width evaluated", type=float),)
 
     @classmethod

@@ -20,12 +20,12 @@ class UnstructuredMethod(WarmupMethod):
     deploy_levels = (0.5, 0.25, 0.1, 0.05)
     line = False
     own_flags = (
-        Flag("--topk", ("topk",), "target TopK fraction kept, in (0, 1] (target_topk; default 0.9)", type=float),
+        Flag("--topk", ("topk",), "target TopK fraction kept, in (0, 1] (default 0.9)", type=float),
         Flag("--topk_lower_bound", ("alpha_sampling",),
-             "lowest TopK fraction trained: the sparse, efficient end (lcs_l, lcs_p; needs --eval_topk_grid)",
+             "lowest TopK fraction trained: the sparse, efficient end (needs --eval_topk_grid)",
              type=float),
         Flag("--topk_upper_bound", ("alpha_sampling",),
-             "highest TopK fraction trained: the dense, accurate end (lcs_l, lcs_p; needs --eval_topk_grid)",
+             "highest TopK fraction trained: the dense, accurate end (needs --eval_topk_grid)",
              type=float),
         Flag("--warmup_budget", ("warmup_budget",),
              "percent of all iterations for the TopK warmup, in (0, 100] (default: 80)", type=float),

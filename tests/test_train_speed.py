@@ -74,8 +74,8 @@ def test_benchmark_refuses_an_unknown_setting(cli):
     assert "--settings: unknown setting 'structured'" in result.stderr
 
 
-COMPILABLE = {("structured_sparsity", "ns"), ("structured_sparsity", "lec"), ("quantized", "target_bit_width"),
-              ("quantized", "lcs_l")}
+COMPILABLE = {("structured_sparsity", "ns"), ("structured_sparsity", "lec"), ("structured_sparsity", "target_width"),
+              ("quantized", "target_bit_width"), ("quantized", "lcs_l")}
 
 
 def method_for(setting, name, *flags):
@@ -124,8 +124,8 @@ def test_cudnn_autotuning_is_off_for_structured_runs_only():
     try:
         for setting, name, expected in (("structured_sparsity", "lcs_l", False), ("structured_sparsity", "lec", False),
                                         ("unstructured_sparsity", "lcs_l", True), ("quantized", "lcs_l", True)):
-            _, config = method_for(setting, name)
-            configure_backends(config, torch.device("cuda"))
+            method, _ = method_for(setting, name)
+            configure_backends(method, torch.device("cuda"))
             assert torch.backends.cudnn.benchmark is expected, (setting, name)
     finally:
         torch.backends.cudnn.benchmark = saved
