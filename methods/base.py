@@ -107,7 +107,6 @@ class Method:
     legacy_keys = {}         # keys of configs written by earlier versions, converted by upgrade()
     refused_flags = {}       # {flag name: why this method refuses it}
     norms = ("IN", "BN", "GN")
-    grid_flag = None         # the flag that sets eval_param_grid
     export_format = None     # how deploy/ stores an export (a key of deploy.export.EXPORTERS)
     deploy_levels = ()       # levels the deploy benchmark compares by default
     # cuDNN autotuning times every kernel for each new input shape; off where almost every

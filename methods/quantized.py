@@ -28,7 +28,6 @@ class QuantizedMethod(WarmupMethod):
     description = "Train a network whose bit width can be chosen at inference time."
     level_name = "num_bits"
     level_type = int
-    grid_flag = "--eval_bit_widths"
     export_format = "int_codes"
     deploy_levels = (8, 7, 6, 5, 4, 3)
     line = False

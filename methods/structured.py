@@ -16,7 +16,6 @@ class StructuredMethod(Method):
     description = "Train a network whose channel width can be chosen at inference time."
     level_name = "width_factor"
     norms = ("IN", "BN")  # slimmable layers take IN or BN
-    grid_flag = "--eval_width_factors"
     export_format = "channels"
     deploy_levels = (0.75, 0.5, 0.25)
     # New widths meet new shapes at almost every step: cuDNN's heuristics, no autotuning stall.

@@ -15,7 +15,6 @@ class UnstructuredMethod(WarmupMethod):
     script = "train_unstructured.py"
     description = "Train a network whose unstructured (TopK) sparsity can be chosen at inference time."
     level_name = "topk"
-    grid_flag = "--eval_topk_grid"
     export_format = "topk"
     deploy_levels = (0.5, 0.25, 0.1, 0.05)
     line = False
