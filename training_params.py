@@ -17,7 +17,6 @@ import os
 import sys
 
 import torch
-import yaml
 
 from engine import run_dir
 from engine.run_dir import RunOptions
@@ -25,7 +24,8 @@ from engine.train import run
 from methods import DEFAULT_METHOD, METHODS, SETTINGS
 from methods.config import COMMON_KEYS, Checks, Config
 from models import MODELS
-from utils.errors import ConfigError, UsageParser, UserError, one_line
+from utils.errors import ConfigError, UsageParser, UserError, one_line, shown
+from utils.yaml_io import read_yaml
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 CONFIG_ROOT = os.path.join(REPO_ROOT, "configs")
@@ -72,14 +72,14 @@ def _check_entry(source, key, value, setting, method):
     keys = METHODS[setting][method].file_keys()
     if key not in keys:
         if key not in all_keys():
-            raise ConfigError(f"{source}: unknown key '{key}' (allowed: {', '.join(sorted(keys))})")
-        raise ConfigError(f"{source}: key '{key}' is not used by {setting}/{method}")
+            raise ConfigError(f"{source}: unknown key {shown(key)} (allowed: {', '.join(sorted(keys))})")
+        raise ConfigError(f"{source}: key {shown(key)} is not used by {setting}/{method}")
     spec = keys[key]
     if not spec.accepts(value):
         hint = ""
         if isinstance(value, str) and spec.kind.rstrip("?") in ("float", "int") and _is_number_text(value):
             hint = " (YAML reads numbers like 1e-4 as text: write 1.0e-4)"
-        raise ConfigError(f"{source}: key '{key}' must be {spec.describe_kind()}, got {value!r}{hint}")
+        raise ConfigError(f"{source}: key '{key}' must be {spec.describe_kind()}, got {shown(value)}{hint}")
 
 
 def _is_number_text(text):
@@ -88,31 +88,6 @@ def _is_number_text(text):
         return True
     except ValueError:
         return False
-
-
-def read_yaml(path):
-    """A YAML mapping from `path`, or ConfigError naming the file (and line)."""
-    try:
-        with open(path) as handle:
-            data = yaml.safe_load(handle)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, expected a YAML file") from None
-    except yaml.YAMLError as error:
-        mark, context = getattr(error, "problem_mark", None), getattr(error, "context_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        if getattr(error, "context", None) and context is not None:  # e.g. an unclosed [ further up
-            problem += f" ({error.context} from line {context.line + 1})"
-        raise ConfigError(f"{path}{where}: YAML syntax error: {problem}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: cannot read: {error}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
-    return data
 
 
 def method_yaml_path(setting, method):
@@ -280,9 +255,16 @@ MAX_SEED = 2**32 - 1  # NumPy's seed range
 MIN_IMAGE_SIZE = {"resnet18": 33, "vgg19": 32}
 
 
+# What makes sense, so that a typo cannot start a thousand workers or a batch no memory holds.
+UPPER_BOUNDS = {"epochs": 100_000, "batch_size": 65_536, "num_workers": 256, "image_size": 1024}
+
+
 def _validate_numbers(c, checks):
     for key in ("epochs", "batch_size", "test_freq"):
         checks.require(getattr(c, key) >= 1, key, f"must be at least 1, got {getattr(c, key)}")
+    for key, high in UPPER_BOUNDS.items():
+        value = getattr(c, key)
+        checks.require(value is None or value <= high, key, f"must be at most {high}, got {value}")
     for key in ("learning_rate", "weight_decay"):
         value = getattr(c, key)
         checks.require(math.isfinite(value) and value >= 0, key, f"must be a finite number >= 0, got {value}")
@@ -374,10 +356,10 @@ def _refuse_changes(base, config, sources, eval_only):
     """The resolved config may differ from the checkpoint's only where and how to run (and,
     for an evaluation, in batch size, test subset and grid): anything else would change
     the run. Flags repeating the checkpoint's values are fine."""
+    cls = METHODS[config.setting][config.method]
     allowed = set(RUNTIME_KEYS)
     if eval_only:
-        allowed |= {"batch_size", "test_subset", "eval_param_grid"}
-    cls = METHODS[config.setting][config.method]
+        allowed |= {"batch_size", "test_subset"} | set(cls.evaluation_keys())
     base = dict(base)
     cls.upgrade(base, {key: key for key in base})
     for key, value in config.to_dict().items():
@@ -392,6 +374,7 @@ def _refuse_changes(base, config, sources, eval_only):
 
 def main(setting, argv=None):
     """Entry point of the three scripts: parse, then train or evaluate."""
+    config = None
     try:
         config, options = parse(setting, argv)
         status = run(config, options)
@@ -405,6 +388,18 @@ def main(setting, argv=None):
     except torch.cuda.OutOfMemoryError as error:  # torch.OutOfMemoryError from torch 2.5 on
         _exit_with_error(setting, f"out of memory on the device ({one_line(error)[:200]}); try a smaller "
                                   f"--batch_size", 1)
+    except (MemoryError, RuntimeError) as error:
+        if not isinstance(error, MemoryError) and "can't allocate memory" not in str(error):
+            raise
+        _exit_with_error(setting, "out of memory on the host (a tensor could not be allocated); try a smaller "
+                                  "--batch_size or --image_size", 1)
+    except KeyboardInterrupt:
+        # A second Ctrl-C (the first stops after the current step and saves), or one before
+        # training began: stop at once. A write in progress is abandoned whole (atomic), so
+        # the last checkpoint on disk stays valid.
+        where = f" in {config.save_dir}" if config is not None else ""
+        _exit_with_error(setting, f"interrupted (Ctrl-C) before a checkpoint could be saved; stopped at once, the "
+                                  f"last checkpoint written{where}, if any, is intact (resume with --resume)", 130)
     sys.exit(status)
 
 

@@ -1,6 +1,7 @@
 """Export a trained model at one compression level as a standalone compressed model, and load it.
 
     python -m deploy.export --checkpoint RUN/model_final.pt --level 0.5 --out model.pt [--round_to 8]
+        [--data_dir DIR]
 
 The level is in the unit of the checkpoint's method (Method.level_name): a width factor
 (structured), the fraction of norm channels kept (structured lec), a TopK fraction
@@ -12,7 +13,9 @@ What the file holds (a torch.save'd dict of plain data, readable with weights_on
 
 * structured, LEC: a physically narrower dense network, i.e. its channel spec (`widths`,
   `selected`, as the model constructors take it) and its weights; line norms resolved at alpha,
-  BN running statistics sliced.
+  BN running statistics sliced, or, when the run's evaluations re-estimated them
+  (`bn_calibration_images`, LEC's default), re-estimated the same way on the same training
+  images (read from `--data_dir`), so the exported model gives the evaluated accuracy.
 * unstructured: the weights at alpha masked to their TopK; each body conv whose bitmask plus
   kept values is smaller than the dense tensor is stored that way.
 * quantized: the body conv weights (after the BN fold) as integer codes bit-packed at b bits
@@ -34,19 +37,24 @@ from typing import Callable
 
 import torch
 
+from data import build_data
 from deploy.packing import concat, pack_bits, pack_tensors, unpack_bits, unpack_tensors
 from methods import METHODS, config_from_dict
 from models import build_model, channel_spec
+from models.bn_calibration import calibrate_bn
 from models.factory import dense_factory, frozen_quant_factory
 from models.layers import ChannelSelection, LineMixin, QuantConv2d, TopKConv2d, set_level
 from models.quant import dequantize, grid_limits, quantize_tensor_to_int
 from models.slimming import lec_slim
 from utils import checkpoint as ckpt
-from utils.errors import CheckpointError, ConfigError, UsageParser, UserError
+from utils import checkpoint_schema as schema
+from utils.atomic import refuse_overwrite
+from utils.errors import CheckpointError, ConfigError, UsageParser, UserError, one_line
 
 FORMAT = "lcs-export"
 VERSION = 1
 ACT_BUFFERS = ("act_min", "act_max", "act_range_ready")
+MAX_ROUND_TO = 1024  # no layer of the three networks is wider
 
 
 def round_up_widths(widths, full_widths, multiple):
@@ -240,11 +248,36 @@ EXPORTERS = {
 }
 
 
-def export_model(payload, level, path="checkpoint", round_to=None, float_weights=False):
+def calibration_batches(config, data_dir):
+    """The run's calibration images (same subset, transform and batches as its evaluations)
+    from `data_dir`; ConfigError naming --data_dir when it is not given."""
+    if data_dir is None:
+        raise ConfigError(f"--data_dir: this {config.setting}/{config.method} run evaluated with BN statistics "
+                          f"re-estimated on {config.bn_calibration_images} training images; the export re-estimates "
+                          f"them the same way and needs the run's training images (its --data_dir, or "
+                          f"--imagenet_dir for ImageNet)")
+    key = "imagenet_dir" if config.dataset == "imagenet" else "data_dir"
+    if not os.path.isdir(data_dir):
+        raise ConfigError(f"--data_dir {data_dir}: no such directory")
+    config = config.replaced(**{key: data_dir}, device="cpu")
+    return build_data(config, torch.device("cpu")).calibration.batches()
+
+
+def calibrated_state(network, state, batches):
+    """`state` with the BN running statistics re-estimated on `batches` for `network`."""
+    network.load_state_dict(state)
+    calibrate_bn(network, batches)
+    fresh = network.state_dict()
+    return {key: fresh[key].detach() for key in state}
+
+
+def export_model(payload, level, path="checkpoint", round_to=None, float_weights=False, data_dir=None):
     """The export (a dict of plain data) of a checkpoint payload at `level`.
 
     `float_weights` (quantized only) stores the quantized weights as float32 values instead of
-    packed codes: the same model, stored uncompressed (the benchmark's baseline)."""
+    packed codes: the same model, stored uncompressed (the benchmark's baseline). Runs that
+    re-estimated BN statistics at evaluation need their training images in `data_dir`."""
+    schema.check_model(payload, path)  # tensors only, all finite
     model, method = training_model(payload, path)
     config = method.config
     exporter = EXPORTERS[method.export_format]
@@ -253,14 +286,16 @@ def export_model(payload, level, path="checkpoint", round_to=None, float_weights
                           if EXPORTERS[cls.export_format].takes_round_to)
         raise ConfigError(f"--round_to {round_to}: only for width-factor exports ({users}); this is "
                           f"{config.setting}/{config.method}")
-    if round_to is not None and round_to < 1:
-        raise ConfigError(f"--round_to {round_to}: must be a positive number of channels")
+    if round_to is not None and not 1 <= round_to <= MAX_ROUND_TO:
+        raise ConfigError(f"--round_to {round_to}: must be a number of channels in 1..{MAX_ROUND_TO}")
     levels, alpha = resolve_level(method, level)
     level = method.level_type(level)
     set_level(model, levels)
     num_classes = num_classes_of(payload["model"])
     extra_args = {"float_weights": float_weights} if float_weights else {}
     target, state, extra = exporter.export(model, config, num_classes, level, round_to, **extra_args)
+    if config.get("bn_calibration_images"):  # the evaluations re-estimated BN statistics: so does the export
+        state = calibrated_state(target, state, calibration_batches(config, data_dir))
     for key in implied_keys(target):
         state.pop(key, None)
     header = {"format": FORMAT, "version": VERSION, "setting": config.setting, "method": config.method,
@@ -273,10 +308,13 @@ def export_model(payload, level, path="checkpoint", round_to=None, float_weights
     return header
 
 
-def save_export(path, content):
+def save_export(path, content, inputs=(), flag="--out"):
+    """Write an export to `path`; ConfigError where that would replace one of `inputs` (the
+    checkpoint) or a run directory's own files."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
-        raise ConfigError(f"--out {path}: directory {directory} does not exist")
+        raise ConfigError(f"{flag} {path}: directory {directory} does not exist")
+    refuse_overwrite(flag, path, inputs)
     ckpt.save(path, content)
 
 
@@ -386,17 +424,21 @@ def build_parser():
                              "(unstructured) or bit width (quantized)")
     parser.add_argument("--out", required=True, help="file to write")
     parser.add_argument("--round_to", type=int, help="round structured widths up to a multiple of this")
+    parser.add_argument("--data_dir", help="the run's training data (CIFAR-10 folder or ImageNet root): needed "
+                                           "when its evaluations re-estimated BN statistics (lec by default)")
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        refuse_overwrite("--out", args.out, [args.checkpoint])  # before the work of exporting
         payload = ckpt.load(args.checkpoint)
-        content = export_model(payload, args.level, path=args.checkpoint, round_to=args.round_to)
-        save_export(args.out, content)
+        content = export_model(payload, args.level, path=args.checkpoint, round_to=args.round_to,
+                               data_dir=args.data_dir)
+        save_export(args.out, content, inputs=[args.checkpoint])
     except UserError as error:
-        print(f"deploy.export: error: {error}", file=sys.stderr)
+        print(f"deploy.export: error: {one_line(error)}", file=sys.stderr)
         sys.exit(error.exit_code)
     print(describe(content, os.path.getsize(args.out)))
     print(f"wrote {args.out}")

@@ -32,9 +32,11 @@ from methods import METHODS
 from methods.levels import cosine_lr, warmup_iterations
 from models import build_model
 from utils import checkpoint as ckpt
+from utils import checkpoint_schema as schema
 from utils.distributed import any_process, barrier, setup, teardown
-from utils.errors import CheckpointError, ConfigError, TrainingError
+from utils.errors import CheckpointError, ConfigError, TrainingError, one_line
 from utils.metrics import METRICS, evaluation_rows, format_table, latest_results, read_rows, update_outputs
+from utils.run_lock import RunDirLock, refuse_if_locked
 
 EXIT_INTERRUPTED = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
@@ -129,6 +131,12 @@ class Run:
             ckpt.save(run_dir.path(self.save_dir, run_dir.LAST), self.payload())
         barrier(self.context)
 
+    def check_checkpoint(self, payload, path):
+        """The fields every checkpoint holds, before any of it is used (checkpoint_schema)."""
+        schema.check_header(payload, path, self.config.to_dict())
+        schema.check_counters(payload, path, self.config.epochs)
+        schema.check_model(payload, path)
+
     def load_model_state(self, payload, path):
         try:
             self.model.load_state_dict(payload["model"])
@@ -142,10 +150,19 @@ class Run:
         if payload.get("kind") != "training":
             raise CheckpointError(f"{path}: a final model, not a training checkpoint (resume needs "
                                   f"{run_dir.LAST})")
+        self.check_checkpoint(payload, path)
+        schema.check_progress(payload, path, self.config.epochs, self.data.train.steps_per_epoch,
+                              self.method.warmup_iterations)
+        schema.check_optimizer(payload, path, self.optimizer)
+        schema.check_rng(payload, path, self.generator)
         self.load_model_state(payload, path)
-        self.optimizer.load_state_dict(payload["optimizer"])
+        try:  # the schema was checked; this catches what it cannot foresee
+            self.optimizer.load_state_dict(payload["optimizer"])
+            ckpt.restore_rng_state(payload["rng"], self.generator)
+        except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as error:
+            raise CheckpointError(f"{path}: its optimizer or random state cannot be restored "
+                                  f"({one_line(error)[:160]})") from None
         self.progress = Progress(**payload["progress"])
-        ckpt.restore_rng_state(payload["rng"], self.generator)
         kept = [row for row in read_rows(os.path.join(self.save_dir, METRICS)) if self._keep_on_resume(row)]
         self.rows = kept
 
@@ -161,7 +178,7 @@ class Run:
     # -- evaluation ---------------------------------------------------------------------
     def record_evaluation(self, final=False, eval_only=False, checkpoint=None):
         results = evaluate(self.model, self.method, self.data, self.context, self.progress.global_step,
-                           amp=self.config.amp)
+                           amp=self.config.amp, test_batch_bn=bool(self.config.get("lec_test_batch_statistics")))
         index = max([row["evaluation"] for row in self.rows], default=-1) + 1
         for row in evaluation_rows(results, index, self.progress.epoch, self.progress.global_step, self.config,
                                    self.method.level_name, final, eval_only, checkpoint):
@@ -173,6 +190,7 @@ class Run:
 
     def evaluate_only(self, path):
         payload = ckpt.load(path, map_location=self.device)
+        self.check_checkpoint(payload, path)
         self.load_model_state(payload, path)
         self.progress.epoch = payload.get("epoch", 0)
         self.progress.global_step = payload.get("global_step", 0)
@@ -446,10 +464,28 @@ class EpochLog:
                   flush=True)
 
 
+def on_main_process(context, action, save_dir):
+    """action() in the first process only (it alone writes the run directory, so it alone
+    locks it); when that refuses with a ConfigError, every process raises one."""
+    result, refused = None, None
+    if context.is_main:
+        try:
+            result = action()
+        except ConfigError as error:
+            refused = error
+    if any_process(refused is not None, context, context.device):
+        raise refused or ConfigError(f"--save_dir {save_dir}: another process is writing to this run directory "
+                                     f"(the first process's error names it)")
+    return result
+
+
 def run(config, options):
     """Train (or evaluate) as the config and options say; returns the exit status."""
     context = setup(config.device)
+    lock = None
     try:
+        # The lock itself (utils.run_lock) is taken once the run is built.
+        on_main_process(context, lambda: refuse_if_locked(config.save_dir), config.save_dir)
         run_dir.check_free(config.save_dir, options)
         # --device auto falls back to the CPU without CUDA; --amp there is bfloat16 on the CPU,
         # fast only with bfloat16 units: say so.
@@ -457,6 +493,8 @@ def run(config, options):
                     "units such as AMX)") if config.amp and context.device.type != "cuda" else ""
         _log(context, f"Device: {context.device}, {context.world_size} process(es){amp_note}")
         state = Run(config, options, context)
+        lock = on_main_process(context, lambda: RunDirLock(config.save_dir), config.save_dir)
+        run_dir.check_free(config.save_dir, options)  # again: a run may have finished there meanwhile
         if options.eval_only:
             return state.evaluate_only(options.checkpoint)
         if options.resume:
@@ -465,4 +503,6 @@ def run(config, options):
             run_dir.prepare(config.save_dir, config, options.overwrite)
         return state.train()
     finally:
+        if lock is not None:
+            lock.release()
         teardown(context)

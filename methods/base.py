@@ -44,6 +44,7 @@ class Flag:
     aliases: tuple = ()
     metavar: Optional[str] = None
     to_values: Optional[Callable] = None
+    switch: bool = False  # an on/off flag without a value (store_true)
 
     @property
     def dest(self):
@@ -54,8 +55,12 @@ class Flag:
         text = self.help
         if users and text != argparse.SUPPRESS:
             text += f" [{', '.join(users)}]"
-        parser.add_argument(self.name, *self.aliases, dest=self.dest, type=self.type, metavar=self.metavar,
-                            help=text)
+        if self.switch:
+            parser.add_argument(self.name, *self.aliases, dest=self.dest, action="store_true", default=None,
+                                help=text)
+        else:
+            parser.add_argument(self.name, *self.aliases, dest=self.dest, type=self.type, metavar=self.metavar,
+                                help=text)
 
     def values(self, value):
         return self.to_values(value) if self.to_values else {self.keys[0]: value}
@@ -95,6 +100,10 @@ def collect(cls, attribute):
     return merged
 
 
+# A grid larger than this is a mistake (each point is a pass over the test set).
+MAX_GRID_POINTS = 256
+
+
 class Method:
     setting = None           # the setting's name (its registry key)
     name = None              # the method's name (--method)
@@ -104,6 +113,7 @@ class Method:
     description = ""         # the setting's --help description
     own_keys = {}            # config keys this class adds: {name: Key}
     own_flags = ()           # flags this class adds
+    own_evaluation_keys = ("eval_param_grid",)  # keys --eval_only may change (how to evaluate, not what)
     legacy_keys = {}         # keys of configs written by earlier versions, converted by upgrade()
     refused_flags = {}       # {flag name: why this method refuses it}
     norms = ("IN", "BN", "GN")
@@ -124,6 +134,14 @@ class Method:
         """{flag name: Flag} of the setting and the method (the setting's parser adds the flags
         of all its methods)."""
         return {flag.name: flag for klass in reversed(cls.__mro__) for flag in klass.__dict__.get("own_flags", ())}
+
+    @classmethod
+    def has_key(cls, key):
+        return key in cls.config_keys()
+
+    @classmethod
+    def evaluation_keys(cls):
+        return {key for klass in cls.__mro__ for key in klass.__dict__.get("own_evaluation_keys", ())}
 
     @classmethod
     def uses_flag(cls, flag):
@@ -187,6 +205,8 @@ class Method:
         cls.validate_setting(config, checks)
         grid = config.eval_param_grid
         checks.require(isinstance(grid, list) and len(grid) > 0, "eval_param_grid", "the evaluation grid is empty")
+        checks.require(len(grid) <= MAX_GRID_POINTS, "eval_param_grid",
+                       f"at most {MAX_GRID_POINTS} values, got {len(grid)}")
         levels = cls.level_range(config)
         for value in grid:
             checks.require(value in levels, "eval_param_grid",
@@ -304,7 +324,19 @@ class LineMethod:
 
 class WarmupMethod(Method):
     """Settings with a warmup (unstructured: the TopK decay; quantized: activations unquantized)
-    and GroupNorm."""
+    and GroupNorm. Their networks are evaluated with their BN running statistics: the
+    structured setting's flags for re-estimating them are accepted only to be refused."""
+
+    own_flags = (Flag("--bn_calibration_images", ("bn_calibration_images",), argparse.SUPPRESS, type=int),
+                 Flag("--lec_test_batch_statistics", ("lec_test_batch_statistics",), argparse.SUPPRESS,
+                      switch=True))
+
+    @classmethod
+    def check_flag_used(cls, flag, siblings):
+        if flag.name in ("--bn_calibration_images", "--lec_test_batch_statistics"):
+            raise ConfigError(f"{flag.name}: only train_structured.py re-estimates BN statistics; {cls.setting} "
+                              f"networks are evaluated with their running statistics")
+        super().check_flag_used(flag, siblings)
 
     own_keys = {
         "warmup_budget": Key("float?", 80.0, "percent of all iterations (unstructured, quantized)", required=False),

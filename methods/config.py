@@ -104,6 +104,11 @@ class Config:
     def has(self, key):
         return key in self._keys
 
+    def replaced(self, **changes):
+        """A copy with some values changed."""
+        values = {key: value for key, value in self.to_dict().items() if key not in ("setting", "method")}
+        return Config(self.setting, self.method, self._keys, {**values, **changes})
+
     def to_dict(self):
         return {"setting": self.setting, "method": self.method, **{key: self.__dict__[key] for key in self._keys}}
 

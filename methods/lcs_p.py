@@ -2,14 +2,11 @@
 
 import torch
 
-from methods.quantized import MAX_BITS, BitRange, QuantizedMethod
+from methods.quantized import BitRange, QuantizedMethod
 from methods.levels import sandwich, uniform
 from methods.structured import StructuredMethod, WidthRange
 from methods.unstructured import SampledTopK, UnstructuredMethod
 from models.layers import Level, quant_layers
-
-# Bit width of every quantized layer during the warmup.
-WARMUP_BITS = MAX_BITS
 
 
 class LcsPStructured(WidthRange, StructuredMethod):
@@ -36,8 +33,8 @@ class LcsPUnstructured(SampledTopK, UnstructuredMethod):
 
 
 class LcsPQuantized(BitRange, QuantizedMethod):
-    """8 bits during the warmup; afterwards every quantized layer draws its own bit width
-    uniformly from {min_bits..max_bits} in every batch. Evaluated at one uniform bit width."""
+    """The upper bit width (max_bits) during the warmup; afterwards every quantized layer draws its
+    own bit width uniformly from {min_bits..max_bits} in every batch. Evaluated at one uniform bit width."""
 
     name = "lcs_p"
 
@@ -46,7 +43,7 @@ class LcsPQuantized(BitRange, QuantizedMethod):
 
     def train_levels(self, step, generator):
         if not self.activation_quant(step):
-            return [Level(num_bits=WARMUP_BITS, act_quant=False)]
+            return [Level(num_bits=self.config.max_bits, act_quant=False)]
         bits = torch.randint(self.config.min_bits, self.config.max_bits + 1, (self.num_layers,),
                              generator=generator)
         return [Level(layer_bits=tuple(bits.tolist()), act_quant=True)]

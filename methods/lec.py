@@ -3,7 +3,7 @@ physical slimming at evaluation, no fine-tuning (SPEC 3.5)."""
 
 import torch
 
-from methods.base import LevelRange
+from methods.base import Flag, LevelRange
 from methods.config import Key
 from methods.structured import StructuredMethod
 from models import count_parameters
@@ -19,7 +19,19 @@ class LEC(StructuredMethod):
     level_name = "topk"
     norms = ("BN",)
     export_format = "slimmed_channels"
-    own_keys = {"bn_update_factor": Key("float?", 0.0, "LEC L1 strength on gammas")}
+    own_keys = {
+        "bn_update_factor": Key("float?", 0.0, "LEC L1 strength on gammas"),
+        # The slimmed network's BN statistics are re-estimated on training images before each
+        # evaluation (the original normalised each test batch with its own statistics instead).
+        "bn_calibration_images": Key("int", 2048, "training images that re-estimate BN statistics before each "
+                                                  "evaluation (0: off)"),
+        "lec_test_batch_statistics": Key("bool", False, "normalise each test batch with its own statistics (the "
+                                                        "original's evaluation)"),
+    }
+    own_flags = (Flag("--lec_test_batch_statistics", ("lec_test_batch_statistics",),
+                      "evaluate with each test batch's own BN statistics, as the original did (transductive; "
+                      "replaces the re-estimation)", switch=True),)
+    own_evaluation_keys = ("lec_test_batch_statistics",)
     refused_flags = {**StructuredMethod.refused_flags,
                      "--eval_width_factors": "lec is evaluated at fractions of norm channels kept, not at width "
                                              "factors (set eval_param_grid in a --config file)"}

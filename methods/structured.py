@@ -7,7 +7,7 @@ from methods.config import Key
 from models import conv_macs, profile_convs
 from models.factory import LayerFactory
 from models.layers import Level
-from utils.errors import number_list
+from utils.errors import ConfigError, number_list
 
 
 class StructuredMethod(Method):
@@ -29,11 +29,48 @@ class StructuredMethod(Method):
              "widths per batch, both ends included (default 4)", type=int),
         Flag("--eval_width_factors", ("eval_param_grid",), "comma-separated width factors to evaluate",
              type=number_list(float), aliases=("--list",)),
+        Flag("--bn_calibration_images", ("bn_calibration_images",),
+             "before each evaluation, re-estimate the BN running statistics of the network as evaluated on this "
+             "many training images (test transform, seeded subset); 0: off (default: 2048 for lec, 0 for the "
+             "others; BN only)", type=int),
         # The structured setting has no warmup: accepted only to be refused with a clear message.
         Flag("--warmup_budget", ("warmup_budget",), argparse.SUPPRESS, type=float),
     )
+    own_keys = {"bn_calibration_images": Key("int", 0, "training images that re-estimate BN statistics before "
+                                                       "each evaluation (0: off)")}
+    own_evaluation_keys = ("bn_calibration_images",)
+    BN_STATISTICS = ("--bn_calibration_images", "--lec_test_batch_statistics")
     refused_flags = {"--warmup_budget": "the structured setting has no warmup (only train_unstructured.py and "
                                         "train_quantized.py take it)"}
+
+    @classmethod
+    def flag_values(cls, args, siblings, skip=()):
+        """--bn_calibration_images and --lec_test_batch_statistics: one way of getting the BN
+        statistics of an evaluation. A flag for one mode switches off the other when that came
+        from a file or default; both given as flags is an error."""
+        entries = super().flag_values(args, siblings, skip)
+        images, test_batch = args.bn_calibration_images, args.lec_test_batch_statistics
+        if test_batch and images:
+            raise ConfigError(f"--lec_test_batch_statistics: evaluates with test-batch statistics, so it excludes "
+                              f"--bn_calibration_images {images} (give 0 or leave it out)")
+        if test_batch and images is None:
+            entries.append(("bn_calibration_images", 0, "--lec_test_batch_statistics"))
+        if images and cls.has_key("lec_test_batch_statistics"):
+            entries.append(("lec_test_batch_statistics", False, "--bn_calibration_images"))
+        return entries
+
+    @classmethod
+    def validate_setting(cls, config, checks):
+        super().validate_setting(config, checks)
+        images = config.bn_calibration_images
+        checks.require(images >= 0, "bn_calibration_images",
+                       f"must be 0 (off) or a number of training images, got {images}")
+        checks.require(images == 0 or config.norm == "BN", "bn_calibration_images",
+                       f"re-estimates BN running statistics, but --norm {config.norm} keeps none (only BN does); "
+                       f"use 0")
+        checks.require(not (config.get("lec_test_batch_statistics") and images), "lec_test_batch_statistics",
+                       f"evaluates with test-batch statistics, so it excludes bn_calibration_images {images} "
+                       f"(set it to 0)")
 
     def layer_factory(self):
         return LayerFactory(norm_kind=self.config.norm, body="slim")
@@ -57,6 +94,10 @@ def structured_metrics(model, input_size):
     params = sum(max(1, round(r["full_numel"] * r["c_in"] / r["c_in_max"] * r["c_out"] / r["c_out_max"]))
                  for r in records.values())
     return {"sparsity": 1 - params / total, "conv_params": params, "macs": conv_macs(records)}
+
+
+# Forward passes per step: more is a typo, not a recipe.
+MAX_SAMPLES = 64
 
 
 class WidthRange:
@@ -85,6 +126,8 @@ class WidthRange:
         checks.require(config.width_factor_samples >= minimum, "width_factor_samples",
                        f"must be at least {minimum} (the sandwich rule trains both ends), got "
                        f"{config.width_factor_samples}")
+        checks.require(config.width_factor_samples <= MAX_SAMPLES, "width_factor_samples",
+                       f"must be at most {MAX_SAMPLES}, got {config.width_factor_samples}")
 
     @classmethod
     def min_samples_for(cls, config):

@@ -33,8 +33,9 @@ def default_method(setting, name, warmup=100):
     return METHODS[setting][name](config, warmup)
 
 
-def sample_value(flag):
-    return SAMPLE_VALUES[getattr(flag.type, "__name__", "float")]
+def flag_argv(flag):
+    """The flag with a value argparse accepts (the method decides whether it may use it)."""
+    return [flag.name] if flag.switch else [flag.name, SAMPLE_VALUES[getattr(flag.type, "__name__", "float")]]
 
 
 @pytest.mark.parametrize("setting, name", REGISTRY, ids=IDS)
@@ -49,7 +50,7 @@ def test_flags_come_from_the_method(setting, name):
             assert set(flag.keys) <= set(cls.config_keys())
             continue
         with pytest.raises(ConfigError) as error:
-            training_params.parse(setting, ["--method", name, flag.name, sample_value(flag)])
+            training_params.parse(setting, ["--method", name, *flag_argv(flag)])
         assert str(error.value).startswith(f"{flag.name}: "), str(error.value)
     for flag in cls.flags().values():
         assert flag.name in parser_flags
