@@ -179,7 +179,7 @@ def build_data(config, device, rank=0, world_size=1):
 
 def calibration_images(config):
     """How many training images re-estimate the BN statistics before each evaluation (0: none)."""
-    return config.bn_calibration_images or 0
+    return config.get("bn_calibration_images") or 0
 
 
 def loader_calibration(train_set, test_transform, config, device, memory_format):
