@@ -22,8 +22,9 @@ from models.factory import dense_factory
 from models.layers import ChannelSelection, Norm2d, QuantConv2d
 from training_params import parse
 from utils import checkpoint as ckpt
-from deploy.export import (export_model, load_exported, main, pack_bits, round_up_widths, save_export,
-                          unpack_bits)
+from deploy.compressed import export_model, load_exported, round_up_widths, save_export
+from deploy.export import main
+from deploy.packing import pack_bits, unpack_bits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Training-time evaluations of the warmup methods are taken after their warmup.
