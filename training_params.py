@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 import yaml
 
+from data.cifar import DEFAULT_DATA_DIR, data_dir_problem
 from methods import METHODS
 from methods.levels import bits_to_alpha, width_to_alpha
 from models import MODELS
@@ -102,6 +103,8 @@ class Config:
     seed: int = _key("int", 0)
     device: str = _key("str", "auto")
     num_workers: Optional[int] = _key("int?")
+    threads: Optional[int] = _key("int?", None, "CPU threads per process (null: chosen at start, see --threads)")
+    eval_at_start: bool = _key("bool", True, "evaluate the grid before the first training step (epoch 0)")
     train_subset: Optional[int] = _key("int?")
     test_subset: Optional[int] = _key("int?")
     data_pipeline: str = _key("str", "auto", "auto, tensor or dataloader")
@@ -123,10 +126,13 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 COMMON_KEYS = {"model", "dataset", "norm", "epochs", "batch_size", "test_freq", "learning_rate", "momentum",
                "weight_decay", "save_root", "save_dir", "data_dir", "imagenet_dir", "image_size", "seed",
                "device", "num_workers", "train_subset", "test_subset", "data_pipeline", "amp",
-               "channels_last", "compile"}
+               "channels_last", "compile", "threads", "eval_at_start"}
 WARMUP_SETTINGS = ("unstructured_sparsity", "quantized")
 # Keys that only say where or how to run: they may change when resuming or evaluating.
-RUNTIME_KEYS = {"data_dir", "imagenet_dir", "device", "num_workers", "save_dir", "data_pipeline"}
+# eval_at_start changes what is recorded, not what is trained (evaluation leaves the model and
+# the random streams as they were).
+RUNTIME_KEYS = {"data_dir", "imagenet_dir", "device", "num_workers", "save_dir", "data_pipeline", "threads",
+                "eval_at_start"}
 
 
 def allowed_keys(setting, method):
@@ -228,6 +234,12 @@ def _add_common_flags(parser, setting):
     add("--seed", type=int, help="seed of Python, NumPy, torch and the data order (default: 0)")
     add("--device", choices=DEVICES, help="auto (CUDA when available, default), cpu or cuda")
     add("--num_workers", type=int, help="data-loading worker processes (default: 2 on CIFAR-10, 16 on ImageNet)")
+    add("--threads", type=int, help="CPU threads per process (default: the usable cores not busy with other "
+                                     "work, at most 16, shared among torchrun's local processes; "
+                                     "OMP_NUM_THREADS when set)")
+    add("--eval_at_start", action=argparse.BooleanOptionalAction, default=None,
+        help="evaluate the grid before training, as the original does (epoch 0 in the metrics; default); "
+             "--no-eval_at_start skips it")
     add("--train_subset", type=int, help="train on the first N training images after a seeded shuffle")
     add("--test_subset", type=int, help="evaluate on the first N test images after a seeded shuffle")
     add("--image_size", type=int, help="ImageNet crop size (default: 224)")
@@ -311,7 +323,7 @@ class _Layers:
 FLAG_KEYS = ("model", "dataset", "norm", "epochs", "test_freq", "learning_rate", "batch_size", "momentum",
              "weight_decay", "save_dir", "data_dir", "imagenet_dir", "seed", "device", "num_workers",
              "train_subset", "test_subset", "image_size", "data_pipeline", "amp", "channels_last", "compile",
-             "warmup_budget")
+             "warmup_budget", "threads", "eval_at_start")
 
 
 def _apply_file(layers, data, path, setting, method):
@@ -558,6 +570,7 @@ def _validate_numbers(c, s):
              f"must be in [0, 1), got {c.momentum}")
     _require(0 <= c.seed <= MAX_SEED, s, "seed", f"must be in 0..{MAX_SEED}, got {c.seed}")
     _require(c.num_workers >= 0, s, "num_workers", f"must be 0 or more, got {c.num_workers}")
+    _require(c.threads is None or c.threads >= 1, s, "threads", f"must be at least 1, got {c.threads}")
     for key in ("train_subset", "test_subset"):
         value = getattr(c, key)
         _require(value is None or value >= 1, s, key, f"must be at least 1, got {value}")
@@ -591,9 +604,12 @@ def _validate_data_source(c, s):
     for key in ("imagenet_dir", "image_size"):
         _require(not _given_as_flag(s, key), s, key, "only used with --dataset imagenet")
     # The default ./data may be missing: CIFAR-10 is downloaded there. A directory given
-    # explicitly must exist (a typo must not trigger a download into a new folder).
-    if os.path.normpath(c.data_dir) != "data":
-        _require(os.path.isdir(c.data_dir), s, "data_dir", f"no such directory: {c.data_dir}")
+    # explicitly must exist (a typo must not trigger a download into a new folder) and must
+    # not be one of the common wrong places (a split folder, an archive, ...). The default is
+    # checked when the data is read (data.cifar.load_cifar10).
+    if os.path.normpath(c.data_dir) != DEFAULT_DATA_DIR:
+        problem = data_dir_problem(c.data_dir)
+        _require(problem is None, s, "data_dir", problem)
 
 
 def check_save_dir(save_dir, source):
