@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import yaml
 
 from data.cifar import DEFAULT_DATA_DIR, data_dir_problem
 from methods import METHODS
 from methods.levels import bits_to_alpha, width_to_alpha
 from models import MODELS
-from utils.errors import ConfigError, UsageParser, UserError, number_list, one_line
+from utils.errors import ConfigError, UsageParser, UserError, number_list, one_line, shown
+from utils.yaml_io import read_yaml
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 CONFIG_ROOT = os.path.join(REPO_ROOT, "configs")
@@ -96,6 +96,11 @@ class Config:
     max_bits: Optional[int] = _key("int?")
     discrete_alpha_map: Optional[bool] = _key("bool?", None, "alpha drawn from {1/n, ..., 1}")
     beta: Optional[float] = _key("float?", None, "weight of the cos^2 line penalty")
+    # BN statistics at evaluation (structured)
+    bn_calibration_images: Optional[int] = _key("int", None, "training images that re-estimate BN statistics "
+                                                              "before each evaluation (0: off)")
+    lec_test_batch_statistics: Optional[bool] = _key("bool", None, "LEC: normalise each test batch with its own "
+                                                                    "statistics (the original's evaluation)")
     # where and how to run
     data_dir: str = _key("str", "./data")
     imagenet_dir: Optional[str] = _key("str?")
@@ -128,6 +133,8 @@ COMMON_KEYS = {"model", "dataset", "norm", "epochs", "batch_size", "test_freq", 
                "device", "num_workers", "train_subset", "test_subset", "data_pipeline", "amp",
                "channels_last", "compile", "threads", "eval_at_start"}
 WARMUP_SETTINGS = ("unstructured_sparsity", "quantized")
+# Settings whose evaluation may re-estimate BN statistics (--bn_calibration_images).
+CALIBRATION_SETTINGS = ("structured_sparsity",)
 # Keys that only say where or how to run: they may change when resuming or evaluating.
 # eval_at_start changes what is recorded, not what is trained (evaluation leaves the model and
 # the random streams as they were).
@@ -139,6 +146,8 @@ def allowed_keys(setting, method):
     keys = set(COMMON_KEYS) | set(METHODS[setting][method].config_keys)
     if setting in WARMUP_SETTINGS:
         keys |= {"warmup_budget", "num_groups"}
+    if setting in CALIBRATION_SETTINGS:
+        keys.add("bn_calibration_images")
     return keys
 
 
@@ -166,15 +175,15 @@ KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false",
 
 def _check_entry(source, key, value, setting, method):
     if key not in FIELDS:
-        raise ConfigError(f"{source}: unknown key '{key}' (allowed: {', '.join(sorted(allowed_keys(setting, method)))})")
+        raise ConfigError(f"{source}: unknown key {shown(key)} (allowed: {', '.join(sorted(allowed_keys(setting, method)))})")
     if key not in allowed_keys(setting, method):
-        raise ConfigError(f"{source}: key '{key}' is not used by {setting}/{method}")
+        raise ConfigError(f"{source}: key {shown(key)} is not used by {setting}/{method}")
     kind = FIELDS[key].metadata["kind"]
     if not _type_ok(kind, value):
         hint = ""
         if isinstance(value, str) and kind.rstrip("?") in ("float", "int") and _is_number_text(value):
             hint = " (YAML reads numbers like 1e-4 as text: write 1.0e-4)"
-        raise ConfigError(f"{source}: key '{key}' must be {KIND_WORDS[kind.rstrip('?')]}, got {value!r}{hint}")
+        raise ConfigError(f"{source}: key '{key}' must be {KIND_WORDS[kind.rstrip('?')]}, got {shown(value)}{hint}")
 
 
 def _is_number_text(text):
@@ -183,31 +192,6 @@ def _is_number_text(text):
         return True
     except ValueError:
         return False
-
-
-def read_yaml(path):
-    """A YAML mapping from `path`, or ConfigError naming the file (and line)."""
-    try:
-        with open(path) as handle:
-            data = yaml.safe_load(handle)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, expected a YAML file") from None
-    except yaml.YAMLError as error:
-        mark, context = getattr(error, "problem_mark", None), getattr(error, "context_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        if getattr(error, "context", None) and context is not None:  # e.g. an unclosed [ further up
-            problem += f" ({error.context} from line {context.line + 1})"
-        raise ConfigError(f"{path}{where}: YAML syntax error: {problem}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: cannot read: {error}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
-    return data
 
 
 def method_yaml_path(setting, method):
@@ -256,6 +240,16 @@ def _add_common_flags(parser, setting):
     add("--checkpoint", help="checkpoint to evaluate with --eval_only")
     if setting == "structured_sparsity":  # accepted only to be refused with a clear message
         add("--warmup_budget", type=float, help=argparse.SUPPRESS)
+        add("--bn_calibration_images", type=int,
+            help="before each evaluation, re-estimate the BN running statistics of the network as evaluated "
+                 "on this many training images (test transform, seeded subset); 0: off (default: 2048 for lec, "
+                 "0 for the others; BN only)")
+        add("--lec_test_batch_statistics", action="store_true", default=None,
+            help="lec: evaluate with each test batch's own BN statistics, as the original did (transductive; "
+                 "replaces the re-estimation)")
+    else:  # accepted only to be refused with a clear message
+        add("--bn_calibration_images", type=int, help=argparse.SUPPRESS)
+        add("--lec_test_batch_statistics", action="store_true", default=None, help=argparse.SUPPRESS)
 
 
 def build_parser(setting):
@@ -343,6 +337,7 @@ def _apply_setting_flags(layers, args, setting, method):
     def refuse(flag, allowed):
         raise ConfigError(f"--{flag}: not used by --method {method} (only by {allowed})")
 
+    _apply_bn_statistics_flags(layers, args, setting, method, refuse)
     if setting == "structured_sparsity":
         if _flag_given(args, "warmup_budget"):
             raise ConfigError("--warmup_budget: the structured setting has no warmup (only train_unstructured.py "
@@ -406,6 +401,31 @@ def _apply_setting_flags(layers, args, setting, method):
                 layers.set("eval_param_grid", list(range(limits[0], limits[1] + 1)), "--bit_width_limits")
         if _flag_given(args, "eval_bit_widths"):
             layers.set("eval_bit_widths", args.eval_bit_widths, "--eval_bit_widths")
+
+
+def _apply_bn_statistics_flags(layers, args, setting, method, refuse):
+    """--bn_calibration_images and --lec_test_batch_statistics: one way of getting the BN
+    statistics of an evaluation. A flag for one mode switches off the other when that came
+    from a file or default; both given as flags is an error."""
+    given = [flag for flag in ("bn_calibration_images", "lec_test_batch_statistics") if _flag_given(args, flag)]
+    if given and setting not in CALIBRATION_SETTINGS:
+        raise ConfigError(f"--{given[0]}: only train_structured.py re-estimates BN statistics; {setting} networks "
+                          f"are evaluated with their running statistics")
+    if "lec_test_batch_statistics" in given and method != "lec":
+        refuse("lec_test_batch_statistics", "lec")
+    for flag in given:
+        layers.set(flag, getattr(args, flag), f"--{flag}")
+    test_batch = layers.get("lec_test_batch_statistics")
+    images = layers.get("bn_calibration_images")
+    if not test_batch or images == 0:
+        return
+    if "bn_calibration_images" in given and "lec_test_batch_statistics" in given:
+        raise ConfigError(f"--lec_test_batch_statistics: evaluates with test-batch statistics, so it excludes "
+                          f"--bn_calibration_images {images} (give 0 or leave it out)")
+    if "bn_calibration_images" in given:
+        layers.set("lec_test_batch_statistics", False, "--bn_calibration_images")
+    elif images is None or "lec_test_batch_statistics" in given:
+        layers.set("bn_calibration_images", 0, "--lec_test_batch_statistics")
 
 
 def _derive(layers, setting, method):
@@ -484,6 +504,8 @@ def merge(setting, args, base=None, base_source=None):
     _apply_setting_flags(layers, args, setting, method)
     _derive(layers, setting, method)
     config = Config(setting=setting, method=method)
+    if setting in CALIBRATION_SETTINGS:
+        config.bn_calibration_images = 0
     for key, value in METHODS[setting][method].defaults.items():
         setattr(config, key, value)
     if setting in WARMUP_SETTINGS:
@@ -560,9 +582,18 @@ MAX_SEED = 2**32 - 1  # NumPy's seed range
 MIN_IMAGE_SIZE = {"resnet18": 33, "vgg19": 32}
 
 
+# What makes sense, so that a typo cannot start a thousand workers or a batch no memory holds.
+UPPER_BOUNDS = {"epochs": 100_000, "batch_size": 65_536, "num_workers": 256, "threads": 1024, "image_size": 1024,
+                "width_factor_samples": 64}
+MAX_GRID_POINTS = 256
+
+
 def _validate_numbers(c, s):
     for key in ("epochs", "batch_size", "test_freq"):
         _require(getattr(c, key) >= 1, s, key, f"must be at least 1, got {getattr(c, key)}")
+    for key, high in UPPER_BOUNDS.items():
+        value = getattr(c, key)
+        _require(value is None or value <= high, s, key, f"must be at most {high}, got {value}")
     for key in ("learning_rate", "weight_decay"):
         value = getattr(c, key)
         _require(math.isfinite(value) and value >= 0, s, key, f"must be a finite number >= 0, got {value}")
@@ -624,6 +655,7 @@ def check_save_dir(save_dir, source):
 
 def _check_grid(s, key, grid, low, high, low_open=True, what="grid values"):
     _require(isinstance(grid, list) and len(grid) > 0, s, key, "the evaluation grid is empty")
+    _require(len(grid) <= MAX_GRID_POINTS, s, key, f"at most {MAX_GRID_POINTS} values, got {len(grid)}")
     for value in grid:
         _in_range(s, key, value, low, high, low_open=low_open, what=what)
 
@@ -631,6 +663,12 @@ def _check_grid(s, key, grid, low, high, low_open=True, what="grid values"):
 def _validate_structured(c, s):
     _require(c.norm != "GN", s, "norm", "GN is not supported by the structured setting (slimmable layers "
                                          "take IN or BN)")
+    images = c.bn_calibration_images
+    _require(images >= 0, s, "bn_calibration_images", f"must be 0 (off) or a number of training images, got {images}")
+    _require(images == 0 or c.norm == "BN", s, "bn_calibration_images",
+             f"re-estimates BN running statistics, but --norm {c.norm} keeps none (only BN does); use 0")
+    _require(not (c.lec_test_batch_statistics and images), s, "lec_test_batch_statistics",
+             f"evaluates with test-batch statistics, so it excludes bn_calibration_images {images} (set it to 0)")
     if c.method in ("lec", "ns"):
         _require(c.norm == "BN", s, "norm", f"{c.method} needs BN, got {c.norm}")
     if c.method == "lec":
@@ -690,6 +728,7 @@ def _validate_quantized(c, s):
         return
     grid = c.eval_param_grid
     _require(isinstance(grid, list) and len(grid) > 0, s, "eval_param_grid", "the evaluation grid is empty")
+    _require(len(grid) <= MAX_GRID_POINTS, s, "eval_param_grid", f"at most {MAX_GRID_POINTS} values, got {len(grid)}")
     low, high = (c.min_bits, c.max_bits) if c.method == "lcs_p" else (3, 8)
     for bits in grid:
         _require(float(bits).is_integer() and low <= bits <= high, s, "eval_param_grid",
@@ -758,7 +797,8 @@ def _refuse_changes(setting, base, config, eval_only):
     the run. Flags repeating the checkpoint's values are fine."""
     allowed = set(RUNTIME_KEYS)
     if eval_only:
-        allowed |= {"batch_size", "test_subset", "alpha_grid", "eval_param_grid"}
+        allowed |= {"batch_size", "test_subset", "alpha_grid", "eval_param_grid", "bn_calibration_images",
+                    "lec_test_batch_statistics"}
     for key, value in config.to_dict().items():
         # A key the checkpoint lacks (written before the key existed) takes its default.
         if key in allowed or key not in base or base[key] == value:
@@ -776,6 +816,7 @@ def main(setting, argv=None):
     """Entry point of the three scripts: parse, then train or evaluate."""
     from utils.train import run
 
+    config = None
     try:
         config, options = parse(setting, argv)
         status = run(config, options)
@@ -789,6 +830,18 @@ def main(setting, argv=None):
     except torch.cuda.OutOfMemoryError as error:  # torch.OutOfMemoryError from torch 2.5 on
         _exit_with_error(setting, f"out of memory on the device ({one_line(error)[:200]}); try a smaller "
                                   f"--batch_size", 1)
+    except (MemoryError, RuntimeError) as error:
+        if not isinstance(error, MemoryError) and "can't allocate memory" not in str(error):
+            raise
+        _exit_with_error(setting, "out of memory on the host (a tensor could not be allocated); try a smaller "
+                                  "--batch_size or --image_size", 1)
+    except KeyboardInterrupt:
+        # A second Ctrl-C (the first stops after the current step and saves), or one before
+        # training began: stop at once. A write in progress is abandoned whole (atomic), so
+        # the last checkpoint on disk stays valid.
+        where = f" in {config.save_dir}" if config is not None else ""
+        _exit_with_error(setting, f"interrupted (Ctrl-C) before a checkpoint could be saved; stopped at once, the "
+                                  f"last checkpoint written{where}, if any, is intact (resume with --resume)", 130)
     sys.exit(status)
 
 

@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from utils.errors import UsageParser, number_list  # noqa: E402
 from utils import checkpoint as ckpt  # noqa: E402
-from utils.errors import ConfigError, UserError  # noqa: E402
+from utils.errors import ConfigError, UserError, one_line  # noqa: E402
 from utils.export import (checkpoint_config, export_model, load_exported, resolve_level,  # noqa: E402
                           save_export, uncompressed_level)
 
@@ -45,6 +45,7 @@ def build_parser():
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per model and batch size first")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--round_to", type=int, help="as utils.export --round_to (structured widths)")
+    parser.add_argument("--data_dir", help="as utils.export --data_dir (runs that re-estimated BN statistics)")
     parser.add_argument("--out_dir", help="keep the exported files here (default: a temporary directory)")
     return parser
 
@@ -109,6 +110,16 @@ def latencies_ms(models, batch_size, input_size, device, warmup, repeats):
     return [(1000 * statistics.median(w), 1000 * statistics.median(c)) for w, c in zip(wall, cpu)]
 
 
+def timed_batch(models, batch_size, input_size, device, args):
+    try:
+        return latencies_ms(models, batch_size, input_size, device, args.warmup, args.repeats)
+    except (MemoryError, RuntimeError) as error:  # torch's allocators raise RuntimeError subclasses
+        if not isinstance(error, MemoryError) and "memory" not in str(error):
+            raise
+        raise ConfigError(f"--batch_sizes {batch_size}: out of memory at this batch size on {device}; "
+                          f"use smaller batches") from None
+
+
 def valid_level(config, level):
     try:
         resolve_level(config, level)
@@ -117,22 +128,34 @@ def valid_level(config, level):
     return True
 
 
+# Bounds of the numeric flags: beyond them a run only exhausts memory or time (a batch of a
+# million images), or crashes torch (tens of thousands of threads).
+MAX_BATCH_SIZE = 4096
+MAX_REPEATS = 100_000
+MAX_LEVELS = 64
+
+
 def check_args(args):
-    if args.repeats < 1:
-        raise ConfigError(f"--repeats {args.repeats}: must be at least 1")
-    if args.warmup < 0:
-        raise ConfigError(f"--warmup {args.warmup}: must be non-negative")
-    if args.threads < 1:
-        raise ConfigError(f"--threads {args.threads}: must be at least 1")
-    if not args.batch_sizes or min(args.batch_sizes) < 1:
-        raise ConfigError(f"--batch_sizes {args.batch_sizes}: must be positive integers")
+    def bound(flag, value, low, high):
+        if not low <= value <= high:
+            raise ConfigError(f"{flag} {value}: must be in {low}..{high}")
+
+    bound("--repeats", args.repeats, 1, MAX_REPEATS)
+    bound("--warmup", args.warmup, 0, MAX_REPEATS)
+    bound("--threads", args.threads, 1, os.cpu_count() or 1)
+    if not args.batch_sizes or len(args.batch_sizes) > MAX_LEVELS:
+        raise ConfigError(f"--batch_sizes: give 1 to {MAX_LEVELS} batch sizes")
+    for batch_size in args.batch_sizes:
+        bound("--batch_sizes", batch_size, 1, MAX_BATCH_SIZE)
+    if args.levels is not None and not 1 <= len(args.levels) <= MAX_LEVELS:
+        raise ConfigError(f"--levels: give 1 to {MAX_LEVELS} levels")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
     if args.out_dir and not os.path.isdir(args.out_dir):
         raise ConfigError(f"--out_dir {args.out_dir}: no such directory")
 
 
-def export_all(payload, config, path, levels, round_to, out_dir, device):
+def export_all(payload, config, path, levels, round_to, out_dir, device, data_dir=None):
     """[(label, loaded model, file size, export header)], the uncompressed model first."""
     quantized = config.setting == "quantized"
     base = uncompressed_level(config)
@@ -140,9 +163,10 @@ def export_all(payload, config, path, levels, round_to, out_dir, device):
     jobs += [(f"{level:g}", level, False, round_to) for level in levels]
     results = []
     for label, level, is_base, rounding in jobs:
-        content = export_model(payload, level, path=path, round_to=rounding, float_weights=is_base and quantized)
+        content = export_model(payload, level, path=path, round_to=rounding, float_weights=is_base and quantized,
+                               data_dir=data_dir)
         file = os.path.join(out_dir, f"export_{'base' if is_base else label}.pt")
-        save_export(file, content)
+        save_export(file, content, inputs=[path], flag="--out_dir")
         results.append((label, load_exported(file, map_location=device), os.path.getsize(file), content))
     return results
 
@@ -179,11 +203,11 @@ def run(args):
     levels = args.levels or [level for level in DEFAULT_LEVELS[config.setting] if valid_level(config, level)]
     load_before = load_average()
     with tempfile.TemporaryDirectory() as scratch:
-        exported = export_all(payload, config, args.checkpoint, levels, args.round_to, args.out_dir or scratch, device)
+        exported = export_all(payload, config, args.checkpoint, levels, args.round_to, args.out_dir or scratch, device,
+                              args.data_dir)
     models = [model for _, model, _, _ in exported]
     input_size = exported[0][3]["input_size"]
-    timings = [latencies_ms(models, batch, input_size, device, args.warmup, args.repeats)
-               for batch in args.batch_sizes]
+    timings = [timed_batch(models, batch, input_size, device, args) for batch in args.batch_sizes]
     rows = []
     for index, (label, model, size, content) in enumerate(exported):
         rows.append({"label": label, "alpha": content["alpha"], "params": nonzero_parameters(model),
@@ -210,7 +234,7 @@ def main(argv=None):
     try:
         run(args)
     except UserError as error:
-        print(f"benchmarks/deploy.py: error: {error}", file=sys.stderr)
+        print(f"benchmarks/deploy.py: error: {one_line(error)}", file=sys.stderr)
         sys.exit(error.exit_code)
 
 

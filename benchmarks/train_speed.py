@@ -42,7 +42,7 @@ from methods.levels import cosine_lr  # noqa: E402
 from models import build_model  # noqa: E402
 from training_params import parse  # noqa: E402
 from utils.distributed import Context, pick_device  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from utils.errors import UsageParser, UserError  # noqa: E402
 from utils.train import Run, StopFlag, TrainStep, configure_backends  # noqa: E402
 
 SETTINGS = ("structured_sparsity", "unstructured_sparsity", "quantized")
@@ -52,8 +52,7 @@ DEFAULT_DATA = "data/cifar10-jpeg"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = UsageParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--settings", default=",".join(SETTINGS),
                         help=f"comma-separated subset of {', '.join(SETTINGS)}")
@@ -76,9 +75,13 @@ def parse_args(argv=None):
     for setting in args.settings:
         if setting not in SETTINGS:
             parser.error(f"--settings: unknown setting {setting!r} (allowed: {', '.join(SETTINGS)})")
-    for name in ("images", "batch_size", "epochs"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name}: must be at least 1, got {getattr(args, name)}")
+    # Bounds beyond which a run only exhausts memory, processes or time (or crashes torch).
+    bounds = {"images": (1, 1_300_000), "batch_size": (1, 65_536), "epochs": (1, 1000), "workers": (0, 256),
+              "threads": (1, os.cpu_count() or 1), "seed": (0, 2**32 - 1)}
+    for name, (low, high) in bounds.items():
+        value = getattr(args, name)
+        if value is not None and not low <= value <= high:
+            parser.error(f"--{name}: must be in {low}..{high}, got {value}")
     if args.data_dir is None:
         args.data_dir = DEFAULT_DATA if os.path.isdir(DEFAULT_DATA) else "./data"
     return args

@@ -16,10 +16,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from data.augment import Normalizer, crop_coordinates, draw_crop_flip, gather_crops, pad_images
-from data.cifar import CIFAR_MEAN, CIFAR_STD, load_cifar10
+from data.cifar import CIFAR_MEAN, CIFAR_STD, load_cifar10, subset_indices
 from utils.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -158,6 +158,8 @@ class Data:
     input_size: int
     num_train: int
     num_test: int
+    # Training images with the test transform, for re-estimating BN statistics (or None).
+    calibration: object = None
 
 
 def per_process_batch(config, world_size):
@@ -177,9 +179,10 @@ def build_data(config, device, rank=0, world_size=1):
         from data.imagenet import imagenet_datasets
         train_set, test_set, num_classes = imagenet_datasets(config)
         args = (rank, world_size, config.num_workers, device, memory_format)
+        calibration = loader_calibration(train_set, test_set.transform, config, device, memory_format)
         return Data(LoaderTrainStream(train_set, batch, config.seed, *args),
                     LoaderTestStream(test_set, config.batch_size, *args),
-                    num_classes, config.image_size, len(train_set), len(test_set))
+                    num_classes, config.image_size, len(train_set), len(test_set), calibration)
     train_images, train_labels = load_cifar10(config.data_dir, True, config.train_subset, config.seed)
     test_images, test_labels = load_cifar10(config.data_dir, False, config.test_subset, config.seed)
     if config.data_pipeline == "dataloader":
@@ -187,6 +190,7 @@ def build_data(config, device, rank=0, world_size=1):
         args = (rank, world_size, config.num_workers, device, memory_format)
         train = LoaderTrainStream(train_set, batch, config.seed, *args)
         test = LoaderTestStream(test_set, config.batch_size, *args)
+        calibration = loader_calibration(train_set, test_set.transform, config, device, memory_format)
     else:
         def to_device(images, labels):
             return (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device),
@@ -195,7 +199,29 @@ def build_data(config, device, rank=0, world_size=1):
                                   memory_format)
         test = TensorTestStream(*to_device(test_images, test_labels), config.batch_size, rank, world_size,
                                 memory_format)
-    return Data(train, test, 10, 32, len(train_labels), len(test_labels))
+        calibration = None
+        if calibration_images(config):
+            indices = subset_indices(len(train_labels), config.bn_calibration_images, config.seed)
+            calibration = TensorTestStream(*to_device(train_images[indices], train_labels[indices]),
+                                           config.batch_size, 0, 1, memory_format)
+    return Data(train, test, 10, 32, len(train_labels), len(test_labels), calibration)
+
+
+def calibration_images(config):
+    """How many training images re-estimate the BN statistics before each evaluation (0: none)."""
+    return config.bn_calibration_images or 0
+
+
+def loader_calibration(train_set, test_transform, config, device, memory_format):
+    """The calibration images (the first N training images of a shuffle seeded with --seed, the
+    same at every evaluation and after a resume) with the test transform, as whole batches of
+    --batch_size on every process (each process computes the same statistics), or None."""
+    if not calibration_images(config):
+        return None
+    dataset = SeededTransformDataset(train_set.load, train_set.labels, test_transform, config.seed)
+    indices = subset_indices(len(dataset), config.bn_calibration_images, config.seed)
+    return LoaderTestStream(Subset(dataset, indices), config.batch_size, 0, 1, config.num_workers, device,
+                            memory_format)
 
 
 def cifar_transforms():

@@ -6,9 +6,6 @@ from methods.base import QuantizedMethod, StructuredMethod, UnstructuredMethod
 from methods.levels import sandwich, uniform
 from models.layers import quant_layers, set_layer_bits, set_level
 
-# Bit width of every quantized layer during the warmup.
-WARMUP_BITS = 8
-
 
 class LcsPStructured(StructuredMethod):
     """Slimmable network with IN, widths [lo, hi, u, u], u ~ U(lo, hi): the US recipe."""
@@ -40,7 +37,7 @@ class LcsPUnstructured(UnstructuredMethod):
 
 
 class LcsPQuantized(QuantizedMethod):
-    """8 bits during the warmup; afterwards every quantized layer draws its own bit width
+    """The upper bit width (max_bits) during the warmup; afterwards every quantized layer draws its own bit width
     uniformly from {min_bits..max_bits} in every batch. Evaluated at one uniform bit width."""
 
     name = "lcs_p"
@@ -52,7 +49,7 @@ class LcsPQuantized(QuantizedMethod):
 
     def train_levels(self, step, generator):
         if not self.activation_quant(step):
-            return [{"num_bits": WARMUP_BITS, "act_quant": False}]
+            return [{"num_bits": self.config.max_bits, "act_quant": False}]
         bits = torch.randint(self.config.min_bits, self.config.max_bits + 1, (self.num_layers,),
                              generator=generator)
         return [{"layer_bits": bits.tolist(), "act_quant": True}]

@@ -16,8 +16,10 @@ class LEC(Method):
     # Grid values are fractions of all norm channels kept; the original recorded them as
     # `topk`, and so do we.
     level_name = "topk"
-    config_keys = ("bn_update_factor", "eval_param_grid")
-    defaults = {"bn_update_factor": 0.0}
+    config_keys = ("bn_update_factor", "eval_param_grid", "lec_test_batch_statistics")
+    # The slimmed network's BN statistics are re-estimated on training images before each
+    # evaluation (the original normalised each test batch with its own statistics instead).
+    defaults = {"bn_update_factor": 0.0, "bn_calibration_images": 2048, "lec_test_batch_statistics": False}
 
     def layer_factory(self):
         return LayerFactory(norm_kind=self.config.norm, body="dense")

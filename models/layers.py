@@ -295,6 +295,8 @@ class Norm2d(LineMixin, nn.Module):
       slice by every width (SPEC 3.4).
     * IN always uses instance statistics (affine, no running statistics).
     * GN uses min(C, num_groups) groups.
+    * BN with `momentum = None` keeps a cumulative average of the batch statistics, as
+      nn.BatchNorm2d does (used to re-estimate them, see models/bn_calibration.py).
     """
 
     level_attrs = ("alpha",)
@@ -316,6 +318,9 @@ class Norm2d(LineMixin, nn.Module):
         if kind == "BN":
             self.register_buffer("running_mean", torch.zeros(num_features))
             self.register_buffer("running_var", torch.ones(num_features))
+            # A plain count, not a buffer: it matters only while momentum is None, and
+            # checkpoints stay as they were.
+            self.num_batches_tracked = 0
         if line:
             self._add_endpoint1()
             nn.init.ones_(self.weight1)
@@ -323,6 +328,20 @@ class Norm2d(LineMixin, nn.Module):
 
     def affine(self):
         return self.line_weight(), self.line_bias()
+
+    def reset_running_stats(self):
+        """As nn.BatchNorm2d: mean 0, variance 1, no batches counted."""
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self.num_batches_tracked = 0
+
+    def _momentum(self):
+        if self.momentum is not None:
+            return self.momentum
+        if not self.training:
+            return 0.0  # unused: evaluation reads the running statistics
+        self.num_batches_tracked += 1
+        return 1.0 / self.num_batches_tracked
 
     def forward(self, x):
         gamma, beta = self.affine()
@@ -333,7 +352,7 @@ class Norm2d(LineMixin, nn.Module):
                 gamma, beta = gamma[:channels], beta[:channels]
                 running_mean, running_var = running_mean[:channels], running_var[:channels]
             return F.batch_norm(x, running_mean, running_var, gamma, beta,
-                                self.training, self.momentum, self.eps)
+                                self.training, self._momentum(), self.eps)
         if self.slim:
             gamma, beta = gamma[:channels], beta[:channels]
         if self.kind == "IN":

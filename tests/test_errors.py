@@ -1,5 +1,6 @@
 """Every user mistake gets one clear line: a table of bad command lines, YAML files, data
-folders and checkpoints, each run through a training script's entry point in its own process.
+folders and checkpoints, each run through a training script's entry point (or a tool's:
+utils.export, utils.compare, benchmarks/deploy.py) in its own process.
 
 For each case the test checks the exit status (2 for usage, data and checkpoint errors), that
 stderr is exactly one line naming the flag or file, that no traceback is printed and that
@@ -10,11 +11,18 @@ process (this file run as a script) that imports the project once and forks a ch
 each child calls the same `training_params.main(setting, argv)` the scripts call and exits
 with its real status, its stdout and stderr going to files. `test_scripts_as_subprocesses`
 runs a few cases through the real `python train_*.py` command lines as well.
+
+Hostile inputs (alias bombs, deep nesting, pipes and devices as files, huge numbers) must fail
+fast and small: each child runs under a memory limit (RLIMIT_AS, the runner's own address space
+plus MEMORY_MARGIN_BYTES) and is killed after its case's time limit, so that a regression fails
+the test instead of hanging CI or exhausting the machine.
 """
 
 import hashlib
+import importlib
 import json
 import os
+import resource
 import shlex
 import shutil
 import subprocess
@@ -28,22 +36,44 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = {"structured": "structured_sparsity", "unstructured": "unstructured_sparsity", "quantized": "quantized"}
 SCRIPTS = {"structured": "train_structured.py", "unstructured": "train_unstructured.py",
            "quantized": "train_quantized.py"}
-CASE_TIMEOUT_S = 90
+TOOLS = {"export": "utils.export", "compare": "utils.compare", "deploy": "benchmarks.deploy",
+         "train_speed": "benchmarks.train_speed"}
+CASE_TIMEOUT_S = 90   # a case that builds data and, wrongly accepted, would start training
+HOSTILE_LIMIT_S = 20  # a hostile input is refused before any data is read
+MEMORY_MARGIN_BYTES = 3 * 2**30
 PARALLEL_CASES = 2
 
 
 # -- the runner process: run each case in a forked child ---------------------------------
-def _child(setting, argv, out_path, err_path):
-    """Runs in the forked child: redirect stdout/stderr, call the entry point, exit with its
-    status (an uncaught exception prints its traceback and exits 1, as the interpreter does)."""
+def _entry_point(script):
+    if script in SETTINGS:
+        import training_params
+        return lambda argv: training_params.main(SETTINGS[script], argv)
+    return importlib.import_module(TOOLS[script]).main
+
+
+def _address_space_bytes():
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmSize in /proc/self/status")
+
+
+def _child(script, argv, out_path, err_path, memory_limit):
+    """Runs in the forked child: bound its memory, redirect stdout/stderr, call the entry
+    point, exit with its status (an uncaught exception prints its traceback and exits 1, as
+    the interpreter does)."""
+    resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
     for fd, path in ((1, out_path), (2, err_path)):
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(target, fd)
         os.close(target)
     status = 1
     try:
-        import training_params
-        training_params.main(setting, argv)
+        import torch
+        torch.set_num_threads(1)  # tiny cases; every thread would also reserve address space
+        _entry_point(script)(argv)
         status = 0
     except SystemExit as stop:
         if stop.code is None or isinstance(stop.code, int):
@@ -62,7 +92,11 @@ def serve(cases_path, results_path):
     """Run every case of `cases_path` (JSON), at most PARALLEL_CASES at a time."""
     os.chdir(REPO)
     sys.path.insert(0, REPO)
-    import training_params  # noqa: F401  (imported once, inherited by every child)
+    for script in (*SETTINGS, *TOOLS):  # imported once, inherited by every child
+        _entry_point(script)
+    import torch
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # its first use imports torch._dynamo (seconds)
+    memory_limit = _address_space_bytes() + MEMORY_MARGIN_BYTES
 
     with open(cases_path) as handle:
         cases = json.load(handle)
@@ -73,17 +107,20 @@ def serve(cases_path, results_path):
             out_path, err_path = case["log"] + ".out", case["log"] + ".err"
             pid = os.fork()
             if pid == 0:
-                _child(case["setting"], case["argv"], out_path, err_path)
+                _child(case["script"], case["argv"], out_path, err_path, memory_limit)
             running[pid] = (case, time.monotonic())
         for pid, (case, started) in list(running.items()):
             done, wait_status = os.waitpid(pid, os.WNOHANG)
-            if done == 0 and time.monotonic() - started > CASE_TIMEOUT_S:
+            seconds = time.monotonic() - started
+            timed_out = done == 0 and seconds > case["limit_s"]
+            if timed_out:
                 os.kill(pid, 9)
                 done, wait_status = os.waitpid(pid, 0)
             if done:
                 del running[pid]
-                results[case["id"]] = {"status": os.waitstatus_to_exitcode(wait_status),
-                                       "stdout": _read(case["log"] + ".out"), "stderr": _read(case["log"] + ".err")}
+                results[case["id"]] = {"status": os.waitstatus_to_exitcode(wait_status), "timed_out": timed_out,
+                                       "seconds": seconds, "stdout": _read(case["log"] + ".out"),
+                                       "stderr": _read(case["log"] + ".err")}
         time.sleep(0.02)
     with open(results_path, "w") as handle:
         json.dump(results, handle)
@@ -114,6 +151,12 @@ class Case:
     status: int = 2
     watch: str = "{save}"   # the directory that must be absent or unchanged afterwards
     may_write: tuple = ()   # files allowed to appear in `watch` (see the lazy ImageNet case)
+    limit_s: float = CASE_TIMEOUT_S  # killed (and failed) after this long
+
+
+def Hostile(*args, **kwargs):
+    """A case that must be refused within HOSTILE_LIMIT_S (and the runner's memory limit)."""
+    return Case(*args, **kwargs, limit_s=HOSTILE_LIMIT_S)
 
 
 # {D}: tiny CIFAR-10 and this case's run directory, so a case that wrongly passes validation
@@ -259,6 +302,77 @@ CASES = [
          "'width_multiplier'"),
     Case("eval_changes_model", "structured", "--eval_only --checkpoint {ckpt_last} --model vgg19 --save_dir {save}",
          "--model"),
+    # hostile YAML: aliases (a 1 KB bomb), deep nesting, repeated keys, size, devices and pipes
+    Hostile("yaml_alias_bomb", "structured", "{D} --config {yaml_alias_bomb}",
+            "{yaml_alias_bomb}:1: YAML anchors and aliases"),
+    Hostile("yaml_deep", "structured", "{D} --config {yaml_deep}", "{yaml_deep}:1: nested more than"),
+    Hostile("yaml_duplicate_key", "unstructured", "{D} --config {yaml_duplicate}",
+            "{yaml_duplicate}:3: key 'epochs' is given twice (also on line 1)"),
+    Hostile("yaml_huge", "quantized", "{D} --config {yaml_huge}", "{yaml_huge}: larger than"),
+    Hostile("yaml_huge_number", "quantized", "{D} --config {yaml_huge_number}", "{yaml_huge_number}"),
+    Hostile("yaml_long_value", "structured", "{D} --config {yaml_long_value}", "key 'epochs' must be an integer"),
+    Hostile("yaml_not_utf8", "unstructured", "{D} --config {yaml_not_utf8}", "{yaml_not_utf8}: cannot read"),
+    Hostile("config_dev_zero", "structured", "{D} --config /dev/zero", "/dev/zero: is not a regular file"),
+    Hostile("config_pipe", "quantized", "{D} --config {pipe}", "{pipe}: is not a regular file"),
+    Hostile("flag_huge_number", "structured", "{D} --epochs " + "9" * 5000, "--epochs"),
+    # numbers beyond what makes sense
+    Hostile("num_workers_huge", "unstructured", "{D} --num_workers 100000", "--num_workers"),
+    Hostile("batch_size_huge", "structured", "{D} --batch_size 1000000000", "--batch_size"),
+    Hostile("grid_too_long", "unstructured", "{D} --method lcs_p --eval_topk_grid " + ",".join(["0.5"] * 1000),
+            "--eval_topk_grid"),
+    # checkpoints that load but are wrong, and files that are not regular files
+    Hostile("resume_pipe", "structured", "--save_dir {save} --resume {pipe}", "{pipe}: is not a regular file"),
+    Hostile("eval_dev_zero", "structured", "--eval_only --checkpoint /dev/zero --save_dir {save}", "/dev/zero"),
+    Hostile("resume_bad_rng", "structured", "--save_dir {save} --resume {ckpt_bad_rng}", "{ckpt_bad_rng}: rng.python"),
+    Hostile("resume_no_optimizer", "structured", "--save_dir {save} --resume {ckpt_no_optimizer}",
+            "{ckpt_no_optimizer}: optimizer is missing"),
+    Hostile("resume_no_progress", "structured", "--save_dir {save} --resume {ckpt_no_progress}",
+            "{ckpt_no_progress}: progress is missing"),
+    Hostile("resume_negative_epoch", "structured", "--save_dir {save} --resume {ckpt_negative_epoch}",
+            "{ckpt_negative_epoch}: epoch is -1, expected an integer in 0..200"),
+    Hostile("resume_step_past_epoch", "structured", "--save_dir {save} --resume {ckpt_step_past_epoch}",
+            "{ckpt_step_past_epoch}: progress.step_in_epoch is 1000000"),
+    Hostile("resume_global_step_huge", "structured", "--save_dir {save} --resume {ckpt_global_step_huge}",
+            "{ckpt_global_step_huge}: progress.global_step is 1000000000000"),
+    Hostile("resume_wrong_type", "structured", "--save_dir {save} --resume {ckpt_wrong_type}",
+            "{ckpt_wrong_type}: progress.finished is 'no', expected true or false"),
+    Hostile("resume_momentum_shape", "structured", "--save_dir {save} --resume {ckpt_momentum_shape}",
+            "{ckpt_momentum_shape}: optimizer.state[0].momentum_buffer"),
+    Hostile("resume_model_not_tensor", "structured", "--save_dir {save} --resume {ckpt_model_not_tensor}",
+            "{ckpt_model_not_tensor}: model["),
+    Hostile("resume_other_model_name", "structured", "--save_dir {save} --resume {ckpt_other_model_name}",
+            "{ckpt_other_model_name}: model_name is 'vgg19'"),
+    Hostile("resume_nan_weights", "structured", "--save_dir {save} --resume {ckpt_nan}",
+            "{ckpt_nan}: non-finite weights in"),
+    # non-finite weights are neither evaluated nor exported
+    Hostile("eval_nan_weights", "structured", "--eval_only --checkpoint {ckpt_nan_final} --save_dir {save}",
+            "{ckpt_nan_final}: non-finite weights in"),
+    Hostile("export_nan_weights", "export", "--checkpoint {ckpt_nan_final} --level 1 --out {exports}/nan.pt",
+            "{ckpt_nan_final}: non-finite weights in", watch="{exports}"),
+    # tools never write over their inputs or a run directory's own files
+    Hostile("export_over_its_input", "export", "--checkpoint {ckpt_final} --level 1 --out {ckpt_final}",
+            "--out {ckpt_final}: is an input of this command", watch="{run}"),
+    Hostile("export_over_run_checkpoint", "export", "--checkpoint {ckpt_final} --level 1 --out {run}/checkpoint_last.pt",
+            "would replace the checkpoint_last.pt of the run directory {run}", watch="{run}"),
+    Hostile("compare_over_run_results", "compare", "{metrics_run} --out {metrics_run}/results.png",
+            "--out {metrics_run}/results.csv: would replace the results.csv", watch="{metrics_run}"),
+    Hostile("compare_over_run_plot", "compare", "{metrics_run} --out {metrics_run}/accuracy_vs_compression.png",
+            "would replace the accuracy_vs_compression.png", watch="{metrics_run}"),
+    # damaged metrics rows: every row is checked before anything is written
+    Hostile("compare_not_utf8", "compare", "{metrics_run} {rows_not_utf8} --out {exports}/cmp.png",
+            "{rows_not_utf8}/metrics.jsonl:2: not UTF-8", watch="{exports}"),
+    Hostile("compare_accuracy_text", "compare", "{metrics_run} {rows_accuracy_text} --out {exports}/cmp.png",
+            "{rows_accuracy_text}/metrics.jsonl:2: accuracy is \"high\", expected a finite number", watch="{exports}"),
+    Hostile("compare_null_level", "compare", "{rows_null_level} --out {exports}/cmp.png",
+            "{rows_null_level}/metrics.jsonl:1: level is null, expected a finite number", watch="{exports}"),
+    # the tools' numeric flags
+    Hostile("deploy_huge_batch", "deploy", "--checkpoint {ckpt_final} --batch_sizes 1,100000000",
+            "--batch_sizes 100000000: must be in 1..4096"),
+    Hostile("deploy_huge_threads", "deploy", "--checkpoint {ckpt_final} --threads 1000000", "--threads 1000000"),
+    Hostile("deploy_huge_repeats", "deploy", "--checkpoint {ckpt_final} --repeats 10000000000", "--repeats"),
+    Hostile("train_speed_huge_workers", "train_speed", "--workers 100000 --device cpu", "--workers: must be in 0..256"),
+    Hostile("export_huge_round_to", "export", "--checkpoint {ckpt_final} --level 0.5 --round_to 100000000 "
+            "--out {exports}/x.pt", "--round_to 100000000", watch="{exports}"),
 ]
 
 
@@ -278,6 +392,8 @@ def paths(tiny_cifar, tiny_imagenet, tmp_path_factory):
     (root / "a_file").write_text("not a directory\n")
     p["a_file"] = str(root / "a_file")
     p.update(_checkpoints(tiny_cifar, root))
+    p.update(_hostile_files(root))
+    p.update(_metrics_runs(root))
     return p
 
 
@@ -338,6 +454,99 @@ YAML_FILES = {
 }
 
 
+def _hostile_files(root):
+    """YAML files built to exhaust a parser or a printer, and a named pipe (reading one blocks)."""
+    bomb = ["eval_width_factors: [&a [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]"]
+    bomb += [f"  ,&{b} [*{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}]" for a, b in zip("abcdefgh", "bcdefghi")]
+    texts = {"yaml_alias_bomb": "\n".join(bomb) + "]\n",
+             "yaml_deep": "eval_width_factors: " + "[" * 50000 + "]" * 50000 + "\n",
+             "yaml_duplicate": "epochs: 1\nlearning_rate: 0.1\nepochs: 2\n",
+             "yaml_huge": "# " + "x" * 300_000 + "\n",
+             "yaml_huge_number": "epochs: " + "9" * 100_000 + "\n",
+             "yaml_long_value": "epochs: " + "x" * 200_000 + "\n"}
+    p = {}
+    for name, text in texts.items():
+        p[name] = str(root / f"{name}.yaml")
+        with open(p[name], "w") as handle:
+            handle.write(text)
+    p["yaml_not_utf8"] = str(root / "not_utf8.yaml")
+    with open(p["yaml_not_utf8"], "wb") as handle:
+        handle.write(b"epochs: 1\nnorm: \xff\xfe\n")
+    p["pipe"] = str(root / "pipe")
+    os.mkfifo(p["pipe"])
+    p["exports"] = str(root / "exports")
+    os.makedirs(p["exports"])
+    return p
+
+
+def _metrics_runs(root):
+    """A run directory holding metrics.jsonl, and copies with one damaged row each."""
+    from utils.metrics import write_rows
+
+    row = {"evaluation": 0, "epoch": 1, "step": 2, "setting": "structured_sparsity", "method": "us",
+           "model": "cpreresnet20", "dataset": "cifar10", "norm": "BN", "level_name": "width_factor", "level": 1.0,
+           "alpha": None, "accuracy": 0.5, "loss": 2.0, "num_images": 10, "sparsity": 0.0, "num_bits": None,
+           "final": True, "eval_only": False}
+    p = {"metrics_run": str(root / "metrics_run")}
+    os.makedirs(p["metrics_run"])
+    write_rows(os.path.join(p["metrics_run"], "metrics.jsonl"), [row])
+    damaged = {"rows_not_utf8": json.dumps(row).encode() + b"\n\xff\xfe{}\n",
+               "rows_accuracy_text": (json.dumps(row) + "\n" + json.dumps({**row, "accuracy": "high"}) + "\n").encode(),
+               "rows_null_level": (json.dumps({**row, "level": None}) + "\n").encode()}
+    for name, data in damaged.items():
+        p[name] = str(root / name)
+        os.makedirs(p[name])
+        with open(os.path.join(p[name], "metrics.jsonl"), "wb") as handle:
+            handle.write(data)
+    return p
+
+
+def _damaged_checkpoints(payload, root):
+    """Copies of a training checkpoint that torch.load reads but that are wrong in one field."""
+    import copy
+
+    import torch
+
+    def edit_rng(ckpt):
+        ckpt["rng"]["python"][1] = [1, 2, 3]
+
+    def edit_epoch(ckpt):
+        ckpt["epoch"] = ckpt["progress"]["epoch"] = -1
+
+    def edit_global_step(ckpt):
+        ckpt["global_step"] = ckpt["progress"]["global_step"] = 10**12
+
+    def edit_momentum(ckpt):
+        ckpt["optimizer"]["state"] = {0: {"momentum_buffer": torch.zeros(3)}}
+
+    def edit_model(ckpt):
+        ckpt["model"][next(iter(ckpt["model"]))] = 5
+
+    def edit_nan(ckpt):
+        next(value for value in ckpt["model"].values() if value.is_floating_point()).fill_(float("nan"))
+
+    edits = {"ckpt_bad_rng": edit_rng, "ckpt_no_optimizer": lambda ckpt: ckpt.pop("optimizer"),
+             "ckpt_no_progress": lambda ckpt: ckpt.pop("progress"), "ckpt_negative_epoch": edit_epoch,
+             "ckpt_step_past_epoch": lambda ckpt: ckpt["progress"].update(step_in_epoch=10**6),
+             "ckpt_global_step_huge": edit_global_step,
+             "ckpt_wrong_type": lambda ckpt: ckpt["progress"].update(finished="no"),
+             "ckpt_momentum_shape": edit_momentum, "ckpt_model_not_tensor": edit_model,
+             "ckpt_other_model_name": lambda ckpt: ckpt.update(model_name="vgg19"), "ckpt_nan": edit_nan}
+    p = {}
+    for name, edit in edits.items():
+        damaged = copy.deepcopy(payload)
+        edit(damaged)
+        p[name] = str(root / f"{name}.pt")
+        torch.save(damaged, p[name])
+    final = copy.deepcopy(payload)
+    edit_nan(final)
+    for key in ("optimizer", "progress", "rng"):
+        final.pop(key)
+    p["ckpt_nan_final"] = str(root / "nan_final.pt")
+    torch.save({**final, "kind": "model"}, p["ckpt_nan_final"])
+    return p
+
+
 def _yaml_files(root):
     p = {}
     for name, text in YAML_FILES.items():
@@ -387,6 +596,7 @@ def _checkpoints(tiny_cifar, root):
     torch.save({**payload, "model": weights}, p["ckpt_other_layers"])
     p["ckpt_unknown_key"] = str(root / "unknown_key.pt")
     torch.save({**payload, "config": {**payload["config"], "width_multiplier": 2}}, p["ckpt_unknown_key"])
+    p.update(_damaged_checkpoints(payload, root))
     quantized_dir = str(root / "quantized_run")
     written_run("quantized", ["--method", "target_bit_width"], quantized_dir)
     p["ckpt_quantized"] = os.path.join(quantized_dir, ckpt.LAST)
@@ -425,12 +635,13 @@ def table(paths, tmp_path_factory):
         argv = shlex.split(_fill(case.args, fields))
         watched = _fill(case.watch, fields)
         prepared[case.id] = (case, fields, watched, _snapshot(watched))
-        specs.append({"id": case.id, "setting": SETTINGS[case.script], "argv": argv,
+        specs.append({"id": case.id, "script": case.script, "argv": argv, "limit_s": case.limit_s,
                       "log": str(root / f"{case.id}.log")})
     cases_path, results_path = root / "cases.json", root / "results.json"
     cases_path.write_text(json.dumps(specs))
     runner = subprocess.run([sys.executable, os.path.abspath(__file__), str(cases_path), str(results_path)],
-                            cwd=REPO, capture_output=True, text=True, timeout=900)
+                            cwd=REPO, capture_output=True, text=True, timeout=900,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert runner.returncode == 0, runner.stderr
     results = json.loads(results_path.read_text())
     return {key: (case, fields, results[key], before, _snapshot(watched))
@@ -445,12 +656,14 @@ def check_one_clear_line(stderr, status, expected_status, name):
     assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{stderr}"
     assert ": error: " in lines[0], lines[0]
     assert name in lines[0], f"{name!r} not named in: {lines[0]}"
+    assert len(lines[0]) <= 800, f"an error line of {len(lines[0])} characters: {lines[0][:300]}..."
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case_id", [case.id for case in CASES])
 def test_bad_input_gets_one_clear_line(table, case_id):
     case, fields, result, before, after = table[case_id]
+    assert not result["timed_out"], f"still running after {case.limit_s} s: killed"
     check_one_clear_line(result["stderr"], result["status"], case.status, _fill(case.names, fields))
     if case.may_write:
         before = before or {}
@@ -461,7 +674,7 @@ def test_bad_input_gets_one_clear_line(table, case_id):
 
 def test_table_covers_every_script_and_kind():
     """Each script is exercised, with usage, YAML, data and checkpoint errors."""
-    assert {case.script for case in CASES} == set(SCRIPTS)
+    assert {case.script for case in CASES} == set(SCRIPTS) | set(TOOLS)
     text = " ".join(case.args for case in CASES)
     for needle in ("--config {yaml_", "--data_dir {cifar_", "--imagenet_dir {imagenet_", "--resume", "--eval_only"):
         assert needle in text, needle

@@ -13,9 +13,11 @@ import sys
 import pytest
 import torch
 
+from data import build_data
 from methods import METHODS
 from methods.base import EvalPoint
 from models import build_model
+from models.bn_calibration import calibrate_bn
 from models.factory import dense_factory
 from models.layers import ChannelSelection, Norm2d, QuantConv2d
 from training_params import parse
@@ -86,7 +88,7 @@ CASES = [
     ("structured_sparsity", "lcs_p", (), (1.0, 0.5), None),
     ("structured_sparsity", "us", (), (0.75, 0.25), None),
     ("structured_sparsity", "ns", (), (1.0, 0.5), None),
-    ("structured_sparsity", "lec", (), (0.9, 0.4), None),
+    ("structured_sparsity", "lec", ("--bn_calibration_images", "0"), (0.9, 0.4), None),
     ("unstructured_sparsity", "lcs_l", (), (0.5, 0.05), (0.5, 0.05)),
     ("unstructured_sparsity", "lcs_p", (), (0.5, 0.05), None),
     ("unstructured_sparsity", "target_topk", (), (0.5, 0.05), None),
@@ -176,7 +178,8 @@ def test_round_up_widths_never_exceeds_the_full_width():
 def test_lec_export_equals_the_masked_full_network(tmp_path):
     """Pruned channels of the full network, with gamma = beta = 0, contribute nothing: the
     slimmed export must give the same logits."""
-    path, payload, model, _ = make_checkpoint(tmp_path, "structured_sparsity", "lec")
+    path, payload, model, _ = make_checkpoint(tmp_path, "structured_sparsity", "lec",
+                                              ("--bn_calibration_images", "0"))
     fraction = 0.4
     out = str(tmp_path / "lec.pt")
     save_export(out, export_model(ckpt.load(path), fraction))
@@ -201,6 +204,39 @@ def test_lec_export_equals_the_masked_full_network(tmp_path):
     selections = [m for m in loaded.modules() if isinstance(m, ChannelSelection)]
     assert any(m.active for m in selections)
     assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("method, level", [("lec", 0.5), ("us", 0.5)])
+def test_export_holds_the_statistics_the_evaluation_re_estimated(tmp_path, tiny_cifar, method, level):
+    """A run that re-estimated BN statistics at evaluation exports them re-estimated the same way
+    (same training images, transform and batches): the deployed model gives the evaluated logits."""
+    flags = ("--data_dir", tiny_cifar, "--bn_calibration_images", "24", "--batch_size", "10", "--norm", "BN")
+    path, payload, model, trainer = make_checkpoint(tmp_path, "structured_sparsity", method, flags)
+    out = str(tmp_path / "calibrated.pt")
+    save_export(out, export_model(ckpt.load(path), level, data_dir=tiny_cifar))
+    point = EvalPoint(level=level)
+    trainer.apply_levels(model, trainer.eval_levels(point, STEP))
+    net, _ = trainer.eval_model(model, point)
+    calibration = build_data(trainer.config, torch.device("cpu")).calibration
+    assert calibrate_bn(net, calibration.batches()) == 24
+    x = inputs()
+    with torch.no_grad():
+        expected, exported = net(x), load_exported(out)(x)
+        uncalibrated = training_time_logits(*make_checkpoint(tmp_path, "structured_sparsity", method, flags)[2:],
+                                            level, None, x)
+    assert (exported - expected).abs().max() <= 1e-4
+    assert (exported - uncalibrated).abs().max() > 1e-2  # the statistics did change
+
+
+def test_export_of_a_calibrated_run_without_data_dir_is_a_one_line_error(tmp_path, capsys):
+    path, *_ = make_checkpoint(tmp_path, "structured_sparsity", "lec")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", path, "--level", "0.5", "--out", str(tmp_path / "o.pt")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("utils.export: error: --data_dir: this structured_sparsity/lec run evaluated with BN "
+                          "statistics re-estimated on 2048 training images")
+    assert not (tmp_path / "o.pt").exists()
 
 
 def test_unstructured_file_is_a_fraction_of_the_dense_one(tmp_path):

@@ -235,16 +235,18 @@ def test_target_bit_width_levels():
     assert method.train_levels(10, generator())[0]["num_bits"] == 4
 
 
-def test_lcs_p_quantized_8_bits_during_warmup():
-    method = make_method("quantized", "lcs_p", 10)
+@pytest.mark.parametrize("flags, warmup_bits", [((), 8), (("--bit_width_limits", "3,6"), 6)])
+def test_lcs_p_quantized_upper_bit_width_during_warmup(flags, warmup_bits):
+    """The warmup trains at max_bits (the original's), not at a fixed 8 bits."""
+    method = make_method("quantized", "lcs_p", 10, *flags)
     model = make_model(method)
     assert len(quant_layers(model)) == 21
     for layer in quant_layers(model):
         layer.num_bits = 3
     [levels] = method.train_levels(9, generator())
-    assert levels == {"num_bits": 8, "act_quant": False}
+    assert levels == {"num_bits": warmup_bits, "act_quant": False}
     method.apply_levels(model, levels)
-    assert [layer.num_bits for layer in quant_layers(model)] == [8] * 21
+    assert [layer.num_bits for layer in quant_layers(model)] == [warmup_bits] * 21
 
 
 def test_lcs_p_quantized_independent_bits_per_layer_after_warmup():

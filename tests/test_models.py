@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from methods.base import structured_metrics, unstructured_metrics
 from models import build_model, count_parameters
@@ -203,16 +204,6 @@ def test_quantized_cpreresnet20_topology():
                 assert isinstance(conv.norm, Norm2d) and conv.norm.num_features == conv.out_channels
 
 
-def test_quantized_bottleneck_is_relu_conv_norm_three_times_plus_residual():
-    model = build_model("cpreresnet20", QUANT, 10).eval()
-    block = model.layer1[1]                                                 # identity residual
-    x = torch.randn(2, 64, 8, 8)
-    relu = torch.relu
-    with torch.no_grad():
-        expected = block.conv3(relu(block.conv2(relu(block.conv1(relu(x)))))) + x
-        assert torch.allclose(block(x), expected, atol=1e-6)
-
-
 # -- LEC: threshold, floor and slimming (SPEC 3.5, 5) -----------------------------------------------
 def lec_model():
     return build_model("cpreresnet20", STANDARD, 10).eval()
@@ -359,3 +350,47 @@ def test_slimmed_model_uses_plain_layers():
     slim, _ = lec_slim(hand_made_lec_model(), "cpreresnet20", 10, 0.99)
     kinds = {type(m) for m in slim.modules() if isinstance(m, nn.Conv2d)}
     assert kinds == {Conv2d}
+
+
+# -- the cPreResNet20 shortcut (SPEC 3.6) ------------------------------------------------------
+SHORTCUT_FACTORIES = {
+    "quantized-BN": (LayerFactory(norm_kind="BN", body="quant"), True),
+    "quantized-GN": (LayerFactory(norm_kind="GN", body="quant"), True),
+    "quantized-IN": (LayerFactory(norm_kind="IN", body="quant", line_convs=True, line_norms=True), True),
+    "structured-BN": (LayerFactory(norm_kind="BN", body="slim"), False),
+    "unstructured-GN": (TOPK, False),
+}
+
+
+@pytest.mark.parametrize("name", SHORTCUT_FACTORIES)
+@pytest.mark.parametrize("block_name", ["layer1.1", "layer2.0"], ids=["identity", "downsample"])
+def test_cpreresnet_shortcut_input(name, block_name):
+    """The quantized bottleneck feeds relu(x) to its identity shortcut and down-sampling conv
+    (the original's in-place ReLU on the block input, its first norm being a no-op); the other
+    settings feed x. Checked against the block written out by hand, on an input with negative
+    entries, in training and evaluation."""
+    factory, sees_relu = SHORTCUT_FACTORIES[name]
+    torch.manual_seed(0)
+    model = build_model("cpreresnet20", factory, 10)
+    block = dict(model.named_modules())[block_name]
+    assert block.shortcut_sees_relu is sees_relu
+    x = torch.randn(4, block.conv1.in_channels, 8, 8)
+    assert (x < 0).any()
+    for training in (True, False):
+        block.train(training)
+        # Training-mode BN updates running statistics (and the quantized BN fold reads them):
+        # the reference runs on a copy, so both see the same state.
+        ref = copy.deepcopy(block)
+        with torch.no_grad():
+            out = ref.conv1(F.relu(ref.bn1(x)))
+            out = ref.conv2(F.relu(ref.bn2(out)))
+            out = ref.conv3(F.relu(ref.bn3(out)))
+            shortcut_input = F.relu(x) if sees_relu else x
+            shortcut = shortcut_input if ref.downsample is None else ref.downsample(shortcut_input)
+            assert (block_name == "layer1.1") == (block.downsample is None)
+            expected = out + shortcut
+            other = out + (x if sees_relu else F.relu(x)) if block.downsample is None else None
+            actual = block(x.clone())
+        assert torch.allclose(actual, expected, atol=1e-6)
+        if other is not None:
+            assert (actual - other).abs().max() > 1e-3

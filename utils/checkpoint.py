@@ -10,38 +10,17 @@ A checkpoint is a dict that `torch.load(path, weights_only=True)` reads back:
 
 import os
 import random
+import stat
 
 import numpy as np
 import torch
 
-from utils.errors import CheckpointError, TrainingError
+from utils.atomic import atomic_write  # noqa: F401  (callers write through this module)
+from utils.errors import CheckpointError
 
 FORMAT = 1
 LAST = "checkpoint_last.pt"
 FINAL = "model_final.pt"
-
-
-def atomic_write(path, write):
-    """Call write(temporary path), flush it to disk, then rename it over `path`: a reader
-    never sees a partial file, and a failed or interrupted write leaves the previous file
-    intact (and no temporary file behind)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        write(temporary)
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException as error:
-        if os.path.exists(temporary):
-            try:
-                os.remove(temporary)
-            except OSError:
-                pass
-        if isinstance(error, OSError):
-            raise TrainingError(f"{path}: could not be written ({error.strerror or error}); "
-                                f"the previous version, if any, is intact") from None
-        raise
 
 
 def save(path, payload):
@@ -49,8 +28,8 @@ def save(path, payload):
 
 
 def _write_payload(path, payload):
-    # Through a Python file: a failed write (ENOSPC, EIO) then raises OSError; torch.save on
-    # a path name reports it as a RuntimeError from its C++ writer.
+    # Through a Python file: torch's zip writer turns a failed write (ENOSPC, EIO) into a
+    # RuntimeError whose context is the file's OSError, which atomic_write reports.
     with open(path, "wb") as handle:
         torch.save(payload, handle)
 
@@ -65,10 +44,7 @@ def write_text(path, text):
 
 def load(path, map_location="cpu"):
     """The checkpoint dict, or CheckpointError saying what is wrong with the file."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such checkpoint")
-    if os.path.isdir(path):
-        raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
+    require_regular_file(path, "checkpoint")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # a foreign or damaged file fails deep inside torch.load in many ways
@@ -77,6 +53,21 @@ def load(path, map_location="cpu"):
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or not isinstance(payload.get("model"), dict):
         raise CheckpointError(f"{path}: not a checkpoint of this project (no format-{FORMAT} header)")
     return payload
+
+
+def require_regular_file(path, what):
+    """CheckpointError unless `path` is a regular file (or a link to one): a directory, pipe or
+    device is refused before it is opened (reading a pipe or /dev/zero would never end)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such {what}") from None
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read: {error.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise CheckpointError(f"{path}: is a directory, expected a {what} file")
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path}: is not a regular file (a pipe, socket or device), expected a {what} file")
 
 
 def read_checkpoint_config(path, setting, training=False):

@@ -15,7 +15,8 @@ evaluated at that level.
 import os
 import sys
 
-from utils.errors import ConfigError, UsageParser, UserError
+from utils.atomic import refuse_overwrite
+from utils.errors import ConfigError, UsageParser, UserError, one_line
 from utils.metrics import METRICS, latest_results, model_state, plot_runs, read_rows, text_table, write_csv
 
 SPARSITY_SETTINGS = ("structured_sparsity", "unstructured_sparsity")
@@ -108,6 +109,11 @@ def compare(run_dirs, out, labels=None):
     out_dir = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(out_dir):
         raise ConfigError(f"--out {out}: directory {out_dir} does not exist")
+    table_path = out[:-4] + ".csv"
+    inputs = [os.path.join(run_dir, METRICS) for run_dir in run_dirs]
+    refuse_overwrite("--out", out, inputs)
+    refuse_overwrite("--out", table_path, inputs)
+    # Every row of every run is read and checked before anything is written.
     runs = [(run_dir, load_run(run_dir)) for run_dir in run_dirs]
     if labels is None:
         labels = default_labels(runs)
@@ -118,7 +124,6 @@ def compare(run_dirs, out, labels=None):
     models = sorted({rows[0]["model"] for _, rows in runs})
     plot_runs(out, labelled, title=f"{', '.join(models)} on {', '.join(datasets)}")
     header, lines = drop_empty_columns(*comparison_table(labelled))
-    table_path = out[:-4] + ".csv"
     write_csv(table_path, header, [["" if value is None else value for value in line] for line in lines])
     text = [describe(label, run_dir, rows) for label, (run_dir, rows) in zip(labels, runs)]
     text += ["", _printable(header, lines), "", f"Figure: {out}", f"Table: {table_path}"]
@@ -142,7 +147,7 @@ def main(argv=None):
     try:
         print(compare(args.run_dirs, args.out, labels))
     except UserError as error:
-        print(f"python -m utils.compare: error: {error}", file=sys.stderr)
+        print(f"python -m utils.compare: error: {one_line(error)}", file=sys.stderr)
         sys.exit(error.exit_code)
 
 

@@ -28,8 +28,17 @@ class TrainingError(UserError):
     exit_code = 1
 
 
+MAX_MESSAGE = 600  # characters of an error line; the values in it are cut (see shown)
+
+
+def shown(value, limit=60):
+    """repr(value) cut to about `limit` characters, for quoting a user's value in a message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
 def one_line(error):
-    """The message of `error` as one line.
+    """The message of `error` as one line (at most MAX_MESSAGE characters).
 
     An exception raised in a DataLoader worker process reaches the main process re-raised with
     the worker's traceback folded into its message; the original message is its last line,
@@ -39,8 +48,10 @@ def one_line(error):
         return type(error).__name__
     if len(lines) > 1 and lines[0].startswith("Caught ") and "Traceback" in lines[1]:
         name, separator, message = lines[-1].partition(": ")
-        return message if separator and name.endswith(type(error).__name__) else lines[-1]
-    return " ".join(line.strip() for line in lines)
+        text = message if separator and name.endswith(type(error).__name__) else lines[-1]
+    else:
+        text = " ".join(line.strip() for line in lines)
+    return text if len(text) <= MAX_MESSAGE else f"{text[:MAX_MESSAGE - 12]} ... (cut)"
 
 
 class UsageParser(argparse.ArgumentParser):
@@ -48,6 +59,8 @@ class UsageParser(argparse.ArgumentParser):
     (argparse's default prints the whole usage block first)."""
 
     def error(self, message):
+        if len(message) > MAX_MESSAGE:  # e.g. an "invalid int value" of 5,000 digits
+            message = f"{message[:MAX_MESSAGE - 12]} ... (cut)"
         self.exit(2, f"{self.prog}: error: {message}\n")
 
     def parse_args(self, args=None, namespace=None):

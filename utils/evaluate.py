@@ -5,6 +5,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from models.bn_calibration import calibrate_bn, own_batch_statistics, preserved_bn_statistics
 from models.layers import Norm2d
 from utils.distributed import all_reduce_sum
 
@@ -67,26 +68,39 @@ def test_pass(net, test, context, amp=False):
     return correct / max(count, 1), loss_sum / max(count, 1), int(count)
 
 
-def evaluate(model, method, data, context, step, amp=False, bn_statistics=True):
-    """One dict per grid point: level, alpha, accuracy, loss and the method's metrics."""
+def evaluate(model, method, data, context, step, amp=False, bn_statistics=True, test_batch_bn=False):
+    """One dict per grid point: level, alpha, accuracy, loss and the method's metrics.
+
+    BN statistics of the evaluated network: re-estimated on `data.calibration` when there is
+    one (the model's own are restored afterwards), each test batch's own with `test_batch_bn`,
+    else the running statistics."""
     was_training = model.training
     model.eval()
     results = []
+    calibration = getattr(data, "calibration", None)
     try:
-        for point in method.eval_points():
-            method.apply_levels(model, method.eval_levels(point, step))
-            net, extra = method.eval_model(model, point)
-            metrics = dict(method.compression_metrics(net, data.input_size))
-            metrics.update(extra)
-            statistics = BNStatistics(net) if bn_statistics else None
-            accuracy, loss, count = test_pass(net, data.test, context, amp)
-            row = {"level": point.level, "alpha": point.alpha, "accuracy": accuracy, "loss": loss,
-                   "num_images": count, **metrics}
-            if statistics is not None and statistics.records:
-                row["bn_stats"] = statistics.summary()
-            elif statistics is not None:
-                statistics.summary()
-            results.append(row)
+        with preserved_bn_statistics(model) if calibration is not None else contextlib.nullcontext():
+            for point in method.eval_points():
+                method.apply_levels(model, method.eval_levels(point, step))
+                net, extra = method.eval_model(model, point)
+                calibrated = 0
+                if calibration is not None:
+                    with autocast(context.device, amp):
+                        calibrated = calibrate_bn(net, calibration.batches())
+                metrics = dict(method.compression_metrics(net, data.input_size))
+                metrics.update(extra)
+                statistics = BNStatistics(net) if bn_statistics else None
+                with own_batch_statistics(net) if test_batch_bn else contextlib.nullcontext():
+                    accuracy, loss, count = test_pass(net, data.test, context, amp)
+                row = {"level": point.level, "alpha": point.alpha, "accuracy": accuracy, "loss": loss,
+                       "num_images": count, **metrics, "bn_calibration_images": calibrated,
+                       "lec_test_batch_statistics": test_batch_bn}
+                if statistics is not None and statistics.records:
+                    row["bn_stats"] = statistics.summary()
+                elif statistics is not None:
+                    statistics.summary()
+                results.append(row)
     finally:
         model.train(was_training)
     return results
+

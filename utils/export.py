@@ -1,6 +1,7 @@
 """Export a trained model at one compression level as a standalone compressed model, and load it.
 
     python -m utils.export --checkpoint RUN/model_final.pt --level 0.5 --out model.pt [--round_to 8]
+        [--data_dir DIR]
 
 The level is in the unit of the checkpoint's setting: a width factor (structured lcs_l, lcs_p,
 us, ns), the fraction of norm channels kept (structured lec), a TopK fraction (unstructured) or
@@ -10,7 +11,9 @@ What the file holds (a torch.save'd dict of plain data, readable with weights_on
 
 * structured, LEC: a physically narrower dense network, i.e. its channel spec (`widths`,
   `selected`, as the model constructors take it) and its weights; line norms resolved at alpha,
-  BN running statistics sliced.
+  BN running statistics sliced, or, when the run's evaluations re-estimated them
+  (`bn_calibration_images`, LEC's default), re-estimated the same way on the same training
+  images (read from `--data_dir`), so the exported model gives the evaluated accuracy.
 * unstructured: the weights at alpha masked to their TopK; each body conv whose bitmask plus
   kept values is smaller than the dense tensor is stored that way.
 * quantized: the body conv weights (after the BN fold) as integer codes bit-packed at b bits
@@ -24,6 +27,7 @@ channel spec; quantized convs that use their stored weights as they are) and ret
 eval mode; its outputs equal those of the training-time model evaluated at that level.
 """
 
+import dataclasses
 import math
 import os
 import sys
@@ -31,8 +35,10 @@ import sys
 import torch
 
 from methods import METHODS
+from data import build_data
 from methods.levels import alpha_to_bits, bits_to_alpha, width_to_alpha
 from models import build_model, channel_spec
+from models.bn_calibration import calibrate_bn
 from models.factory import dense_factory, frozen_quant_factory
 from models.layers import (ChannelSelection, LineMixin, QuantConv2d, TopKConv2d, quant_layers,
                            set_level)
@@ -40,11 +46,14 @@ from models.quant import dequantize, grid_limits, quantize_tensor_to_int
 from models.slimming import lec_slim
 from training_params import Config
 from utils import checkpoint as ckpt
-from utils.errors import CheckpointError, ConfigError, UsageParser, UserError
+from utils import checkpoint_schema as schema
+from utils.atomic import refuse_overwrite
+from utils.errors import CheckpointError, ConfigError, UsageParser, UserError, one_line
 
 FORMAT = "lcs-export"
 VERSION = 1
 ACT_BUFFERS = ("act_min", "act_max", "act_range_ready")
+MAX_ROUND_TO = 1024  # no layer of the three networks is wider
 LEVEL_NAMES = {"structured_sparsity": "width_factor", "unstructured_sparsity": "topk", "quantized": "num_bits"}
 
 
@@ -299,23 +308,50 @@ def _export_quantized(model, config, num_classes, num_bits, float_weights):
     return frozen, state, {"quantized": quantized, "act_ranges": act_ranges, "num_bits": num_bits}
 
 
-def export_model(payload, level, path="checkpoint", round_to=None, float_weights=False):
+def calibration_batches(config, data_dir):
+    """The run's calibration images (same subset, transform and batches as its evaluations)
+    from `data_dir`; ConfigError naming --data_dir when it is not given."""
+    if data_dir is None:
+        raise ConfigError(f"--data_dir: this {config.setting}/{config.method} run evaluated with BN statistics "
+                          f"re-estimated on {config.bn_calibration_images} training images; the export re-estimates "
+                          f"them the same way and needs the run's training images (its --data_dir, or "
+                          f"--imagenet_dir for ImageNet)")
+    key = "imagenet_dir" if config.dataset == "imagenet" else "data_dir"
+    if not os.path.isdir(data_dir):
+        raise ConfigError(f"--data_dir {data_dir}: no such directory")
+    config = dataclasses.replace(config, **{key: data_dir}, device="cpu")
+    return build_data(config, torch.device("cpu")).calibration.batches()
+
+
+def calibrated_state(network, state, batches):
+    """`state` with the BN running statistics re-estimated on `batches` for `network`."""
+    network.load_state_dict(state)
+    calibrate_bn(network, batches)
+    fresh = network.state_dict()
+    return {key: fresh[key].detach() for key in state}
+
+
+def export_model(payload, level, path="checkpoint", round_to=None, float_weights=False, data_dir=None):
     """The export (a dict of plain data) of a checkpoint payload at `level`.
 
     `float_weights` (quantized only) stores the quantized weights as float32 values instead of
-    packed codes: the same model, stored uncompressed (the benchmark's baseline)."""
+    packed codes: the same model, stored uncompressed (the benchmark's baseline). Runs that
+    re-estimated BN statistics at evaluation need their training images in `data_dir`."""
+    schema.check_model(payload, path)  # tensors only, all finite
     model, config = training_model(payload, path)
     setting = config.setting
     if round_to is not None and (setting != "structured_sparsity" or config.method == "lec"):
         raise ConfigError(f"--round_to {round_to}: only for width-factor exports (structured lcs_l, lcs_p, us, "
                           f"ns); this is {setting}/{config.method}")
-    if round_to is not None and round_to < 1:
-        raise ConfigError(f"--round_to {round_to}: must be a positive number of channels")
+    if round_to is not None and not 1 <= round_to <= MAX_ROUND_TO:
+        raise ConfigError(f"--round_to {round_to}: must be a number of channels in 1..{MAX_ROUND_TO}")
     levels, alpha = resolve_level(config, level)
     set_level(model, **levels)
     num_classes = num_classes_of(payload["model"])
     if setting == "structured_sparsity":
         target, state, extra = _export_structured(model, config, num_classes, float(level), round_to)
+        if config.bn_calibration_images:
+            state = calibrated_state(target, state, calibration_batches(config, data_dir))
     elif setting == "unstructured_sparsity":
         target, state, extra = _export_unstructured(model, config, num_classes)
     else:
@@ -334,10 +370,13 @@ def export_model(payload, level, path="checkpoint", round_to=None, float_weights
     return header
 
 
-def save_export(path, content):
+def save_export(path, content, inputs=(), flag="--out"):
+    """Write an export to `path`; ConfigError where that would replace one of `inputs` (the
+    checkpoint) or a run directory's own files."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
-        raise ConfigError(f"--out {path}: directory {directory} does not exist")
+        raise ConfigError(f"{flag} {path}: directory {directory} does not exist")
+    refuse_overwrite(flag, path, inputs)
     ckpt.save(path, content)
 
 
@@ -446,17 +485,21 @@ def build_parser():
                              "(unstructured) or bit width (quantized)")
     parser.add_argument("--out", required=True, help="file to write")
     parser.add_argument("--round_to", type=int, help="round structured widths up to a multiple of this")
+    parser.add_argument("--data_dir", help="the run's training data (CIFAR-10 folder or ImageNet root): needed "
+                                           "when its evaluations re-estimated BN statistics (lec by default)")
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        refuse_overwrite("--out", args.out, [args.checkpoint])  # before the work of exporting
         payload = ckpt.load(args.checkpoint)
-        content = export_model(payload, args.level, path=args.checkpoint, round_to=args.round_to)
-        save_export(args.out, content)
+        content = export_model(payload, args.level, path=args.checkpoint, round_to=args.round_to,
+                               data_dir=args.data_dir)
+        save_export(args.out, content, inputs=[args.checkpoint])
     except UserError as error:
-        print(f"utils.export: error: {error}", file=sys.stderr)
+        print(f"utils.export: error: {one_line(error)}", file=sys.stderr)
         sys.exit(error.exit_code)
     print(describe(content, os.path.getsize(args.out)))
     print(f"wrote {args.out}")

@@ -19,10 +19,16 @@ PLOT = "accuracy_vs_compression.png"
 RESULT_COLUMNS = ("evaluation", "epoch", "step", "setting", "method", "model", "dataset", "norm", "num_classes",
                   "level_name", "level", "alpha", "accuracy", "loss", "num_images", "sparsity", "num_bits",
                   "act_quant", "conv_params", "macs", "nonzero_params", "effective_topk", "params",
-                  "channel_floor_applied", "final", "eval_only", "checkpoint")
+                  "channel_floor_applied", "bn_calibration_images", "lec_test_batch_statistics", "final",
+                  "eval_only", "checkpoint")
 # alpha is rounded in results.csv (metrics.jsonl keeps full precision).
 CSV_DIGITS = {"alpha": 4}
-ROW_KEYS = {"evaluation", "step", "level_name", "level", "accuracy", "final"}
+# Each row's fields and the types they must have; None marks a field that may be null.
+ROW_TYPES = {"evaluation": (int,), "epoch": (int,), "step": (int,), "setting": (str,), "method": (str,),
+             "model": (str,), "dataset": (str,), "norm": (str,), "level_name": (str,), "level": (float,),
+             "accuracy": (float,), "num_images": (int,), "final": (bool,), "loss": (float, None),
+             "alpha": (float, None), "sparsity": (float, None)}
+ROW_KEYS = set(ROW_TYPES) - {"loss", "alpha", "sparsity"}
 # Rows that agree on these describe the same model evaluated on the same test images.
 MODEL_STATE_KEYS = ("step", "setting", "method", "model", "dataset", "norm", "num_images")
 AXIS_LABELS = {"width_factor": "width factor", "topk": "TopK fraction kept (log scale)", "num_bits": "bit width"}
@@ -32,27 +38,80 @@ LOG_TICKS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 def read_rows(path):
-    """The rows of a metrics.jsonl file ([] if there is none); DataError naming the line of a
-    damaged one."""
+    """The rows of a metrics.jsonl file ([] if there is none); DataError naming the line (and
+    field) of a damaged one."""
     if not os.path.exists(path):
         return []
     rows = []
-    with open(path) as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: not a JSON line ({error.msg})") from None
-            if not isinstance(row, dict) or not ROW_KEYS <= set(row):
-                raise DataError(f"{path}:{number}: not a metrics row of this project")
-            rows.append(row)
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{number}: not UTF-8 text (a damaged or foreign file)") from None
+            if line.strip():
+                rows.append(_parse_row(path, number, line))
     return rows
 
 
+def _parse_row(path, number, line):
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{number}: not a JSON line ({error.msg})") from None
+    if not isinstance(row, dict) or not ROW_KEYS <= set(row):
+        raise DataError(f"{path}:{number}: not a metrics row of this project")
+    for key, kinds in ROW_TYPES.items():
+        value = row.get(key)
+        if not _has_type(value, kinds):
+            words = " or ".join("null" if kind is None else TYPE_WORDS[kind] for kind in kinds)
+            raise DataError(f"{path}:{number}: {key} is {shown_json(value)}, expected {words}")
+    return row
+
+
+def shown_json(value, limit=60):
+    text = json.dumps(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
+TYPE_WORDS = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
+
+
+def _has_type(value, kinds):
+    if value is None:
+        return None in kinds
+    if isinstance(value, bool):
+        return bool in kinds
+    if isinstance(value, int):
+        return int in kinds or float in kinds
+    if isinstance(value, float):
+        return float in kinds and math.isfinite(value)
+    return any(kind is not None and isinstance(value, kind) for kind in kinds)
+
+
+def strict_row(row):
+    """The row as strict JSON allows: a non-finite number (a loss that overflowed) becomes null,
+    and the field `non_finite` says which fields were and what they held ("nan", "inf")."""
+    replaced = {}
+
+    def clean(value, name):
+        if isinstance(value, float) and not math.isfinite(value):
+            replaced[name] = str(value)
+            return None
+        if isinstance(value, dict):
+            return {key: clean(item, f"{name}.{key}") for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(item, f"{name}[{index}]") for index, item in enumerate(value)]
+        return value
+
+    cleaned = {key: clean(value, key) for key, value in row.items()}
+    if replaced:
+        cleaned["non_finite"] = {**(row.get("non_finite") or {}), **replaced}
+    return cleaned
+
+
 def write_rows(path, rows):
-    write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+    write_text(path, "".join(json.dumps(strict_row(row), allow_nan=False) + "\n" for row in rows))
 
 
 def latest_results(rows):

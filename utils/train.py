@@ -33,10 +33,12 @@ from methods.levels import cosine_lr, warmup_iterations
 from models import build_model
 from training_params import SCRIPTS
 from utils import checkpoint as ckpt
+from utils import checkpoint_schema as schema
 from utils.distributed import any_process, barrier, choose_threads, setup, teardown
-from utils.errors import CheckpointError, ConfigError, TrainingError
+from utils.errors import CheckpointError, ConfigError, TrainingError, one_line
 from utils.evaluate import autocast, evaluate
 from utils.metrics import METRICS, PLOT, RESULTS, format_table, latest_results, read_rows, update_outputs
+from utils.run_lock import RunDirLock, refuse_if_locked
 
 CONFIG_FILE = "config.yaml"
 # The files of a run, as the end-of-run summary describes them.
@@ -167,6 +169,12 @@ class Run:
             ckpt.save(os.path.join(self.save_dir, ckpt.LAST), self.payload())
         barrier(self.context)
 
+    def check_checkpoint(self, payload, path):
+        """The fields every checkpoint holds, before any of it is used (checkpoint_schema)."""
+        schema.check_header(payload, path, self.config.to_dict())
+        schema.check_counters(payload, path, self.config.epochs)
+        schema.check_model(payload, path)
+
     def load_model_state(self, payload, path):
         try:
             self.model.load_state_dict(payload["model"])
@@ -180,10 +188,19 @@ class Run:
         if payload.get("kind") != "training":
             raise CheckpointError(f"{path}: a final model, not a training checkpoint (resume needs "
                                   f"{ckpt.LAST})")
+        self.check_checkpoint(payload, path)
+        schema.check_progress(payload, path, self.config.epochs, self.data.train.steps_per_epoch,
+                              self.method.warmup_iterations)
+        schema.check_optimizer(payload, path, self.optimizer)
+        schema.check_rng(payload, path, self.generator)
         self.load_model_state(payload, path)
-        self.optimizer.load_state_dict(payload["optimizer"])
+        try:  # the schema was checked; this catches what it cannot foresee
+            self.optimizer.load_state_dict(payload["optimizer"])
+            ckpt.restore_rng_state(payload["rng"], self.generator)
+        except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as error:
+            raise CheckpointError(f"{path}: its optimizer or random state cannot be restored "
+                                  f"({one_line(error)[:160]})") from None
         self.progress = Progress(**payload["progress"])
-        ckpt.restore_rng_state(payload["rng"], self.generator)
         kept = [row for row in read_rows(os.path.join(self.save_dir, METRICS)) if self._keep_on_resume(row)]
         self.rows = kept
 
@@ -199,7 +216,7 @@ class Run:
     # -- evaluation ---------------------------------------------------------------------
     def record_evaluation(self, final=False, eval_only=False, checkpoint=None):
         results = evaluate(self.model, self.method, self.data, self.context, self.progress.global_step,
-                           amp=self.config.amp)
+                           amp=self.config.amp, test_batch_bn=bool(self.config.lec_test_batch_statistics))
         config = self.config
         index = max([row["evaluation"] for row in self.rows], default=-1) + 1
         for result in results:
@@ -220,6 +237,7 @@ class Run:
 
     def evaluate_only(self, path):
         payload = ckpt.load(path, map_location=self.device)
+        self.check_checkpoint(payload, path)
         self.load_model_state(payload, path)
         self.progress.epoch = payload.get("epoch", 0)
         self.progress.global_step = payload.get("global_step", 0)
@@ -593,11 +611,29 @@ class EpochLog:
                   flush=True)
 
 
+def on_main_process(context, action, save_dir):
+    """action() in the first process only (it alone writes the run directory, so it alone
+    locks it); when that refuses with a ConfigError, every process raises one."""
+    result, refused = None, None
+    if context.is_main:
+        try:
+            result = action()
+        except ConfigError as error:
+            refused = error
+    if any_process(refused is not None, context, context.device):
+        raise refused or ConfigError(f"--save_dir {save_dir}: another process is writing to this run directory "
+                                     f"(the first process's error names it)")
+    return result
+
+
 def run(config, options):
     """Train (or evaluate) as the config and options say; returns the exit status."""
     context = setup(config.device)
     threads_before = torch.get_num_threads()
+    lock = None
     try:
+        # The lock itself (utils.run_lock) is taken once the run is built.
+        on_main_process(context, lambda: refuse_if_locked(config.save_dir), config.save_dir)
         check_run_dir(config.save_dir, options)
         # --device auto falls back to the CPU without CUDA; --amp there is bfloat16 on the CPU,
         # fast only with bfloat16 units: say so.
@@ -608,6 +644,8 @@ def run(config, options):
         _log(context, f"Device: {context.device}, {context.world_size} process(es), {threads.threads} CPU "
                       f"thread(s) per process ({threads.reason}; --threads N to choose){amp_note}")
         state = Run(config, options, context)
+        lock = on_main_process(context, lambda: RunDirLock(config.save_dir), config.save_dir)
+        check_run_dir(config.save_dir, options)  # again: a run may have finished there meanwhile
         if options.eval_only:
             return state.evaluate_only(options.checkpoint)
         if options.resume:
@@ -616,4 +654,6 @@ def run(config, options):
         return state.train()
     finally:
         torch.set_num_threads(threads_before)  # for callers in the same process (tests)
+        if lock is not None:
+            lock.release()
         teardown(context)
