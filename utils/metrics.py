@@ -253,7 +253,7 @@ def update_outputs(save_dir, rows):
     write_results_csv(os.path.join(save_dir, RESULTS), latest)
     if latest:
         last = latest[-1]
-        title = f"{last['setting']} / {run_label(last)} on {last['dataset']}, {model_state(latest)}"
+        title = f"{last['setting']} / {run_label(last)} on {last['dataset']}\n{model_state(latest)}"
         plot_runs(os.path.join(save_dir, PLOT), [(last["method"], latest)], title=title)
 
 
