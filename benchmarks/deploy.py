@@ -2,6 +2,7 @@
 
     python benchmarks/deploy.py --checkpoint RUN/model_final.pt [--levels 1.0,0.5,0.25]
                                 [--device cpu|cuda] [--repeats 20] [--batch_sizes 1,64]
+                                [--runtime torch|onnxruntime]
 
 Every level, and the uncompressed model (width 1.0 / TopK 1.0 / the same network with float32
 weights), is exported with utils.export, written to a file and loaded back. The table gives, per
@@ -9,6 +10,13 @@ level: nonzero parameters, MACs for one image (FlopCounterMode on the loaded mod
 and the median latency at each batch size, each with its ratio uncompressed / this level
 (higher = smaller or faster). Latencies are timed round-robin over all models, one call each
 per round after a warm-up, so that load from other processes spreads over all of them.
+
+With --runtime onnxruntime every model is exported to ONNX (quantized levels as QDQ graphs),
+checked against the torch model, and timed in ONNX Runtime on the CPU with --threads intra-op
+threads; the file column is then the ONNX file, and ratios compare with the uncompressed model
+in ONNX Runtime. Both runtimes also report the subspace artefact (deploy.subspace): its size
+against one float32 model and against the per-level files of the run's grid, and the median
+time to switch level.
 """
 
 import os
@@ -28,6 +36,7 @@ from utils import checkpoint as ckpt  # noqa: E402
 from utils.errors import ConfigError, UserError, one_line  # noqa: E402
 from utils.export import (checkpoint_config, export_model, load_exported, resolve_level,  # noqa: E402
                           save_export, uncompressed_level)
+from deploy.measure import describe_subspace, onnx_runners, subspace_report  # noqa: E402
 
 # The uncompressed model is always measured first; these are the levels compared with it.
 DEFAULT_LEVELS = {"structured_sparsity": (0.75, 0.5, 0.25),
@@ -47,6 +56,9 @@ def build_parser():
     parser.add_argument("--round_to", type=int, help="as utils.export --round_to (structured widths)")
     parser.add_argument("--data_dir", help="as utils.export --data_dir (runs that re-estimated BN statistics)")
     parser.add_argument("--out_dir", help="keep the exported files here (default: a temporary directory)")
+    parser.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime"),
+                        help="time the models in torch or, exported to ONNX, in ONNX Runtime (CPU)")
+    parser.add_argument("--switches", type=int, default=20, help="level switches timed on the subspace artefact")
     return parser
 
 
@@ -151,6 +163,9 @@ def check_args(args):
         raise ConfigError(f"--levels: give 1 to {MAX_LEVELS} levels")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
+    bound("--switches", args.switches, 1, MAX_REPEATS)
+    if args.runtime == "onnxruntime" and args.device != "cpu":
+        raise ConfigError(f"--runtime onnxruntime: runs on the CPU only, not --device {args.device}")
     if args.out_dir and not os.path.isdir(args.out_dir):
         raise ConfigError(f"--out_dir {args.out_dir}: no such directory")
 
@@ -169,6 +184,11 @@ def export_all(payload, config, path, levels, round_to, out_dir, device, data_di
         save_export(file, content, inputs=[path], flag="--out_dir")
         results.append((label, load_exported(file, map_location=device), os.path.getsize(file), content))
     return results
+
+
+def onnxruntime_version():
+    import onnxruntime
+    return onnxruntime.__version__
 
 
 def ratio(base, value):
@@ -203,21 +223,27 @@ def run(args):
     levels = args.levels or [level for level in DEFAULT_LEVELS[config.setting] if valid_level(config, level)]
     load_before = load_average()
     with tempfile.TemporaryDirectory() as scratch:
-        exported = export_all(payload, config, args.checkpoint, levels, args.round_to, args.out_dir or scratch, device,
+        out_dir = args.out_dir or scratch
+        exported = export_all(payload, config, args.checkpoint, levels, args.round_to, out_dir, device,
                               args.data_dir)
-    models = [model for _, model, _, _ in exported]
+        subspace = subspace_report(payload, args.checkpoint, out_dir, exported[0][2], args.switches,
+                                   [content["level"] for _, _, _, content in exported])
+        runners = onnx_runners(exported, out_dir, args.threads) if args.runtime == "onnxruntime" else None
+    models = [runner for runner, _, _ in runners] if runners else [model for _, model, _, _ in exported]
     input_size = exported[0][3]["input_size"]
     timings = [timed_batch(models, batch, input_size, device, args) for batch in args.batch_sizes]
     rows = []
     for index, (label, model, size, content) in enumerate(exported):
         rows.append({"label": label, "alpha": content["alpha"], "params": nonzero_parameters(model),
-                     "macs": macs(model, input_size, device), "size": size,
+                     "macs": macs(model, input_size, device), "size": runners[index][1] if runners else size,
                      "ms": [timing[index] for timing in timings]})
     where = cpu_description() if device.type == "cpu" else torch.cuda.get_device_name(device)
     base = exported[0][3]
     print(f"{config.setting}/{config.method} {config.model} ({config.norm}) from {args.checkpoint}")
     print(f"device {args.device}: {where}; torch {torch.__version__}, {args.threads} threads; "
           f"{load_before} before, {load_average()} after")
+    print(f"runtime {args.runtime}" + (f" (onnxruntime {onnxruntime_version()}, CPU execution provider, "
+                                       f"{args.threads} intra-op threads; file = the ONNX file)" if runners else ""))
     print(f"latency = median of {args.repeats} calls after {args.warmup} warm-up calls"
           + ("; CPU ms = CPU time of this process per call" if device.type == "cpu" else ""))
     print(f"levels are {base['level_name']}; ratios (x) = uncompressed ({exported[0][0]}, level "
@@ -226,6 +252,11 @@ def run(args):
         print(f"widths rounded up to multiples of {args.round_to}: these networks differ from the trained "
               f"model at their level")
     print(table(rows, args.batch_sizes, cpu_time=device.type == "cpu"))
+    if runners and any(integer for _, _, integer in runners):
+        print("integer convs in ONNX Runtime's optimised graph: " + ", ".join(
+            f"{row['label']} {integer[0]} of {integer[1]} int8-weight convs"
+            for row, (_, _, integer) in zip(rows, runners) if integer))
+    print(describe_subspace(subspace))
     return rows
 
 

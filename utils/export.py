@@ -2,6 +2,11 @@
 
     python -m utils.export --checkpoint RUN/model_final.pt --level 0.5 --out model.pt [--round_to 8]
         [--data_dir DIR]
+    python -m utils.export --checkpoint RUN/model_final.pt --level 8 --format onnx --out model.onnx
+    python -m utils.export --checkpoint RUN/model_final.pt --subspace --out model.lcs.pt
+
+--format onnx and --subspace are written by the deploy package (deploy.onnx_export,
+deploy.subspace); this module keeps the per-level export they build on.
 
 The level is in the unit of the checkpoint's setting: a width factor (structured lcs_l, lcs_p,
 us, ns), the fraction of norm channels kept (structured lec), a TopK fraction (unstructured) or
@@ -54,6 +59,7 @@ FORMAT = "lcs-export"
 VERSION = 1
 ACT_BUFFERS = ("act_min", "act_max", "act_range_ready")
 MAX_ROUND_TO = 1024  # no layer of the three networks is wider
+MAX_CHECK_IMAGES = 10_000  # the CIFAR-10 test split
 LEVEL_NAMES = {"structured_sparsity": "width_factor", "unstructured_sparsity": "topk", "quantized": "num_bits"}
 
 
@@ -170,7 +176,7 @@ def _unstructured_level(config, level):
 
 
 def _quantized_level(config, level):
-    low, high = (config.min_bits, config.max_bits) if config.method in ("lcs_l", "lcs_p") else (3, 8)
+    low, high = _quantized_range(config)
     _require_level(float(level).is_integer() and low <= level <= high, config, level,
                    f"integer bit widths in {low}..{high}")
     bits = int(level)
@@ -182,6 +188,21 @@ def _quantized_level(config, level):
     return {"alpha": alpha, "num_bits": bits}, alpha
 
 
+def _structured_range(config):
+    return (0.0, 1.0) if config.method in ("lec", "ns") else tuple(config.width_factor_limits)
+
+
+def _unstructured_range(config):
+    return 0.0, 1.0
+
+
+def _quantized_range(config):
+    return (config.min_bits, config.max_bits) if config.method in ("lcs_l", "lcs_p") else (3, 8)
+
+
+# (lowest, highest) level a checkpoint exports; fractions (0, 1] exclude their lower end.
+LEVEL_RANGES = {"structured_sparsity": _structured_range, "unstructured_sparsity": _unstructured_range,
+                "quantized": _quantized_range}
 LEVEL_RESOLVERS = {"structured_sparsity": _structured_level, "unstructured_sparsity": _unstructured_level,
                    "quantized": _quantized_level}
 
@@ -192,13 +213,14 @@ def resolve_level(config, level):
     return LEVEL_RESOLVERS[config.setting](config, float(level))
 
 
+def level_range(config):
+    """(lowest, highest) level of a checkpoint's method, in its level unit."""
+    return LEVEL_RANGES[config.setting](config)
+
+
 def uncompressed_level(config):
     """The least compressed level of a checkpoint's setting (the benchmark's baseline)."""
-    if config.setting == "structured_sparsity":
-        return 1.0 if config.method in ("ns", "lec") else config.width_factor_limits[1]
-    if config.setting == "unstructured_sparsity":
-        return 1.0
-    return config.max_bits if config.method in ("lcs_l", "lcs_p") else 8
+    return level_range(config)[1]
 
 
 # -- export -----------------------------------------------------------------------------
@@ -339,6 +361,11 @@ def export_model(payload, level, path="checkpoint", round_to=None, float_weights
     re-estimated BN statistics at evaluation need their training images in `data_dir`."""
     schema.check_model(payload, path)  # tensors only, all finite
     model, config = training_model(payload, path)
+    return export_at(model, config, num_classes_of(payload["model"]), level, round_to, float_weights, data_dir)
+
+
+def export_at(model, config, num_classes, level, round_to=None, float_weights=False, data_dir=None):
+    """export_model for a training-time model already built (its level is changed)."""
     setting = config.setting
     if round_to is not None and (setting != "structured_sparsity" or config.method == "lec"):
         raise ConfigError(f"--round_to {round_to}: only for width-factor exports (structured lcs_l, lcs_p, us, "
@@ -347,7 +374,6 @@ def export_model(payload, level, path="checkpoint", round_to=None, float_weights
         raise ConfigError(f"--round_to {round_to}: must be a number of channels in 1..{MAX_ROUND_TO}")
     levels, alpha = resolve_level(config, level)
     set_level(model, **levels)
-    num_classes = num_classes_of(payload["model"])
     if setting == "structured_sparsity":
         target, state, extra = _export_structured(model, config, num_classes, float(level), round_to)
         if config.bn_calibration_images:
@@ -381,19 +407,18 @@ def save_export(path, content, inputs=(), flag="--out"):
 
 
 # -- load -------------------------------------------------------------------------------
-def read_export(path):
+def read_export(path, file_format=FORMAT, version=VERSION, kind="exported model", command="python -m utils.export"):
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such exported model")
+        raise CheckpointError(f"{path}: no such {kind}")
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many kinds for damaged files
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise CheckpointError(f"{path}: not a readable exported model ({first[:160]})") from None
-    if not isinstance(content, dict) or content.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not an exported model of this project (export it with python -m "
-                              f"utils.export)")
-    if content.get("version") != VERSION:
-        raise CheckpointError(f"{path}: export version {content.get('version')}, this code reads {VERSION}")
+        raise CheckpointError(f"{path}: not a readable {kind} ({first[:160]})") from None
+    if not isinstance(content, dict) or content.get("format") != file_format:
+        raise CheckpointError(f"{path}: not this project's {kind} (write it with {command})")
+    if content.get("version") != version:
+        raise CheckpointError(f"{path}: {kind} version {content.get('version')}, this code reads {version}")
     return content
 
 
@@ -431,7 +456,11 @@ def _stored_state(content):
 
 def load_exported(path, map_location="cpu"):
     """The exported network as a standard nn.Module in eval mode."""
-    content = read_export(path)
+    return build_exported(read_export(path), path, map_location)
+
+
+def build_exported(content, path="export", map_location="cpu"):
+    """The network of an export's content (a dict as export_model returns it)."""
     model = build_model(content["model_name"], _factory(content), content["num_classes"],
                         widths=content["widths"], selected=content["selected"])
     state = _stored_state(content)
@@ -480,29 +509,70 @@ def build_parser():
         prog="python -m utils.export",
         description="Write a standalone compressed model at one level of a trained checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="model_final.pt or checkpoint_last.pt of a run")
-    parser.add_argument("--level", required=True, type=float,
+    parser.add_argument("--level", type=float,
                         help="width factor (structured), fraction of channels kept (lec), TopK fraction "
                              "(unstructured) or bit width (quantized)")
+    parser.add_argument("--subspace", action="store_true",
+                        help="write the whole trained subspace instead of one level (load it with "
+                             "deploy.load_subspace and pick the level at run time)")
     parser.add_argument("--out", required=True, help="file to write")
     parser.add_argument("--round_to", type=int, help="round structured widths up to a multiple of this")
-    parser.add_argument("--data_dir", help="the run's training data (CIFAR-10 folder or ImageNet root): needed "
-                                           "when its evaluations re-estimated BN statistics (lec by default)")
+    parser.add_argument("--format", default="pt", choices=("pt", "onnx"),
+                        help="pt (this project's file) or onnx (checked with ONNX Runtime; needs "
+                             "requirements-deploy.txt)")
+    parser.add_argument("--data_dir", help="the run's data (CIFAR-10 folder or ImageNet root): its training images "
+                                           "re-estimate BN statistics when the run's evaluations did (lec by "
+                                           "default); onnx: its CIFAR-10 test images check the export "
+                                           "(default: random images)")
+    parser.add_argument("--check_images", type=int, default=256, help="onnx: images to check the export on")
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.subspace == (args.level is not None):
+        parser.error("give either --level LEVEL (one level) or --subspace (every level)")
+    if args.subspace and (args.format != "pt" or args.round_to):
+        parser.error("--subspace writes a pt file of the trained widths; --format onnx and --round_to take --level")
     try:
+        if not 1 <= args.check_images <= MAX_CHECK_IMAGES:
+            raise ConfigError(f"--check_images {args.check_images}: must be in 1..{MAX_CHECK_IMAGES}")
         refuse_overwrite("--out", args.out, [args.checkpoint])  # before the work of exporting
         payload = ckpt.load(args.checkpoint)
-        content = export_model(payload, args.level, path=args.checkpoint, round_to=args.round_to,
-                               data_dir=args.data_dir)
-        save_export(args.out, content, inputs=[args.checkpoint])
+        if args.subspace:
+            from deploy.subspace import describe as describe_subspace, make_subspace, save_subspace
+            content = make_subspace(payload, path=args.checkpoint)
+            save_subspace(args.out, content)
+            lines = [describe_subspace(content, os.path.getsize(args.out))]
+        else:
+            content = export_model(payload, args.level, path=args.checkpoint, round_to=args.round_to,
+                                   data_dir=args.data_dir)
+            lines = WRITERS[args.format](args, content)
     except UserError as error:
         print(f"utils.export: error: {one_line(error)}", file=sys.stderr)
         sys.exit(error.exit_code)
-    print(describe(content, os.path.getsize(args.out)))
+    print("\n".join(lines))
     print(f"wrote {args.out}")
+
+
+def _write_pt(args, content):
+    save_export(args.out, content, inputs=[args.checkpoint])
+    return [describe(content, os.path.getsize(args.out))]
+
+
+def _write_onnx(args, content):
+    from deploy.onnx_export import write_checked
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise ConfigError(f"--out {args.out}: directory {os.path.dirname(os.path.abspath(args.out))} does not exist")
+    lines = write_checked(content, args.out, args.data_dir, args.check_images)
+    # The .pt storage lines (bitmasks, packed codes) do not describe the ONNX file.
+    summary = [line for line in describe(content, os.path.getsize(args.out)).splitlines()
+               if " stored as " not in line]
+    return [summary[0].replace("KiB", "KiB of ONNX", 1)] + summary[1:] + lines
+
+
+WRITERS = {"pt": _write_pt, "onnx": _write_onnx}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,359 @@
+"""ONNX export of a compressed model at one level, and its check with ONNX Runtime.
+
+    python -m utils.export --checkpoint RUN/model_final.pt --level 8 --format onnx --out model.onnx
+
+* structured (and LEC): the narrower dense network.
+* unstructured: the dense network with the pruned weights set to zero (ONNX has no sparse
+  weight storage, so the file is as large as the uncompressed one).
+* quantized: a QDQ graph. Each quantized conv takes int8 weight codes with their scale and zero
+  point (DequantizeLinear) and, where the run recorded an activation range, quantizes its input
+  with QuantizeLinear/DequantizeLinear at that range, so that ONNX Runtime can run it as an
+  integer convolution. A BN norm is folded into the conv (its bias as int32 codes at the
+  product of the input and weight scales), so conv -> ReLU -> next conv's QuantizeLinear fuse.
+  Bit widths below 8 are int8 codes restricted to the b-bit grid (weights by their codes,
+  activations by a Clip to the b-bit range before QuantizeLinear): the accuracy of b bits. That
+  Clip stands between a conv's ReLU and the next QuantizeLinear, and ONNX Runtime (1.32) then
+  fuses no conv into an integer one: below 8 bits the graph runs float convolutions of
+  dequantized values. Activations are uint8 (code + 128), as ONNX Runtime's integer
+  convolutions take them; their dequantized values are those of the signed b-bit grid.
+
+onnx and onnxruntime are imported here only, when a function needs them
+(requirements-deploy.txt); training never imports this module.
+"""
+
+import copy
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.layers import QuantConv2d
+from models.quant import affine_params, grid_limits, quantize_tensor_to_int
+from utils.errors import UserError
+from utils.export import unpack_bits
+
+OPSET = 17
+# uint8 activation codes = signed codes + this.
+UINT8_SHIFT = 128
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+
+
+class DeployError(UserError):
+    """onnx / onnxruntime missing, or an export that does not reproduce the model."""
+
+
+def require_onnx():
+    """(onnx, onnxruntime), or a one-line error naming the requirements file."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as error:
+        raise DeployError(f"ONNX export needs onnx and onnxruntime ({error.name} is missing): "
+                          f"pip install -r requirements-deploy.txt") from None
+    return onnx, onnxruntime
+
+
+# -- the network as it is traced ----------------------------------------------------------
+def weight_codes(content):
+    """{conv name: (int8 codes, scale, zero point)} of a quantized export's stored codes."""
+    quantized = content.get("quantized") or {"names": []}
+    if not quantized["names"]:
+        return {}
+    counts = [math.prod(shape) for shape in quantized["shapes"]]
+    q_min, _ = grid_limits(content["num_bits"])
+    codes = unpack_bits(quantized["codes"], content["num_bits"], sum(counts)) + q_min
+    return {name.rsplit(".", 1)[0]: (layer_codes.view(shape), float(scale), int(zero_point))
+            for name, shape, layer_codes, scale, zero_point in zip(
+                quantized["names"], quantized["shapes"], codes.split(counts), quantized["scales"],
+                quantized["zero_points"])}
+
+
+class QDQConv2d(nn.Module):
+    """A quantized conv of an exported model in the form ONNX's QDQ graphs take: weight codes
+    dequantized, input quantized and dequantized, a BN norm folded into a bias. With `codes`
+    None it is the float network (weights as stored, no quantization): the runtime baseline."""
+
+    def __init__(self, layer, num_bits, codes=None):
+        super().__init__()
+        self.stride, self.padding = layer.stride, layer.padding
+        self.norm = None if layer.folds_bn else layer.norm
+        with torch.no_grad():
+            weight = layer.weight.detach().clone()
+            scale = layer.fold_scale()
+            bias = None
+            if scale is not None:
+                # BN(conv(x, W * s) / s) with s = gamma / sqrt(var + eps) is conv(x, W * s) + beta - mean * s.
+                _, beta = layer.norm.affine()
+                bias = (beta - layer.norm.running_mean * scale).detach().clone()
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+        self.quantized = codes is not None
+        self.act = None
+        if self.quantized:
+            # b-bit weight codes c times 2^(8-b) at scale / 2^(8-b): the same values, exactly, as
+            # int8 codes; the conv bias is stored at input scale x weight scale, so its rounding
+            # is 2^(8-b) times finer (at 4 bits it would otherwise flip a few % of output codes).
+            spread = 2 ** (8 - num_bits)
+            _, scale, zero_point = codes
+            self.w_scale, self.w_zero_point = scale / spread, zero_point * spread
+            if bool(layer.act_range_ready):
+                a_scale, a_zero_point = affine_params(layer.act_min, layer.act_max, num_bits)
+                q_min, q_max = grid_limits(num_bits)
+                a_scale, a_zero_point = float(a_scale), int(a_zero_point)
+                clip = None if num_bits == 8 else ((q_min - a_zero_point) * a_scale, (q_max - a_zero_point) * a_scale)
+                self.act = (a_scale, a_zero_point + UINT8_SHIFT, clip)
+
+    def forward(self, x):
+        weight = self.weight
+        if self.act is not None:
+            scale, zero_point, clip = self.act
+            if clip is not None:
+                x = torch.clamp(x, *clip)
+            x = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255)
+        if self.quantized:
+            weight = torch.fake_quantize_per_tensor_affine(weight, self.w_scale, self.w_zero_point, -128, 127)
+        out = F.conv2d(x, weight, self.bias, self.stride, self.padding)
+        return self.norm(out) if self.norm is not None else out
+
+
+def without_activation_quantization(model):
+    """A quantized export stored with float weights becomes the plain float network (its ONNX
+    form is the float32 baseline: no QuantizeLinear/DequantizeLinear at all)."""
+    for module in model.modules():
+        if isinstance(module, QuantConv2d):
+            module.act_range_ready.fill_(False)
+    return model
+
+
+def traceable(model, content):
+    """The exported network with each quantized conv replaced by its QDQ form (a copy)."""
+    codes = weight_codes(content)
+    replacements = {name: QDQConv2d(module, content["num_bits"], codes.get(name))
+                    for name, module in model.named_modules() if isinstance(module, QuantConv2d)}
+    if not replacements:
+        return model
+    traced = copy.deepcopy(model)
+    for name, replacement in replacements.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(traced.get_submodule(parent_name), child, replacement)
+    return traced.eval()
+
+
+# -- export ------------------------------------------------------------------------------
+def export_onnx(model, content, path):
+    """Write the exported network (built from `content`) as an ONNX file at `path`."""
+    onnx, _ = require_onnx()
+    module = traceable(model, content)
+    size = content["input_size"]
+    dummy = torch.zeros(1, 3, size, size)
+    with torch.no_grad():
+        torch.onnx.export(module, (dummy,), path, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                          opset_version=OPSET, dynamo=False)
+    if content.get("quantized"):
+        graph = onnx.load(path)
+        store_integer_weights(graph)
+        onnx.save(graph, path)
+    return path
+
+
+def store_integer_weights(model):
+    """Rewrite the traced QDQ graph in place: each weight QuantizeLinear of a float initializer
+    becomes an int8 initializer of its codes, and the float bias of a conv whose input and
+    weight are both dequantized becomes int32 codes at scale input scale x weight scale
+    (ONNX Runtime fuses a conv into an integer conv only when all its inputs are dequantized)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
+
+    def constant(name):
+        if name in initializers:
+            return numpy_helper.to_array(initializers[name])
+        node = producers[name]
+        assert node.op_type == "Constant", f"{name}: expected a constant, found {node.op_type}"
+        return numpy_helper.to_array(node.attribute[0].t)
+
+    removed = []
+    for conv in [node for node in graph.node if node.op_type == "Conv"]:
+        weight_dq = producers.get(conv.input[1])
+        if weight_dq is None or weight_dq.op_type != "DequantizeLinear":
+            continue
+        weight_q = producers[weight_dq.input[0]]
+        weight, scale, zero_point = (constant(name) for name in weight_q.input)
+        # The stored weights are dequantized codes, so weight / scale is within rounding of an integer.
+        codes = numpy_helper.from_array(
+            ((weight / scale).round() + zero_point.astype("int32")).clip(-128, 127).astype(zero_point.dtype),
+            weight_q.input[0] + "_int8")
+        assert codes.data_type == TensorProto.INT8, "weight codes must be int8"
+        graph.initializer.append(codes)
+        weight_dq.input[0] = codes.name
+        removed += [weight_q, initializers.pop(weight_q.input[0])]
+        input_dq = producers.get(conv.input[0])
+        if len(conv.input) > 2 and input_dq is not None and input_dq.op_type == "DequantizeLinear":
+            bias_scale = (constant(input_dq.input[1]) * scale).astype("float32")
+            bias = constant(conv.input[2])
+            stem = conv.input[2]
+            graph.initializer.extend([
+                numpy_helper.from_array((bias / bias_scale).round().astype("int32"), stem + "_int32"),
+                numpy_helper.from_array(bias_scale, stem + "_scale"),
+                numpy_helper.from_array(np.zeros_like(bias_scale, dtype=np.int32), stem + "_zero_point")])
+            graph.node.append(helper.make_node("DequantizeLinear", [stem + "_int32", stem + "_scale",
+                                                                    stem + "_zero_point"], [stem + "_dequantized"]))
+            removed.append(initializers.pop(stem))
+            conv.input[2] = stem + "_dequantized"
+    for item in removed:
+        (graph.node if hasattr(item, "op_type") else graph.initializer).remove(item)
+    sort_topologically(graph)
+
+
+def sort_topologically(graph):
+    """Nodes appended by the rewrite go before their consumers (ONNX requires that order)."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [node for node in pending if all(name in available for name in node.input)]
+        assert ready, "the graph has a cycle"
+        for node in ready:
+            ordered.append(node)
+            available.update(node.output)
+        pending = [node for node in pending if node not in ready]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+# -- ONNX Runtime ------------------------------------------------------------------------
+def session(path, threads=1, optimized_path=None):
+    """A CPU ONNX Runtime session with `threads` intra-op threads (full graph optimisation;
+    `optimized_path` receives the optimised graph, to inspect which kernels it runs)."""
+    _, ort = require_onnx()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3  # the warning about hardware-specific saved graphs is expected
+    if optimized_path:
+        options.optimized_model_filepath = optimized_path
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def run_session(onnx_session, images):
+    return torch.from_numpy(onnx_session.run(None, {INPUT_NAME: images.numpy()})[0])
+
+
+# What an ONNX Runtime model must reproduce. Float graphs differ from torch only in the order of
+# float operations. In QDQ graphs an activation that lands on the other side of a rounding
+# boundary (ONNX Runtime divides by the scale, torch multiplies by its reciprocal; sums are
+# accumulated in another order) moves by one quantization step, and that change propagates.
+FLOAT_TOLERANCE = 1e-4      # max |logit difference| / max |logit|
+QDQ_TOLERANCE = 0.1
+MIN_AGREEMENT = 0.99        # fraction of identical predictions (QDQ graphs)
+
+
+@torch.no_grad()
+def compare(onnx_session, model, images, batch_size=256):
+    """Max |logit difference| relative to the largest |logit|, and the fraction of identical
+    predictions, of ONNX Runtime against the torch model on `images`."""
+    differences, scales, agreements = [], [], []
+    for batch in images.split(batch_size):
+        expected, actual = model(batch), run_session(onnx_session, batch)
+        differences.append(float((expected - actual).abs().max()))
+        scales.append(float(expected.abs().max()))
+        agreements.append((expected.argmax(1) == actual.argmax(1)).float())
+    return {"relative_difference": max(differences) / max(max(scales), 1e-12),
+            "agreement": float(torch.cat(agreements).mean()), "images": len(images)}
+
+
+def validate(path, model, content, images, name=None):
+    """Check an ONNX file against the torch model at its level; the comparison, or a DeployError
+    naming `name` (default: the path)."""
+    quantized = bool(content.get("quantized") and content["quantized"]["names"])
+    tolerance = QDQ_TOLERANCE if quantized else FLOAT_TOLERANCE
+    result = compare(session(path), model, images)
+    result.update(tolerance=tolerance, min_agreement=MIN_AGREEMENT if quantized else 1.0)
+    if result["relative_difference"] > tolerance or result["agreement"] < result["min_agreement"]:
+        raise DeployError(f"{name or path}: ONNX Runtime does not reproduce the model (logits differ by "
+                          f"{result['relative_difference']:.2e} of the largest, tolerance {tolerance:g}; "
+                          f"{100 * result['agreement']:.1f} % identical predictions)")
+    return result
+
+
+def conv_kernels(path, optimized_path):
+    """{conv module name: the kernel ONNX Runtime runs it with} from the
+    optimised graph: "integer" (QLinearConv, ConvInteger), "qdq-float" (a float conv whose
+    input and weight are dequantized int8), or "float"."""
+    onnx, _ = require_onnx()
+    session(path, optimized_path=optimized_path)
+    graph = onnx.load(optimized_path).graph
+    producers = {output: node.op_type for node in graph.node for output in node.output}
+    kernels = {}
+    for node in graph.node:
+        if node.op_type in ("QLinearConv", "ConvInteger"):
+            kernels[module_name(node.name)] = "integer"
+        elif node.op_type in ("Conv", "FusedConv"):
+            fed = [producers.get(node.input[0]), producers.get(node.input[1])]
+            kernels[module_name(node.name)] = "qdq-float" if fed == ["DequantizeLinear"] * 2 else "float"
+    return kernels
+
+
+
+def module_name(node_name):
+    """The module path of a conv node ("/layer1/layer1.0/conv1/Conv_token_6" -> "layer1.0.conv1"):
+    the exporter names scopes by attribute, and the items of a Sequential by their full path."""
+    parts = node_name.strip("/").split("/")[:-1]
+    return parts[-1] if len(parts) == 1 else f"{parts[-2]}.{parts[-1]}"
+
+
+# -- command line (python -m utils.export --format onnx) ----------------------------------
+def check_images(content, data_dir, count, seed=0):
+    """Images to check an export on: `count` test images of CIFAR-10 under `data_dir`
+    (normalised as in evaluation), else seeded random images of the model's input size."""
+    if data_dir:
+        from data.cifar import CIFAR_MEAN, CIFAR_STD, load_cifar10
+
+        images, _ = load_cifar10(data_dir, train=False, subset=count, seed=seed)
+        images = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
+        mean, std = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+        return (images - mean) / std, f"{len(images)} CIFAR-10 test images from {data_dir}"
+    size = content["input_size"]
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(count, 3, size, size, generator=generator), f"{count} random images"
+
+
+def write_checked(content, path, data_dir=None, count=256):
+    """Export `content` (a per-level export) to ONNX at `path`, check it with ONNX Runtime, and
+    return lines describing it; nothing is left at `path` when export or check fails."""
+    import os
+    import tempfile
+
+    from utils.export import build_exported
+
+    require_onnx()
+    directory = os.path.dirname(os.path.abspath(path))
+    model = build_exported(content, path)
+    if content.get("quantized") and not content["quantized"]["names"]:
+        without_activation_quantization(model)
+    images, source = check_images(content, data_dir, count)
+    handle, scratch = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
+    os.close(handle)
+    try:
+        export_onnx(model, content, scratch)
+        result = validate(scratch, model, content, images, name=path)
+        kernels = conv_kernels(scratch, scratch + ".optimized") if content.get("quantized") else {}
+        os.replace(scratch, path)
+    finally:
+        for leftover in (scratch, scratch + ".optimized"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+    lines = [f"ONNX Runtime on {source}: logits within {result['relative_difference']:.1e} of the largest "
+             f"(tolerance {result['tolerance']:g}), {100 * result['agreement']:.2f} % identical predictions"]
+    if kernels:
+        counts = {kind: sum(1 for value in kernels.values() if value == kind) for kind in ("integer", "qdq-float")}
+        lines.append(f"quantized convs: {counts['integer']} run as integer convolutions, {counts['qdq-float']} as "
+                     f"float convolutions of dequantized int8 values (their output feeds no QuantizeLinear)")
+    if content["setting"] == "unstructured_sparsity":
+        lines.append("ONNX stores no sparse weights: pruned weights are zeros in dense tensors")
+    return lines

@@ -1,0 +1,137 @@
+"""The subspace artefact (deploy.subspace): one file, any level picked at run time.
+
+Models are the perturbed checkpoints of test_export (norms, statistics and activation ranges
+away from their initialisation), compared with the training-time model at the same level.
+"""
+
+import os
+
+import pytest
+import torch
+
+from deploy import load_subspace, make_subspace, save_subspace
+from models.layers import QuantConv2d
+from utils import checkpoint as ckpt
+from utils.export import export_model, main
+from test_export import CASES, inputs, make_checkpoint, training_time_logits
+
+# Three levels for each setting and LEC; quantized LCS+L stores codes, target_bit_width floats.
+SUBSPACE_CASES = [
+    ("structured_sparsity", "lcs_l", (), (1.0, 0.6, 0.25)),
+    ("structured_sparsity", "lec", (), (0.9, 0.6, 0.3)),
+    ("unstructured_sparsity", "lcs_l", (), (1.0, 0.3, 0.05)),
+    ("quantized", "lcs_l", (), (8, 5, 3)),
+    ("quantized", "target_bit_width", (), (7, 5, 3)),
+]
+
+
+def case_id(case):
+    return f"{case[0].split('_')[0]}-{case[1]}"
+
+
+def alpha_of(trainer, level):
+    """The alpha LCS+L evaluates `level` at (None for the other methods)."""
+    points = [point for point in trainer.eval_points() if point.level == level]
+    if points:
+        return points[0].alpha
+    return {"structured_sparsity": (level - 0.25) / 0.75, "unstructured_sparsity": level}.get(trainer.setting)
+
+
+@pytest.mark.parametrize("setting,method,flags,levels", SUBSPACE_CASES, ids=[case_id(c) for c in SUBSPACE_CASES])
+def test_subspace_round_trip_equals_training_time_model(tmp_path, setting, method, flags, levels):
+    path, payload, model, trainer = make_checkpoint(tmp_path, setting, method, flags)
+    out = str(tmp_path / "model.lcs.pt")
+    save_subspace(out, make_subspace(ckpt.load(path), path))
+    stored = torch.load(out, weights_only=True)
+    assert "optimizer" not in stored and stored["format"] == "lcs-subspace"
+    sub = load_subspace(out)
+    assert sub.levels == [point.level for point in trainer.eval_points()]
+    x = inputs()
+    for level in levels:
+        net = sub.at(level)
+        assert not net.training
+        with torch.no_grad():
+            logits = net(x)
+        alpha = alpha_of(trainer, level) if method == "lcs_l" else None
+        expected = training_time_logits(model, trainer, level, alpha, x)
+        assert (logits - expected).abs().max() <= 1e-5, level
+    # Switching back gives the first level's logits again (nothing of the other levels is left).
+    with torch.no_grad():
+        again = sub.at(levels[0])(x)
+    first = training_time_logits(model, trainer, levels[0], alpha_of(trainer, levels[0]) if method == "lcs_l"
+                                 else None, x)
+    assert (again - first).abs().max() <= 1e-5
+
+
+def test_subspace_sizes(tmp_path):
+    """Structured: about one float32 model (the line norms' second endpoints are small).
+    Quantized LCS+L: codes for 3..8 bits (33 bits a weight) instead of two float endpoints."""
+    sizes = {}
+    for setting, method in (("structured_sparsity", "lcs_l"), ("quantized", "lcs_l"), ("quantized", "lcs_p")):
+        path, *_ = make_checkpoint(tmp_path, setting, method)
+        out = str(tmp_path / f"{setting}_{method}.lcs.pt")
+        content = make_subspace(ckpt.load(path), path)
+        save_subspace(out, content)
+        sizes[setting, method] = os.path.getsize(out), content
+    full = str(tmp_path / "full.pt")
+    main(["--checkpoint", str(tmp_path / "structured_sparsity_lcs_l.pt"), "--level", "1.0", "--out", full])
+    assert sizes["structured_sparsity", "lcs_l"][0] <= 1.05 * os.path.getsize(full)
+    quantized_lcs_l = sizes["quantized", "lcs_l"][1]
+    assert sorted(quantized_lcs_l["codes"]) == [3, 4, 5, 6, 7, 8]
+    stored_names = quantized_lcs_l["weights"]["names"]
+    assert "layer1.0.conv1.weight" not in stored_names and "layer1.0.conv1.weight1" not in stored_names
+    assert sizes["quantized", "lcs_l"][0] < 0.6 * os.path.getsize(str(tmp_path / "quantized_lcs_l.pt"))
+    assert sizes["quantized", "lcs_p"][1]["codes"] is None  # 33 bits of codes > 32 bits of float
+
+
+@pytest.mark.parametrize("setting,method,level,message", [
+    ("structured_sparsity", "us", 1.5, "width factors in [0.25, 1]"),
+    ("quantized", "lcs_l", 9, "integer bit widths in 3..8"),
+    ("unstructured_sparsity", "lcs_l", 0, "TopK fractions in (0, 1]"),
+])
+def test_subspace_levels_outside_the_range_are_one_line_errors(tmp_path, setting, method, level, message):
+    path, *_ = make_checkpoint(tmp_path, setting, method)
+    out = str(tmp_path / "model.lcs.pt")
+    save_subspace(out, make_subspace(ckpt.load(path), path))
+    with pytest.raises(Exception) as error:
+        load_subspace(out).at(level)
+    assert message in str(error.value) and out in str(error.value) and "\n" not in str(error.value)
+
+
+def test_subspace_cli_and_bad_flags(tmp_path, capsys):
+    path, *_ = make_checkpoint(tmp_path, "structured_sparsity", "us")
+    out = tmp_path / "model.lcs.pt"
+    main(["--checkpoint", path, "--subspace", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "subspace with float weights" in printed and "levels 1, 0.875" in printed and out.is_file()
+    assert load_subspace(str(out)).level_range == (0.25, 1.0)
+    for argv in (["--subspace", "--level", "0.5"], [], ["--subspace", "--format", "onnx"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--checkpoint", path, "--out", str(tmp_path / "x.pt"), *argv])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and "--level" in err
+    with pytest.raises(Exception, match="not this project's subspace artefact"):
+        load_subspace(path)
+
+
+def test_training_and_subspaces_need_no_onnx(tmp_path):
+    """With onnx and onnxruntime unimportable, the training scripts and the subspace loader
+    import and run, and --format onnx stops with a one-line error naming the requirements file."""
+    import subprocess
+    import sys
+
+    path, *_ = make_checkpoint(tmp_path, "structured_sparsity", "us")
+    out = tmp_path / "model.lcs.pt"
+    save_subspace(str(out), make_subspace(ckpt.load(path), path))
+    code = ("import sys; sys.modules['onnx'] = sys.modules['onnxruntime'] = None\n"
+            "import torch, train_structured, train_unstructured, train_quantized\n"
+            "from deploy import load_subspace\n"
+            f"print(load_subspace({str(out)!r}).at(0.5)(torch.zeros(1, 3, 32, 32)).shape)\n"
+            "from utils.export import main\n"
+            f"main(['--checkpoint', {path!r}, '--level', '0.5', '--format', 'onnx', '--out', "
+            f"{str(tmp_path / 'm.onnx')!r}])\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "torch.Size([1, 10])" in result.stdout
+    assert result.stderr.count("\n") == 1 and "requirements-deploy.txt" in result.stderr, result.stderr
+    assert not (tmp_path / "m.onnx").exists()
