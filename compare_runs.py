@@ -17,7 +17,7 @@ import sys
 
 from utils.atomic import refuse_overwrite
 from utils.errors import ConfigError, UsageParser, UserError, one_line
-from utils.metrics import METRICS, latest_results, plot_runs, read_rows, text_table, write_csv
+from utils.metrics import METRICS, latest_results, model_state, plot_runs, read_rows, text_table, write_csv
 
 
 def load_run(run_dir):
@@ -86,11 +86,18 @@ def _printable(header, lines):
     return text_table(header, [[cell(name, value) for name, value in zip(header, line)] for line in lines])
 
 
+def drop_empty_columns(header, lines):
+    """The table without the run columns that are empty for every level (e.g. sparsity of a
+    run that records none)."""
+    keep = [index for index, name in enumerate(header)
+            if index < 3 or any(line[index] is not None for line in lines)]
+    return [header[i] for i in keep], [[line[i] for i in keep] for line in lines]
+
+
 def describe(label, run_dir, rows):
     row = rows[-1]
-    state = "final evaluation" if row["final"] else f"epoch {row['epoch']} (run not finished)"
     return (f"{label}: {run_dir} ({row['setting']}, {row['method']}, {row['model']}, {row['dataset']}, "
-            f"{row['norm']}), {state}, {row['num_images']} test images")
+            f"{row['norm']}), {model_state(rows)}, {row['num_images']} test images")
 
 
 def compare(run_dirs, out, labels=None):
@@ -114,7 +121,7 @@ def compare(run_dirs, out, labels=None):
     datasets = sorted({rows[0]["dataset"] for _, rows in runs})
     models = sorted({rows[0]["model"] for _, rows in runs})
     plot_runs(out, labelled, title=f"{', '.join(models)} on {', '.join(datasets)}")
-    header, lines = comparison_table(labelled)
+    header, lines = drop_empty_columns(*comparison_table(labelled))
     write_csv(table_path, header, [["" if value is None else value for value in line] for line in lines])
     text = [describe(label, run_dir, rows) for label, (run_dir, rows) in zip(labels, runs)]
     text += ["", _printable(header, lines), "", f"Figure: {out}", f"Table: {table_path}"]

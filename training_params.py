@@ -12,12 +12,14 @@ their classes in methods/. Every user mistake raises ConfigError with one line n
 flag or file/key, the bad value and what is allowed.
 """
 
+import argparse
 import math
 import os
 import sys
 
 import torch
 
+from data.cifar import DEFAULT_DATA_DIR, data_dir_problem
 from engine import run_dir
 from engine.run_dir import RunOptions
 from engine.train import run
@@ -37,7 +39,10 @@ NORMS = ("IN", "BN", "GN")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_PIPELINES = ("auto", "tensor", "dataloader")
 # Keys that only say where or how to run: they may change when resuming or evaluating.
-RUNTIME_KEYS = {"data_dir", "imagenet_dir", "device", "num_workers", "save_dir", "data_pipeline"}
+# eval_at_start changes what is recorded, not what is trained (evaluation leaves the model and
+# the random streams as they were).
+RUNTIME_KEYS = {"data_dir", "imagenet_dir", "device", "num_workers", "save_dir", "data_pipeline", "threads",
+                "eval_at_start"}
 
 
 # -- per-model / per-dataset overrides (the original's training_params.model_data_params) --
@@ -123,6 +128,12 @@ def _add_common_flags(parser):
     add("--amp", action="store_true", default=None, help="bfloat16 autocast (CUDA, or a CPU with bfloat16 units; default: off, fp32)")
     add("--channels_last", action="store_true", default=None, help="channels-last memory format")
     add("--compile", action="store_true", default=None, help="torch.compile the network")
+    add("--threads", type=int, help="CPU threads per process (default: the usable cores not busy with other "
+                                     "work, at most 16, shared among torchrun's local processes; "
+                                     "OMP_NUM_THREADS when set)")
+    add("--eval_at_start", action=argparse.BooleanOptionalAction, default=None,
+        help="evaluate the grid before training, as the original does (epoch 0 in the metrics; default); "
+             "--no-eval_at_start skips it")
     add("--resume", nargs="?", const="last", metavar="CHECKPOINT",
         help="continue the run in save_dir from checkpoint_last.pt, or from the given checkpoint")
     add("--overwrite", action="store_true", help="replace a run already in save_dir")
@@ -165,7 +176,8 @@ class _Layers:
 
 FLAG_KEYS = ("model", "dataset", "norm", "epochs", "test_freq", "learning_rate", "batch_size", "momentum",
              "weight_decay", "save_dir", "data_dir", "imagenet_dir", "seed", "device", "num_workers",
-             "train_subset", "test_subset", "image_size", "data_pipeline", "amp", "channels_last", "compile")
+             "train_subset", "test_subset", "image_size", "data_pipeline", "amp", "channels_last", "compile",
+             "threads", "eval_at_start")
 
 
 def _apply_file(layers, data, path, setting, method):
@@ -256,7 +268,7 @@ MIN_IMAGE_SIZE = {"resnet18": 33, "vgg19": 32}
 
 
 # What makes sense, so that a typo cannot start a thousand workers or a batch no memory holds.
-UPPER_BOUNDS = {"epochs": 100_000, "batch_size": 65_536, "num_workers": 256, "image_size": 1024}
+UPPER_BOUNDS = {"epochs": 100_000, "batch_size": 65_536, "num_workers": 256, "threads": 1024, "image_size": 1024}
 
 
 def _validate_numbers(c, checks):
@@ -272,6 +284,7 @@ def _validate_numbers(c, checks):
              f"must be in [0, 1), got {c.momentum}")
     checks.require(0 <= c.seed <= MAX_SEED, "seed", f"must be in 0..{MAX_SEED}, got {c.seed}")
     checks.require(c.num_workers >= 0, "num_workers", f"must be 0 or more, got {c.num_workers}")
+    checks.require(c.threads is None or c.threads >= 1, "threads", f"must be at least 1, got {c.threads}")
     for key in ("train_subset", "test_subset"):
         value = getattr(c, key)
         checks.require(value is None or value >= 1, key, f"must be at least 1, got {value}")
@@ -297,9 +310,12 @@ def _validate_data_source(c, checks):
     for key in ("imagenet_dir", "image_size"):
         checks.require(not checks.given_as_flag(key), key, "only used with --dataset imagenet")
     # The default ./data may be missing: CIFAR-10 is downloaded there. A directory given
-    # explicitly must exist (a typo must not trigger a download into a new folder).
-    if os.path.normpath(c.data_dir) != "data":
-        checks.require(os.path.isdir(c.data_dir), "data_dir", f"no such directory: {c.data_dir}")
+    # explicitly must exist (a typo must not trigger a download into a new folder) and must
+    # not be one of the common wrong places (a split folder, an archive, ...). The default is
+    # checked when the data is read (data.cifar.load_cifar10).
+    if os.path.normpath(c.data_dir) != DEFAULT_DATA_DIR:
+        problem = data_dir_problem(c.data_dir)
+        checks.require(problem is None, "data_dir", problem)
 
 
 # -- entry -----------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from methods.levels import cosine_lr, warmup_iterations
 from models import build_model
 from utils import checkpoint as ckpt
 from utils import checkpoint_schema as schema
-from utils.distributed import any_process, barrier, setup, teardown
+from utils.distributed import any_process, barrier, choose_threads, setup, teardown
 from utils.errors import CheckpointError, ConfigError, TrainingError, one_line
 from utils.metrics import METRICS, evaluation_rows, format_table, latest_results, read_rows, update_outputs
 from utils.run_lock import RunDirLock, refuse_if_locked
@@ -181,7 +181,7 @@ class Run:
                            amp=self.config.amp, test_batch_bn=bool(self.config.get("lec_test_batch_statistics")))
         index = max([row["evaluation"] for row in self.rows], default=-1) + 1
         for row in evaluation_rows(results, index, self.progress.epoch, self.progress.global_step, self.config,
-                                   self.method.level_name, final, eval_only, checkpoint):
+                                   self.method.level_name, self.data.num_classes, final, eval_only, checkpoint):
             self.rows.append(row)
             _log(self.context, _describe(row))
         self.progress.evaluations = index + 1
@@ -212,14 +212,19 @@ class Run:
             _log(self.context, f"The run in {self.save_dir} has already finished ({config.epochs} epochs).")
             return 0
         step = TrainStep(self.model, self.method, self.optimizer, self.context, config)
+        self.clock = RunClock(config, self.data.train.steps_per_epoch)
+        _log(self.context, f"Training loss shown: {LOSS_LABEL}, the mean cross-entropy of the step's forward "
+                           f"passes (one per compression level trained; regulariser included)")
         with StopFlag() as stop:
             try:
                 while progress.epoch < config.epochs:
                     lr = cosine_lr(config.learning_rate, progress.epoch, config.epochs)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
-                    if progress.epoch % config.test_freq == 0 and progress.evaluated_epoch != progress.epoch:
+                    if self.evaluation_due():
+                        started = time.perf_counter()
                         self.record_evaluation()
+                        self.clock.evaluated(time.perf_counter() - started)
                         progress.evaluated_epoch = progress.epoch
                         self.save_checkpoint()
                         self.stop_if_requested(stop)
@@ -243,6 +248,12 @@ class Run:
         self.print_summary("Final evaluation")
         return 0
 
+    def evaluation_due(self):
+        """Every test_freq epochs, at the start of the epoch (epoch 0 only with eval_at_start)."""
+        progress = self.progress
+        return (progress.epoch % self.config.test_freq == 0 and progress.evaluated_epoch != progress.epoch
+                and (progress.epoch > 0 or self.config.eval_at_start))
+
     def train_epoch(self, step, lr, stop):
         self.model.train()
         config, progress = self.config, self.progress
@@ -260,7 +271,8 @@ class Run:
             progress.global_step += 1
             if progress.step_in_epoch % check_every == 0 or progress.step_in_epoch == log.steps:
                 mean_loss = monitor.flush(self.config)
-                log.update(progress.step_in_epoch, mean_loss, logits, labels, self.config.batch_size)
+                seconds_left = self.clock.seconds_left(progress, lambda text: _log(self.context, text))
+                log.update(progress.step_in_epoch, mean_loss, logits, labels, self.config.batch_size, seconds_left)
                 if progress.step_in_epoch < log.steps:  # after the last step the epoch is completed first
                     self.stop_if_requested(stop)
         monitor.flush(self.config)
@@ -330,7 +342,7 @@ class TrainStep:
         self.forward = compile_network(network, method) if config.compile else network
 
     def __call__(self, levels_list, images, labels):
-        """(sum of the losses, logits of the last forward), both left on the device."""
+        """(mean loss per forward pass, logits of the last forward), both left on the device."""
         total = None
         for index, levels in enumerate(levels_list):
             self.method.apply_levels(self.model, levels)
@@ -349,7 +361,7 @@ class TrainStep:
         self.method.after_backward(self.model)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, logits
+        return total / len(levels_list), logits
 
 
 def _describe(row):
@@ -421,6 +433,73 @@ def _levels_text(levels):
     return "; ".join(", ".join(f"{name}={short(value)}" for name, value in level.items()) or "-" for level in levels)
 
 
+LOSS_LABEL = "loss/pass"
+FIRST_ESTIMATE_STEPS = 5
+
+
+def format_duration(seconds):
+    """'42 s', '3 min 05 s', '2 h 07 min', '3 d 4 h'."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours} h {minutes:02d} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
+
+
+def evaluations_after(epoch, epochs, test_freq):
+    """Evaluations still to come while epoch `epoch` trains: the periodic ones of the later
+    epochs and the final one."""
+    return sum(1 for later in range(epoch + 1, epochs) if later % test_freq == 0) + 1
+
+
+class RunClock:
+    """The pace of this process's training steps and evaluations, for the estimate of the
+    run's duration (printed once after the first few steps, then kept on the progress line).
+    The first measured step is left out: it warms up (memory, kernels)."""
+
+    def __init__(self, config, steps_per_epoch):
+        self.config, self.steps_per_epoch = config, steps_per_epoch
+        self.started = time.perf_counter()
+        self.base = None            # (time, global step) of the first measurement
+        self.evaluation_s = []
+        self.evaluation_since_base_s = 0.0
+        self.announced = False
+
+    def evaluated(self, seconds):
+        self.evaluation_s.append(seconds)
+        if self.base is not None:
+            self.evaluation_since_base_s += seconds
+
+    def seconds_left(self, progress, announce):
+        """The estimated time the rest of the run takes (None until FIRST_ESTIMATE_STEPS steps
+        are measured); the first estimate is also passed to `announce` as a sentence."""
+        now = time.perf_counter()
+        if self.base is None:
+            self.base = (now, progress.global_step)
+            return None
+        steps = progress.global_step - self.base[1]
+        if steps < FIRST_ESTIMATE_STEPS:
+            return None
+        step_s = (now - self.base[0] - self.evaluation_since_base_s) / steps
+        config = self.config
+        evaluations = evaluations_after(progress.epoch, config.epochs, config.test_freq)
+        evaluation_s = sum(self.evaluation_s) / len(self.evaluation_s) if self.evaluation_s else 0.0
+        left = step_s * (config.epochs * self.steps_per_epoch - progress.global_step) + evaluation_s * evaluations
+        if not self.announced:
+            self.announced = True
+            timed = (f"{format_duration(evaluation_s)} each" if self.evaluation_s else "not timed yet, not included")
+            announce(f"Estimated duration of the run: {format_duration(now - self.started + left)} "
+                     f"({config.epochs} epochs of {self.steps_per_epoch} steps at {step_s:.3g} s per step, "
+                     f"{evaluations} more evaluation{'s' if evaluations > 1 else ''}: {timed})")
+        return left
+
+
 class EpochLog:
     """A tqdm bar on a terminal, plain lines (about ten per epoch) otherwise."""
 
@@ -436,8 +515,9 @@ class EpochLog:
             self.bar = tqdm(total=steps, initial=first_step, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
                             dynamic_ncols=True)
 
-    def update(self, step, mean_loss, logits, labels, images_per_step):
-        """Called after `step` steps of the epoch; `mean_loss` averages the steps since the last call."""
+    def update(self, step, mean_loss, logits, labels, images_per_step, seconds_left=None):
+        """Called after `step` steps of the epoch; `mean_loss` averages the steps since the last call;
+        `seconds_left` estimates the rest of the run (None until known)."""
         if not self.enabled:
             return
         self.loss_sum += mean_loss
@@ -447,13 +527,18 @@ class EpochLog:
         loss = self.loss_sum / self.loss_count
         rate = images_per_step * (step - self.first_step) / max(time.perf_counter() - self.start, 1e-9)
         accuracy = (logits.argmax(dim=1) == labels).float().mean().item()
+        left = "" if seconds_left is None else format_duration(seconds_left)
         if self.bar is not None:
             self.bar.update(step - self.shown_step)
-            self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{100 * accuracy:.1f}%", lr=f"{self.lr:.4g}",
-                                 img_s=f"{rate:.0f}")
+            postfix = {LOSS_LABEL: f"{loss:.4f}", "acc": f"{100 * accuracy:.1f}%", "lr": f"{self.lr:.4g}",
+                       "img/s": f"{rate:.0f}"}
+            if left:
+                postfix["run left"] = left
+            self.bar.set_postfix(postfix)
         else:
             print(f"epoch {self.epoch + 1}/{self.epochs} [{step}/{self.steps} {100 * step / self.steps:.0f}%] "
-                  f"loss {loss:.4f} acc {100 * accuracy:.1f}% lr {self.lr:.4g} {rate:.0f} img/s", flush=True)
+                  f"{LOSS_LABEL} {loss:.4f} acc {100 * accuracy:.1f}% lr {self.lr:.4g} {rate:.0f} img/s"
+                  + (f" | run left ~{left}" if left else ""), flush=True)
         self.shown_step = step
 
     def close(self):
@@ -482,6 +567,7 @@ def on_main_process(context, action, save_dir):
 def run(config, options):
     """Train (or evaluate) as the config and options say; returns the exit status."""
     context = setup(config.device)
+    threads_before = torch.get_num_threads()
     lock = None
     try:
         # The lock itself (utils.run_lock) is taken once the run is built.
@@ -491,7 +577,10 @@ def run(config, options):
         # fast only with bfloat16 units: say so.
         amp_note = (" (--amp on the CPU: bfloat16 autocast, faster than fp32 only on CPUs with bfloat16 "
                     "units such as AMX)") if config.amp and context.device.type != "cuda" else ""
-        _log(context, f"Device: {context.device}, {context.world_size} process(es){amp_note}")
+        threads = choose_threads(config.threads)
+        torch.set_num_threads(threads.threads)
+        _log(context, f"Device: {context.device}, {context.world_size} process(es), {threads.threads} CPU "
+                      f"thread(s) per process ({threads.reason}; --threads N to choose){amp_note}")
         state = Run(config, options, context)
         lock = on_main_process(context, lambda: RunDirLock(config.save_dir), config.save_dir)
         run_dir.check_free(config.save_dir, options)  # again: a run may have finished there meanwhile
@@ -503,6 +592,7 @@ def run(config, options):
             run_dir.prepare(config.save_dir, config, options.overwrite)
         return state.train()
     finally:
+        torch.set_num_threads(threads_before)  # for callers in the same process (tests)
         if lock is not None:
             lock.release()
         teardown(context)

@@ -77,6 +77,8 @@ COMMON_KEYS = {
     "amp": Key("bool", False),
     "channels_last": Key("bool", False),
     "compile": Key("bool", False),
+    "threads": Key("int?", None, "CPU threads per process (null: chosen at start, see --threads)"),
+    "eval_at_start": Key("bool", True, "evaluate the grid before the first training step (epoch 0)"),
 }
 
 

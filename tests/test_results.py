@@ -61,14 +61,17 @@ def test_results_csv_and_plot_after_an_evaluation(tmp_path):
     update_outputs(str(tmp_path), rows)
     assert read_rows(tmp_path) == rows
     table = read_csv(tmp_path / metrics.RESULTS)
+    # Every column of every setting, in a fixed order; empty where a metric does not apply.
     assert table[0] == ["evaluation", "epoch", "step", "setting", "method", "model", "dataset", "norm",
-                        "level_name", "level", "alpha", "accuracy", "loss", "num_images", "sparsity", "num_bits",
-                        "act_quant", "effective_topk", "final", "eval_only"]
+                        "num_classes", "level_name", "level", "alpha", "accuracy", "loss", "num_images", "sparsity",
+                        "num_bits", "act_quant", "conv_params", "macs", "nonzero_params", "effective_topk", "params",
+                        "channel_floor_applied", "bn_calibration_images", "lec_test_batch_statistics", "final",
+                        "eval_only", "checkpoint"]
     assert table[1:] == [
-        ["1", "2", "20", "unstructured_sparsity", "lcs_l", "cpreresnet20", "cifar10", "GN", "topk", "0.05", "",
-         "0.25", "1.5", "100", "0.5", "", "", "0.05", "False", "False"],
-        ["1", "2", "20", "unstructured_sparsity", "lcs_l", "cpreresnet20", "cifar10", "GN", "topk", "1.0", "",
-         "0.75", "1.5", "100", "0.5", "", "", "1.0", "False", "False"]]
+        ["1", "2", "20", "unstructured_sparsity", "lcs_l", "cpreresnet20", "cifar10", "GN", "", "topk", "0.05", "",
+         "0.25", "1.5", "100", "0.5", "", "", "", "", "", "0.05", "", "", "", "", "False", "False", ""],
+        ["1", "2", "20", "unstructured_sparsity", "lcs_l", "cpreresnet20", "cifar10", "GN", "", "topk", "1.0", "",
+         "0.75", "1.5", "100", "0.5", "", "", "", "", "", "1.0", "", "", "", "", "False", "False", ""]]
     plot = tmp_path / metrics.PLOT
     assert png_size(plot) == (640, 440)  # figsize 6.4 x 4.4 inches at 100 dpi
     assert 5_000 < os.path.getsize(plot) < 200_000
