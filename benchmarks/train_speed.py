@@ -43,7 +43,7 @@ from models import build_model  # noqa: E402
 from training_params import parse  # noqa: E402
 from utils.distributed import Context, pick_device  # noqa: E402
 from utils.errors import UsageParser, UserError  # noqa: E402
-from engine.train import Run, StopFlag, TrainStep, configure_backends  # noqa: E402
+from engine.train import Run, RunClock, StopFlag, TrainStep, configure_backends  # noqa: E402
 
 SETTINGS = ("structured_sparsity", "unstructured_sparsity", "quantized")
 METHOD = "lcs_l"
@@ -158,6 +158,7 @@ class ProjectLoop:
     def __init__(self, config, options, device):
         context = Context(device=device)
         self.run = Run(config, options, context)
+        self.run.clock = RunClock(config, self.run.data.train.steps_per_epoch)  # Run.train() sets it otherwise
         self.step = TrainStep(self.run.model, self.run.method, self.run.optimizer, context, config)
         self.steps_per_epoch = self.run.data.train.steps_per_epoch
         self.device, self.config = device, config
