@@ -5,7 +5,7 @@
                                 [--runtime torch|onnxruntime]
 
 Every level, and the uncompressed model (width 1.0 / TopK 1.0 / the same network with float32
-weights), is exported with utils.export, written to a file and loaded back. The table gives, per
+weights), is exported with deploy.export, written to a file and loaded back. The table gives, per
 level: nonzero parameters, MACs for one image (FlopCounterMode on the loaded model), file size
 and the median latency at each batch size, each with its ratio uncompressed / this level
 (higher = smaller or faster). Latencies are timed round-robin over all models, one call each
@@ -34,14 +34,9 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from utils.errors import UsageParser, number_list  # noqa: E402
 from utils import checkpoint as ckpt  # noqa: E402
 from utils.errors import ConfigError, UserError, one_line  # noqa: E402
-from utils.export import (checkpoint_config, export_model, load_exported, resolve_level,  # noqa: E402
-                          save_export, uncompressed_level)
+from deploy.compressed import (EXPORTERS, checkpoint_method, export_model, load_exported,  # noqa: E402
+                               resolve_level, save_export, uncompressed_level)
 from deploy.measure import describe_subspace, onnx_runners, subspace_report  # noqa: E402
-
-# The uncompressed model is always measured first; these are the levels compared with it.
-DEFAULT_LEVELS = {"structured_sparsity": (0.75, 0.5, 0.25),
-                  "unstructured_sparsity": (0.5, 0.25, 0.1, 0.05),
-                  "quantized": (8, 7, 6, 5, 4, 3)}
 
 
 def build_parser():
@@ -53,8 +48,8 @@ def build_parser():
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per model and batch size")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per model and batch size first")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
-    parser.add_argument("--round_to", type=int, help="as utils.export --round_to (structured widths)")
-    parser.add_argument("--data_dir", help="as utils.export --data_dir (runs that re-estimated BN statistics)")
+    parser.add_argument("--round_to", type=int, help="as deploy.export --round_to (structured widths)")
+    parser.add_argument("--data_dir", help="as deploy.export --data_dir (runs that re-estimated BN statistics)")
     parser.add_argument("--out_dir", help="keep the exported files here (default: a temporary directory)")
     parser.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime"),
                         help="time the models in torch or, exported to ONNX, in ONNX Runtime (CPU)")
@@ -132,9 +127,9 @@ def timed_batch(models, batch_size, input_size, device, args):
                           f"use smaller batches") from None
 
 
-def valid_level(config, level):
+def valid_level(method, level):
     try:
-        resolve_level(config, level)
+        resolve_level(method, level)
     except ConfigError:
         return False
     return True
@@ -170,10 +165,11 @@ def check_args(args):
         raise ConfigError(f"--out_dir {args.out_dir}: no such directory")
 
 
-def export_all(payload, config, path, levels, round_to, out_dir, device, data_dir=None):
-    """[(label, loaded model, file size, export header)], the uncompressed model first."""
-    quantized = config.setting == "quantized"
-    base = uncompressed_level(config)
+def export_all(payload, method, path, levels, round_to, out_dir, device, data_dir=None):
+    """[(label, loaded model, file size, export header)], the uncompressed model first (for
+    integer codes: the same model with float32 weights)."""
+    quantized = EXPORTERS[method.export_format].stores_codes
+    base = uncompressed_level(method)
     jobs = [("float32" if quantized else "uncompressed", base, True, None)]
     jobs += [(f"{level:g}", level, False, round_to) for level in levels]
     results = []
@@ -219,12 +215,14 @@ def run(args):
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     payload = ckpt.load(args.checkpoint)
-    config = checkpoint_config(payload, args.checkpoint)
-    levels = args.levels or [level for level in DEFAULT_LEVELS[config.setting] if valid_level(config, level)]
+    method = checkpoint_method(payload, args.checkpoint)
+    config = method.config
+    # The uncompressed model is always measured first; these are the levels compared with it.
+    levels = args.levels or [level for level in method.deploy_levels if valid_level(method, level)]
     load_before = load_average()
     with tempfile.TemporaryDirectory() as scratch:
         out_dir = args.out_dir or scratch
-        exported = export_all(payload, config, args.checkpoint, levels, args.round_to, out_dir, device,
+        exported = export_all(payload, method, args.checkpoint, levels, args.round_to, out_dir, device,
                               args.data_dir)
         subspace = subspace_report(payload, args.checkpoint, out_dir, exported[0][2], args.switches,
                                    [content["level"] for _, _, _, content in exported])

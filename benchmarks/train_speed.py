@@ -8,7 +8,7 @@ the same process:
   RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize), a DataLoader with
   2 worker processes (pinned memory on CUDA), a blocking copy of every batch, levels set by
   walking all modules, every loss read back with .item(), fp32, cudnn.benchmark on (CUDA).
-* this project: utils.train's epoch loop (Run.train_epoch with TrainStep) with the data
+* this project: engine.train's epoch loop (Run.train_epoch with TrainStep) with the data
   pipeline and speed flags given here (default: the on-device tensor pipeline, fp32).
 
 The loops take turns epoch by epoch, so a change in machine load hits both. The first epoch
@@ -43,7 +43,7 @@ from models import build_model  # noqa: E402
 from training_params import parse  # noqa: E402
 from utils.distributed import Context, pick_device  # noqa: E402
 from utils.errors import UsageParser, UserError  # noqa: E402
-from utils.train import Run, StopFlag, TrainStep, configure_backends  # noqa: E402
+from engine.train import Run, RunClock, StopFlag, TrainStep, configure_backends  # noqa: E402
 
 SETTINGS = ("structured_sparsity", "unstructured_sparsity", "quantized")
 METHOD = "lcs_l"
@@ -158,12 +158,13 @@ class ProjectLoop:
     def __init__(self, config, options, device):
         context = Context(device=device)
         self.run = Run(config, options, context)
+        self.run.clock = RunClock(config, self.run.data.train.steps_per_epoch)  # Run.train() sets it otherwise
         self.step = TrainStep(self.run.model, self.run.method, self.run.optimizer, context, config)
         self.steps_per_epoch = self.run.data.train.steps_per_epoch
         self.device, self.config = device, config
 
     def epoch(self, first_step, lr, epoch):
-        configure_backends(self.config, self.device)
+        configure_backends(self.run.method, self.device)
         for group in self.run.optimizer.param_groups:
             group["lr"] = lr
         self.run.progress.epoch, self.run.progress.step_in_epoch = epoch, 0

@@ -16,23 +16,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from data.augment import Normalizer, crop_coordinates, draw_crop_flip, gather_crops, pad_images
+from data.augment import (Normalizer, SeededTransformDataset, crop_coordinates, draw_crop_flip, gather_crops,
+                          mix_seed, pad_images)
 from data.cifar import CIFAR_MEAN, CIFAR_STD, load_cifar10, subset_indices
+from data.imagenet import imagenet_datasets
 from utils.errors import ConfigError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def mix_seed(*parts):
-    """A 63-bit seed from several integers (seed, epoch, rank, index, ...)."""
-    value = 0x9E3779B97F4A7C15
-    for part in parts:
-        value = (value ^ (int(part) + 0x9E3779B97F4A7C15 + (value << 6) + (value >> 2))) & ((1 << 63) - 1)
-    return value
-
 
 def epoch_order(num_images, epoch, seed, rank, world_size):
     """This process's image indices for `epoch` (shuffled, padded to equal shards)."""
@@ -102,25 +92,6 @@ class TensorTestStream:
             yield self.normalize(self.images[batch]), self.labels[batch]
 
 
-class SeededTransformDataset(Dataset):
-    """Applies PIL transforms with the torch RNG seeded per (seed, epoch, image), so the
-    augmentation of an image does not depend on worker count or on where a run resumed."""
-
-    def __init__(self, load, labels, transform, seed):
-        self.load, self.labels, self.transform, self.seed = load, labels, transform, seed
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, item):
-        index, epoch = item if isinstance(item, tuple) else (item, 0)
-        image = self.load(index)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mix_seed(self.seed, epoch, index))
-            image = self.transform(image)
-        return image, int(self.labels[index])
-
-
 class LoaderTrainStream(Stream):
     def __init__(self, dataset, batch_size, seed, rank, world_size, num_workers, device, memory_format):
         super().__init__(len(dataset), batch_size, seed, rank, world_size)
@@ -176,7 +147,6 @@ def build_data(config, device, rank=0, world_size=1):
     if config.dataset == "imagenet":
         if config.data_pipeline == "tensor":
             raise ConfigError("--data_pipeline tensor: only for CIFAR-10 (ImageNet uses the dataloader pipeline)")
-        from data.imagenet import imagenet_datasets
         train_set, test_set, num_classes = imagenet_datasets(config)
         args = (rank, world_size, config.num_workers, device, memory_format)
         calibration = loader_calibration(train_set, test_set.transform, config, device, memory_format)
@@ -209,7 +179,7 @@ def build_data(config, device, rank=0, world_size=1):
 
 def calibration_images(config):
     """How many training images re-estimate the BN statistics before each evaluation (0: none)."""
-    return config.bn_calibration_images or 0
+    return config.get("bn_calibration_images") or 0
 
 
 def loader_calibration(train_set, test_transform, config, device, memory_format):

@@ -12,6 +12,7 @@ all on the device, with no host synchronisation.
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 PADDING = 4
 
@@ -66,3 +67,30 @@ class Normalizer:
     def __call__(self, images):
         out = images.to(torch.float32, memory_format=self.memory_format)
         return out.div_(255).sub_(self.mean).div_(self.std)
+
+
+def mix_seed(*parts):
+    """A 63-bit seed from several integers (seed, epoch, rank, index, ...)."""
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value ^ (int(part) + 0x9E3779B97F4A7C15 + (value << 6) + (value >> 2))) & ((1 << 63) - 1)
+    return value
+
+
+class SeededTransformDataset(Dataset):
+    """Applies PIL transforms with the torch RNG seeded per (seed, epoch, image), so the
+    augmentation of an image does not depend on worker count or on where a run resumed."""
+
+    def __init__(self, load, labels, transform, seed):
+        self.load, self.labels, self.transform, self.seed = load, labels, transform, seed
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, item):
+        index, epoch = item if isinstance(item, tuple) else (item, 0)
+        image = self.load(index)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix_seed(self.seed, epoch, index))
+            image = self.transform(image)
+        return image, int(self.labels[index])

@@ -2,9 +2,12 @@
 
 import os
 
-from data.cifar import check_same_classes, list_image_folder, read_image
+from data.augment import SeededTransformDataset
+from data.cifar import check_same_classes, list_image_folder, read_image, subset_indices
 from utils.errors import DataError
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 LAYOUTS = (("training", "validation"), ("train", "val"))
 
 
@@ -32,8 +35,6 @@ def imagenet_folders(root):
 def imagenet_transforms(size):
     import torchvision.transforms as T
 
-    from data import IMAGENET_MEAN, IMAGENET_STD
-
     normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
     # 256 / 224 of the crop size, as Resize(256) + CenterCrop(224) at full size.
@@ -43,9 +44,6 @@ def imagenet_transforms(size):
 
 def imagenet_datasets(config):
     """(train dataset, validation dataset, number of classes)."""
-    from data import SeededTransformDataset
-    from data.cifar import subset_indices
-
     train_root, val_root = imagenet_folders(config.imagenet_dir)
     train_classes, train_samples = list_image_folder(train_root)
     val_classes, val_samples = list_image_folder(val_root)

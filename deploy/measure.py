@@ -8,7 +8,7 @@ import time
 import torch
 
 from deploy.subspace import load_subspace, make_subspace, save_subspace
-from utils.export import export_model, save_export
+from deploy.compressed import export_model, save_export
 
 
 def subspace_report(payload, path, out_dir, baseline_size, switches, levels):

@@ -1,6 +1,6 @@
 """ONNX export of a compressed model at one level, and its check with ONNX Runtime.
 
-    python -m utils.export --checkpoint RUN/model_final.pt --level 8 --format onnx --out model.onnx
+    python -m deploy.export --checkpoint RUN/model_final.pt --level 8 --format onnx --out model.onnx
 
 * structured (and LEC): the narrower dense network.
 * unstructured: the dense network with the pruned weights set to zero (ONNX has no sparse
@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from models.layers import QuantConv2d
 from models.quant import affine_params, grid_limits
 from utils.errors import UserError
-from utils.export import unpack_bits
+from deploy.compressed import build_exported
+from deploy.packing import unpack_bits
 
 OPSET = 17
 # uint8 weight codes = int8 codes + this (ONNX Runtime's u8 x u8 ConvInteger is its fast one).
@@ -339,7 +340,7 @@ def module_name(node_name):
     return parts[-1] if len(parts) == 1 else f"{parts[-2]}.{parts[-1]}"
 
 
-# -- command line (python -m utils.export --format onnx) ----------------------------------
+# -- command line (python -m deploy.export --format onnx) ----------------------------------
 def check_images(content, data_dir, count, seed=0):
     """Images to check an export on: `count` test images of CIFAR-10 under `data_dir`
     (normalised as in evaluation), else seeded random images of the model's input size."""
@@ -361,7 +362,6 @@ def write_checked(content, path, data_dir=None, count=256):
     import os
     import tempfile
 
-    from utils.export import build_exported
 
     require_onnx()
     directory = os.path.dirname(os.path.abspath(path))

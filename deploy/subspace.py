@@ -1,6 +1,6 @@
 """One file for a whole trained subspace; the level is picked on the device at run time.
 
-    python -m utils.export --checkpoint RUN/model_final.pt --subspace --out model.lcs.pt
+    python -m deploy.export --checkpoint RUN/model_final.pt --subspace --out model.lcs.pt
 
     from deploy import load_subspace
     sub = load_subspace("model.lcs.pt")
@@ -31,17 +31,15 @@ Either way the logits equal those of the training-time model at that level. With
 statistics `at` builds the level's network and loads that level's statistics into it.
 """
 
-import dataclasses
-
 import torch.nn as nn
 
-from methods import METHODS
+from deploy.compressed import (build_exported, export_at, level_range, num_classes_of, read_export, resolve_level,
+                               save_export, training_model)
+from deploy.packing import pack_tensors, unpack_tensors
+from methods import METHODS, config_from_dict
 from models import build_model
 from models.layers import QuantConv2d, SlimConv2d, set_level
-from training_params import Config
 from utils.errors import CheckpointError, ConfigError
-from utils.export import (build_exported, export_at, level_range, num_classes_of, pack_tensors, read_export,
-                          resolve_level, save_export, training_model, unpack_tensors)
 
 BN_STATISTICS = ("running_mean", "running_var")
 
@@ -50,20 +48,20 @@ VERSION = 1
 FLOAT_BITS = 32
 
 
-def stored_levels(config):
+def stored_levels(method):
     """Every level a quantized subspace can be asked for (integer bit widths)."""
-    low, high = level_range(config)
+    low, high = level_range(method)
     return list(range(int(low), int(high) + 1))
 
 
-def _quantized_codes(model, config, num_classes, state):
+def _quantized_codes(model, method, num_classes, state):
     """Per bit width, the quantized convs' codes (as the per-level export stores them), when
     they take fewer bits than the float weights; the stored float weights are then dropped."""
     endpoints = 2 if any(layer.on_line for layer in model.modules() if isinstance(layer, QuantConv2d)) else 1
-    bit_widths = stored_levels(config)
+    bit_widths = stored_levels(method)
     if sum(bit_widths) >= FLOAT_BITS * endpoints:
         return None
-    codes = {bits: export_at(model, config, num_classes, bits)["quantized"] for bits in bit_widths}
+    codes = {bits: export_at(model, method, num_classes, bits)["quantized"] for bits in bit_widths}
     for name, module in model.named_modules():
         if isinstance(module, QuantConv2d):
             state.pop(f"{name}.weight")
@@ -71,20 +69,21 @@ def _quantized_codes(model, config, num_classes, state):
     return codes
 
 
-# Per setting, the levels stored as codes instead of float weights (settings absent: none).
-CODE_STORAGE = {"quantized": _quantized_codes}
+# Per export format (Method.export_format), the levels stored as codes instead of float weights
+# (formats absent: none).
+CODE_STORAGE = {"int_codes": _quantized_codes}
 
 
 def calibrated(config):
     """Whether the per-level export of `config`'s run re-estimates BN statistics."""
-    return config.setting == "structured_sparsity" and bool(config.bn_calibration_images)
+    return bool(config.get("bn_calibration_images"))
 
 
-def _bn_statistics(model, config, num_classes, levels, data_dir):
+def _bn_statistics(model, method, num_classes, levels, data_dir):
     """Per level, the BN statistics its per-level export re-estimates (packed), in `levels` order."""
     statistics = []
     for level in levels:
-        state = unpack_tensors(export_at(model, config, num_classes, level, data_dir=data_dir)["dense"])
+        state = unpack_tensors(export_at(model, method, num_classes, level, data_dir=data_dir)["dense"])
         statistics.append(pack_tensors({key: value for key, value in state.items()
                                         if key.rsplit(".", 1)[-1] in BN_STATISTICS}))
     return statistics
@@ -93,15 +92,15 @@ def _bn_statistics(model, config, num_classes, levels, data_dir):
 def make_subspace(payload, path="checkpoint", data_dir=None):
     """The subspace artefact (a dict of plain data) of a checkpoint payload. A run that
     re-estimated BN statistics at evaluation needs its training images in `data_dir`."""
-    model, config = training_model(payload, path)
+    model, method = training_model(payload, path)
     num_classes = num_classes_of(payload["model"])
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
-    store_codes = CODE_STORAGE.get(config.setting)
-    codes = store_codes(model, config, num_classes, state) if store_codes else None
-    method = METHODS[config.setting][config.method](config, None)
+    store_codes = CODE_STORAGE.get(method.export_format)
+    codes = store_codes(model, method, num_classes, state) if store_codes else None
     levels = [point.level for point in method.eval_points()]
-    statistics = _bn_statistics(model, config, num_classes, levels, data_dir) if calibrated(config) else None
-    return {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "num_classes": num_classes,
+    statistics = (_bn_statistics(model, method, num_classes, levels, data_dir) if calibrated(method.config)
+                  else None)
+    return {"format": FORMAT, "version": VERSION, "config": method.config.to_dict(), "num_classes": num_classes,
             "levels": levels, "weights": pack_tensors(state), "codes": codes, "bn_statistics": statistics}
 
 
@@ -114,14 +113,14 @@ class Subspace:
 
     def __init__(self, content, path):
         self.path = path
-        self.config = Config(**content["config"])
+        self.config = config_from_dict(content["config"])
+        method = self.method = METHODS[self.config.setting][self.config.method](self.config, None)
         self.num_classes = content["num_classes"]
         self.levels = list(content["levels"])
-        self.level_range = level_range(self.config)
+        self.level_range = level_range(method)
         self.codes = content["codes"]
         self.bn_statistics = content.get("bn_statistics")
         self.model_input_size = self.config.input_size or 224
-        method = METHODS[self.config.setting][self.config.method](self.config, None)
         self.model = build_model(self.config.model, method.layer_factory(), self.num_classes)
         stored = unpack_tensors(content["weights"])
         missing, unexpected = self.model.load_state_dict(stored, strict=False)
@@ -144,14 +143,15 @@ class Subspace:
                           f"{', '.join(f'{stored:g}' for stored in self.levels)} only")
 
     def content_at(self, level):
-        """The per-level export content (as utils.export writes it) of `level`; with stored BN
+        """The per-level export content (as deploy.export writes it) of `level`; with stored BN
         statistics, those of the level (the re-estimation itself needs training images)."""
-        config = self.config
+        method = self.method
         if self.bn_statistics:
             index = self.stored_level(level)
-            config = dataclasses.replace(config, bn_calibration_images=0)
+            method = METHODS[self.config.setting][self.config.method](
+                self.config.replaced(bn_calibration_images=0), None)
         try:
-            content = export_at(self.model, config, self.num_classes, level)
+            content = export_at(self.model, method, self.num_classes, level)
         except ConfigError as error:
             raise ConfigError(f"{self.path}: {error}") from None
         if self.codes:
@@ -169,7 +169,7 @@ class Subspace:
         built (as the per-level export would be), as do levels with stored BN statistics."""
         if self.in_place and not self.bn_statistics:
             try:
-                levels, _ = resolve_level(self.config, level)
+                levels, _ = resolve_level(self.method, level)
             except ConfigError as error:
                 raise ConfigError(f"{self.path}: {error}") from None
             return LevelView(self.model, levels)
@@ -186,12 +186,12 @@ class LevelView(nn.Module):
         self.eval()
 
     def forward(self, x):
-        set_level(self.network, **self.levels)
+        set_level(self.network, self.levels)
         return self.network(x)
 
 
 def load_subspace(path):
-    content = read_export(path, FORMAT, VERSION, "subspace artefact", "python -m utils.export --subspace")
+    content = read_export(path, FORMAT, VERSION, "subspace artefact", "python -m deploy.export --subspace")
     return Subspace(content, path)
 
 

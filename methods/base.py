@@ -1,56 +1,240 @@
-"""What every training method provides, and what each setting adds.
+"""What every training method provides: the strategy interface the engine is written against,
+and the class-level knowledge the command line and export read (keys, flags, levels).
 
-A method is a small strategy object: which layers the network is built from, which levels
-to run in each training step, which regulariser to add, which grid to evaluate and what to
-report about a level. The training loop is written against this interface only.
+A method is a small strategy object: which layers the network is built from, which levels to
+run in each training step, which regulariser to add, which grid to evaluate and what to report
+about a level. Its class also owns everything else about it: its config keys and their
+defaults, its flags and how they map onto keys, its validation, the unit and range of its
+levels and how a level is exported. A setting (structured_sparsity, unstructured_sparsity,
+quantized) is a Method subclass that holds what its methods share; a method adds only what
+differs. Keys and flags are collected along the class hierarchy, so a mixin (e.g. the line
+of LCS+L) brings its own.
 """
 
+import argparse
 from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
-import torch
 import torch.nn as nn
 
-from models import conv_macs, profile_convs
-from models.factory import LayerFactory
-from models.layers import TopKConv2d, quant_layers, set_level
+from methods.config import COMMON_KEYS, Key
 from methods.levels import cosine_squared
+from models.layers import Level, set_level
+from utils.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class EvalPoint:
-    """One point of the evaluation grid: the level in its own unit, and alpha for LCS+L."""
+    """One point of the evaluation grid: the level in the setting's unit, and alpha for LCS+L."""
 
     level: float
-    alpha: float = None
+    alpha: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A command-line flag and the config keys it sets. A method may use the flag when it has
+    all of `keys`; for the others the flag is refused, naming the methods that take it.
+    `to_values(value)` turns the parsed value into {key: value} (default: keys[0] = value)."""
+
+    name: str
+    keys: tuple
+    help: str
+    type: Any = None
+    aliases: tuple = ()
+    metavar: Optional[str] = None
+    to_values: Optional[Callable] = None
+    switch: bool = False  # an on/off flag without a value (store_true)
+
+    @property
+    def dest(self):
+        return self.name.lstrip("-")
+
+    def add_to(self, parser, users=None):
+        """Add the flag to a setting's parser; `users`: the methods that take it, when not all do."""
+        text = self.help
+        if users and text != argparse.SUPPRESS:
+            text += f" [{', '.join(users)}]"
+        if self.switch:
+            parser.add_argument(self.name, *self.aliases, dest=self.dest, action="store_true", default=None,
+                                help=text)
+        else:
+            parser.add_argument(self.name, *self.aliases, dest=self.dest, type=self.type, metavar=self.metavar,
+                                help=text)
+
+    def values(self, value):
+        return self.to_values(value) if self.to_values else {self.keys[0]: value}
+
+
+@dataclass(frozen=True)
+class LevelRange:
+    """The levels a method can evaluate and export, in its setting's unit."""
+
+    low: float
+    high: float
+    what: str                   # "width factors", "TopK fractions", "bit widths", ...
+    low_open: bool = False
+    integer: bool = False
+    note: str = ""              # where the bounds come from, e.g. "the trained width_factor_limits"
+
+    def __contains__(self, value):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return False
+        if self.integer and not float(value).is_integer():
+            return False
+        return (self.low < value if self.low_open else self.low <= value) and value <= self.high
+
+    def describe(self):
+        if self.integer:
+            text = f"integer {self.what} in {self.low:g}..{self.high:g}"
+        else:
+            text = f"{self.what} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+        return f"{text} ({self.note})" if self.note else text
+
+
+def collect(cls, attribute):
+    """A dict class attribute merged along the MRO: base classes first, subclasses win."""
+    merged = {}
+    for klass in reversed(cls.__mro__):
+        merged.update(klass.__dict__.get(attribute, {}))
+    return merged
+
+
+# A grid larger than this is a mistake (each point is a pass over the test set).
+MAX_GRID_POINTS = 256
 
 
 class Method:
-    setting = None
-    name = None
-    level_name = None
-    # Config keys this method reads (beyond the common ones), and their defaults.
-    config_keys = ()
-    defaults = {}
-    grid_key = "eval_param_grid"
+    setting = None           # the setting's name (its registry key)
+    name = None              # the method's name (--method)
+    level_name = None        # the unit of its levels in metrics and exports
+    level_type = float       # int for bit widths
+    script = None            # the setting's training script
+    description = ""         # the setting's --help description
+    own_keys = {}            # config keys this class adds: {name: Key}
+    own_flags = ()           # flags this class adds
+    own_evaluation_keys = ("eval_param_grid",)  # keys --eval_only may change (how to evaluate, not what)
+    legacy_keys = {}         # keys of configs written by earlier versions, converted by upgrade()
+    refused_flags = {}       # {flag name: why this method refuses it}
+    norms = ("IN", "BN", "GN")
+    export_format = None     # how deploy/ stores an export (a key of deploy.export.EXPORTERS)
+    deploy_levels = ()       # levels the deploy benchmark compares by default
+    # cuDNN autotuning times every kernel for each new input shape; off where almost every
+    # step meets new shapes (slimmable widths, LEC's slimmed networks).
+    cudnn_benchmark = True
 
+    # -- class-level knowledge: keys, flags, levels, validation --------------------------
+    @classmethod
+    def config_keys(cls):
+        """Every key of this method's config: the common ones, then the setting's and its own."""
+        return {**COMMON_KEYS, **collect(cls, "own_keys")}
+
+    @classmethod
+    def flags(cls):
+        """{flag name: Flag} of the setting and the method (the setting's parser adds the flags
+        of all its methods)."""
+        return {flag.name: flag for klass in reversed(cls.__mro__) for flag in klass.__dict__.get("own_flags", ())}
+
+    @classmethod
+    def has_key(cls, key):
+        return key in cls.config_keys()
+
+    @classmethod
+    def evaluation_keys(cls):
+        return {key for klass in cls.__mro__ for key in klass.__dict__.get("own_evaluation_keys", ())}
+
+    @classmethod
+    def uses_flag(cls, flag):
+        return flag.name not in cls.refused_flags and set(flag.keys) <= set(cls.config_keys())
+
+    @classmethod
+    def file_keys(cls):
+        """Keys a YAML file or checkpoint config may hold for this method (legacy ones included)."""
+        return {**cls.config_keys(), **collect(cls, "legacy_keys")}
+
+    @classmethod
+    def flag_values(cls, args, siblings, skip=()):
+        """[(key, value, source)] from the flags given in `args` (but those in `skip`, which the
+        caller maps itself); ConfigError for a flag this method does not use (naming the
+        `siblings` of the setting that do)."""
+        entries = []
+        for flag in cls.setting_flags(siblings).values():
+            value = getattr(args, flag.dest, None)
+            if value is None or flag.name in skip:
+                continue
+            cls.check_flag_used(flag, siblings)
+            entries += [(key, v, flag.name) for key, v in flag.values(value).items()]
+        return entries
+
+    @classmethod
+    def setting_flags(cls, siblings):
+        flags = {}
+        for method in siblings.values():
+            flags.update(method.flags())
+        return flags
+
+    @classmethod
+    def check_flag_used(cls, flag, siblings):
+        if flag.name in cls.refused_flags:
+            raise ConfigError(f"{flag.name}: {cls.refused_flags[flag.name]}")
+        if not cls.uses_flag(flag):
+            users = [name for name, method in siblings.items() if method.uses_flag(flag)]
+            raise ConfigError(f"{flag.name}: not used by --method {cls.name} (only by {', '.join(users)})")
+
+    @classmethod
+    def upgrade(cls, values, sources):
+        """Convert keys of earlier versions (legacy_keys) in merged config values, in place."""
+
+    @classmethod
+    def complete(cls, config):
+        """Fill values that follow from others (after merging, before validation)."""
+
+    @classmethod
+    def level_range(cls, config):
+        """The LevelRange of this method for `config`."""
+        raise NotImplementedError
+
+    @classmethod
+    def validate(cls, config, checks):
+        """Every check of this setting and method; ConfigError (via `checks`) on the first failure."""
+        for key, spec in collect(cls, "own_keys").items():
+            checks.require(not spec.required or getattr(config, key) is not None, key,
+                           f"{cls.setting}/{cls.name} needs '{key}' (set it in the YAML or with its flag)")
+        checks.require(config.norm in cls.norms, "norm", f"{cls.setting}/{cls.name} takes {' or '.join(cls.norms)}, "
+                                                         f"got {config.norm}")
+        cls.validate_setting(config, checks)
+        grid = config.eval_param_grid
+        checks.require(isinstance(grid, list) and len(grid) > 0, "eval_param_grid", "the evaluation grid is empty")
+        checks.require(len(grid) <= MAX_GRID_POINTS, "eval_param_grid",
+                       f"at most {MAX_GRID_POINTS} values, got {len(grid)}")
+        levels = cls.level_range(config)
+        for value in grid:
+            checks.require(value in levels, "eval_param_grid",
+                           f"{cls.setting}/{cls.name} evaluates {levels.describe()}, got {value}")
+
+    @classmethod
+    def validate_setting(cls, config, checks):
+        """Checks of the setting's and method's own keys, before the grid is checked against
+        the level range (which may be built from them)."""
+
+    # -- the strategy ---------------------------------------------------------------------
     def __init__(self, config, warmup_iterations=None):
         self.config = config
         self.warmup_iterations = warmup_iterations
 
-    # -- building ---------------------------------------------------------------------
     def layer_factory(self):
         raise NotImplementedError
 
     def bind(self, model):
         """Called once with the built model (before training or evaluation)."""
 
-    # -- training ---------------------------------------------------------------------
     def train_levels(self, step, generator):
-        """The levels of the forward passes of one training step (one dict per forward)."""
+        """The Levels of the forward passes of one training step (one per forward)."""
         raise NotImplementedError
 
-    def apply_levels(self, model, levels):
-        set_level(model, **levels)
+    def apply_levels(self, model, level):
+        """Set a Level on the model before a forward pass."""
+        set_level(model, level)
 
     def distinct_train_levels(self):
         """How many different level settings training runs (None: a new one at almost every
@@ -64,12 +248,17 @@ class Method:
     def after_backward(self, model):
         """Gradient edits between backward and the optimiser step."""
 
-    # -- evaluation -------------------------------------------------------------------
+    # -- levels, evaluation and export ------------------------------------------------------
+    def alpha_of(self, level):
+        """The line coordinate of a level (LCS+L only; None for every other method)."""
+        return None
+
     def eval_points(self):
-        return [EvalPoint(level=float(v)) for v in getattr(self.config, self.grid_key)]
+        return [EvalPoint(level=self.level_type(v), alpha=self.alpha_of(self.level_type(v)))
+                for v in self.config.eval_param_grid]
 
     def eval_levels(self, point, step):
-        """set_level arguments for an evaluation point at training step `step`."""
+        """The Level of the layers for an evaluation point at training step `step`."""
         raise NotImplementedError
 
     def eval_model(self, model, point):
@@ -80,88 +269,28 @@ class Method:
         """Metrics of the model at its current level (sparsity, bits, MACs, ...)."""
         return {}
 
+    def export_point(self, level):
+        """The EvalPoint of an export level, or ConfigError naming --level when the level lies
+        outside what this method's checkpoints can export."""
+        levels = self.level_range(self.config)
+        if level not in levels:
+            raise ConfigError(f"--level {level:g}: {self.setting}/{self.name} checkpoints export {levels.describe()}")
+        level = self.level_type(level)
+        return EvalPoint(level=level, alpha=self.alpha_of(level))
 
-class StructuredMethod(Method):
-    setting = "structured_sparsity"
-    level_name = "width_factor"
-
-    def layer_factory(self):
-        return LayerFactory(norm_kind=self.config.norm, body="slim")
-
-    def eval_levels(self, point, step):
-        return {"width_factor": point.level}
-
-    def compression_metrics(self, model, input_size):
-        return structured_metrics(model, input_size)
-
-
-def structured_metrics(model, input_size):
-    """SPEC 3.4: params = sum over convs of max(1, round(numel * C_in/C_in_max * C_out/C_out_max));
-    sparsity = 1 - params / all conv weights. Norm parameters are not counted."""
-    records = profile_convs(model, input_size)
-    total = sum(r["full_numel"] for r in records.values())
-    params = sum(max(1, round(r["full_numel"] * r["c_in"] / r["c_in_max"] * r["c_out"] / r["c_out_max"]))
-                 for r in records.values())
-    return {"sparsity": 1 - params / total, "conv_params": params, "macs": conv_macs(records)}
-
-
-class UnstructuredMethod(Method):
-    setting = "unstructured_sparsity"
-    level_name = "topk"
-    line = False
-
-    def layer_factory(self):
-        return LayerFactory(norm_kind=self.config.norm, body="topk", num_groups=self.config.num_groups,
-                            line_convs=self.line, line_norms=self.line)
-
-    def compression_metrics(self, model, input_size):
-        return unstructured_metrics(model)
-
-
-@torch.no_grad()
-def unstructured_metrics(model):
-    """SPEC 3.3 from the masks actually applied: zeros in the TopK masks over all conv
-    weights (endpoint 0 counted once; norms ignored). Also the effective TopK of the body."""
-    total = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
-    pruned, topk = 0, None
-    for module in model.modules():
-        if isinstance(module, TopKConv2d):
-            mask = module.mask()
-            pruned += int(mask.numel() - mask.sum().item())
-            topk = module.topk
-    return {"sparsity": pruned / total, "nonzero_params": total - pruned, "effective_topk": topk}
-
-
-class QuantizedMethod(Method):
-    setting = "quantized"
-    level_name = "num_bits"
-    line = False
-
-    def layer_factory(self):
-        # With BN the norms (folded into the quantized convs) are never on the line.
-        return LayerFactory(norm_kind=self.config.norm, body="quant", num_groups=self.config.num_groups,
-                            line_convs=self.line, line_norms=self.line and self.config.norm != "BN")
-
-    def activation_quant(self, step):
-        """Activations are quantized from the end of the warmup on (weights from step 0)."""
-        return step >= self.warmup_iterations
-
-    def eval_points(self):
-        return [EvalPoint(level=int(v)) for v in self.config.eval_param_grid]
-
-    def eval_levels(self, point, step):
-        return {"num_bits": int(point.level)}
-
-    def compression_metrics(self, model, input_size):
-        layers = quant_layers(model)
-        return {"num_bits": layers[0].num_bits if layers else None,
-                "act_quant": all(bool(layer.act_range_ready) for layer in layers)}
+    def export_level(self, point):
+        """The Level of the layers at which an export is taken (the level of its final evaluation)."""
+        return self.eval_levels(point, step=None)
 
 
 class LineMethod:
-    """LCS+L: two endpoints per line layer and the cos^2 penalty between them (SPEC 3.7)."""
+    """LCS+L: two endpoints per line layer and the cos^2 penalty between them (SPEC 3.7).
+    Alpha lives only here: a level (in the setting's unit) maps to alpha with alpha_of()."""
 
     line = True
+    own_keys = {"beta": Key("float?", 1.0, "weight of the cos^2 line penalty")}
+    legacy_keys = {"alpha_grid": Key("floats?", None, "LCS+L evaluation grid in alpha (before level units)",
+                                     replaces="eval_param_grid")}
     # Regularise the conv weights on the line (unstructured, quantized) or the norm gammas
     # (structured, where only the norms are on the line).
     regularize_norms = False
@@ -176,3 +305,58 @@ class LineMethod:
         if not pairs:
             return None
         return self.config.beta * cosine_squared(pairs)
+
+    @classmethod
+    def upgrade(cls, values, sources):
+        """Configs written before grids were in level units hold `alpha_grid`: its levels."""
+        if "alpha_grid" not in values:
+            return
+        alphas, source = values.pop("alpha_grid"), sources.pop("alpha_grid")
+        if alphas is not None and "eval_param_grid" not in values:
+            values["eval_param_grid"] = [cls.level_of_alpha(alpha, values) for alpha in alphas]
+            sources["eval_param_grid"] = source
+
+    @classmethod
+    def validate_setting(cls, config, checks):
+        super().validate_setting(config, checks)
+        checks.non_negative("beta", config.beta)
+
+
+class WarmupMethod(Method):
+    """Settings with a warmup (unstructured: the TopK decay; quantized: activations unquantized)
+    and GroupNorm. Their networks are evaluated with their BN running statistics: the
+    structured setting's flags for re-estimating them are accepted only to be refused."""
+
+    own_flags = (Flag("--bn_calibration_images", ("bn_calibration_images",), argparse.SUPPRESS, type=int),
+                 Flag("--lec_test_batch_statistics", ("lec_test_batch_statistics",), argparse.SUPPRESS,
+                      switch=True))
+
+    @classmethod
+    def check_flag_used(cls, flag, siblings):
+        if flag.name in ("--bn_calibration_images", "--lec_test_batch_statistics"):
+            raise ConfigError(f"{flag.name}: only train_structured.py re-estimates BN statistics; {cls.setting} "
+                              f"networks are evaluated with their running statistics")
+        super().check_flag_used(flag, siblings)
+
+    own_keys = {
+        "warmup_budget": Key("float?", 80.0, "percent of all iterations (unstructured, quantized)", required=False),
+        "num_groups": Key("int?", None, "GroupNorm groups (32; min(C, groups) per layer)", required=False),
+    }
+
+    @classmethod
+    def complete(cls, config):
+        super().complete(config)
+        if config.norm == "GN" and config.num_groups is None:
+            config.num_groups = 32
+
+    @classmethod
+    def validate_setting(cls, config, checks):
+        super().validate_setting(config, checks)
+        checks.require(config.warmup_budget is not None, "warmup_budget", "must be a percentage in (0, 100], got null")
+        checks.in_range("warmup_budget", config.warmup_budget, 0, 100, low_open=True,
+                        what="the warmup budget (percent)")
+        if config.norm == "GN":
+            # Every norm of the three networks has a power-of-two channel count.
+            groups = config.num_groups
+            checks.require(groups >= 1 and groups & (groups - 1) == 0, "num_groups",
+                           f"must be a power of two (it must divide the channel counts), got {groups}")

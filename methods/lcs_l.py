@@ -1,99 +1,125 @@
-"""LCS+L: a line of networks theta(alpha); alpha is also the compression level.
+"""LCS+L: a line of networks theta(alpha); alpha also sets the compression level.
 
 The three settings differ in what lies on the line and how alpha maps to a level; those
-differences are all in this file (SPEC 0.1, 3.1, 3.2, 3.7).
+differences are all in this file (SPEC 0.1, 3.1, 3.2, 3.7). Grids, metrics and exports speak
+in levels; each class maps a level to its alpha (alpha_of) and back (level_of_alpha, for
+configs written when grids were in alpha).
 """
 
-from methods.base import EvalPoint, LineMethod, QuantizedMethod, StructuredMethod, UnstructuredMethod
-from methods.levels import (alpha_to_bits, alpha_to_width, decayed_topk, discrete_alpha,
-                            sample_alpha_biased, sandwich, uniform)
+from methods.base import LineMethod
+from methods.config import Key
+from methods.levels import (alpha_to_bits, alpha_to_width, bits_to_alpha, decayed_topk, discrete_alpha,
+                            sample_alpha_biased, sandwich, uniform, width_to_alpha)
+from methods.quantized import MAX_BITS, MIN_BITS, BitRange, QuantizedMethod
+from methods.structured import StructuredMethod, WidthRange
+from methods.unstructured import SampledTopK, UnstructuredMethod
 from models.factory import LayerFactory
+from models.layers import Level
+
+# Widths recorded from a legacy alpha grid are rounded to this many digits: the alphas of the
+# original's grid (0.83333, ...) stand for round widths (0.875, ...).
+LEGACY_WIDTH_DIGITS = 4
 
 
-class LcsLStructured(LineMethod, StructuredMethod):
+class LcsLStructured(LineMethod, WidthRange, StructuredMethod):
     """Only the norms are on the line (convs shared); width = lo + (hi - lo) * alpha;
     sandwich alphas [0, 1, u, u] per batch; cos^2 on the norm gammas."""
 
     name = "lcs_l"
-    grid_key = "alpha_grid"
-    config_keys = ("width_factor_limits", "width_factor_samples", "width_factor_sampling_method",
-                   "apply_beta_to_norm", "beta", "alpha_grid")
-    defaults = {"width_factor_sampling_method": "sandwich", "apply_beta_to_norm": False, "beta": 1.0}
+    own_keys = {
+        "width_factor_sampling_method": Key("str?", "sandwich", "sandwich or point"),
+        "apply_beta_to_norm": Key("bool?", False, "cos^2 penalty on norm gammas"),
+    }
 
     @property
     def regularize_norms(self):
         return self.config.apply_beta_to_norm
 
+    @classmethod
+    def validate_setting(cls, config, checks):
+        sampling = config.width_factor_sampling_method
+        checks.require(sampling in ("sandwich", "point"), "width_factor_sampling_method",
+                       f"must be sandwich or point, got {sampling!r}")
+        super().validate_setting(config, checks)
+
+    @classmethod
+    def min_samples_for(cls, config):
+        return 2 if config.width_factor_sampling_method == "sandwich" else 1
+
     def layer_factory(self):
         return LayerFactory(norm_kind=self.config.norm, body="slim", line_norms=True)
 
-    def _levels(self, alpha):
+    def _level(self, alpha):
         low, high = self.config.width_factor_limits
-        return {"alpha": alpha, "width_factor": alpha_to_width(alpha, low, high)}
+        return Level(alpha=alpha, width_factor=alpha_to_width(alpha, low, high))
 
     def train_levels(self, step, generator):
         if self.config.width_factor_sampling_method == "sandwich":
             alphas = sandwich(0.0, 1.0, self.config.width_factor_samples, generator)
         else:  # "point": one alpha per batch
             alphas = [uniform(0.0, 1.0, generator)]
-        return [self._levels(alpha) for alpha in alphas]
+        return [self._level(alpha) for alpha in alphas]
 
-    def eval_points(self):
-        low, high = self.config.width_factor_limits
-        # Widths from the 5-digit alpha grid (0.8749975, ...) give the same channel counts
-        # as the round widths; the level is reported rounded.
-        return [EvalPoint(level=round(alpha_to_width(a, low, high), 4), alpha=float(a))
-                for a in self.config.alpha_grid]
+    def alpha_of(self, level):
+        return width_to_alpha(level, *self.config.width_factor_limits)
+
+    @classmethod
+    def level_of_alpha(cls, alpha, values):
+        return round(alpha_to_width(alpha, *values.get("width_factor_limits", [0.25, 1.0])), LEGACY_WIDTH_DIGITS)
 
     def eval_levels(self, point, step):
-        return self._levels(point.alpha)
+        return Level(alpha=point.alpha, width_factor=point.level)
 
 
-class LcsLUnstructured(LineMethod, UnstructuredMethod):
+class LcsLUnstructured(LineMethod, SampledTopK, UnstructuredMethod):
     """Every conv and norm on the line; TopK fraction k = alpha after a linear decay from 1
     over the warmup (also at evaluation during the warmup); biased endpoint sampling."""
 
     name = "lcs_l"
-    grid_key = "alpha_grid"
-    config_keys = ("alpha_sampling", "beta", "alpha_grid")
-    defaults = {"alpha_sampling": [0.025, 1.0, 0.0], "beta": 1.0}
+    line = True
 
-    def _levels(self, alpha, step):
-        return {"alpha": alpha, "topk": decayed_topk(alpha, step, self.warmup_iterations)}
+    def _level(self, alpha, step):
+        return Level(alpha=alpha, topk=decayed_topk(alpha, step, self.warmup_iterations))
 
     def train_levels(self, step, generator):
         low, high, endpoint_probability = self.config.alpha_sampling
-        return [self._levels(sample_alpha_biased(low, high, endpoint_probability, generator), step)]
+        return [self._level(sample_alpha_biased(low, high, endpoint_probability, generator), step)]
 
-    def eval_points(self):
-        return [EvalPoint(level=float(a), alpha=float(a)) for a in self.config.alpha_grid]
+    def alpha_of(self, level):
+        return level
+
+    @classmethod
+    def level_of_alpha(cls, alpha, values):
+        return alpha
 
     def eval_levels(self, point, step):
-        return self._levels(point.alpha, step)
+        return self._level(point.alpha, step)
 
 
-class LcsLQuantized(LineMethod, QuantizedMethod):
+class LcsLQuantized(LineMethod, BitRange, QuantizedMethod):
     """Every conv and norm on the line (norms not with BN); alpha in {1/n, ..., 1} (or U(0, 1))
     picks one bit width for all quantized layers."""
 
     name = "lcs_l"
-    grid_key = "alpha_grid"
-    config_keys = ("min_bits", "max_bits", "discrete_alpha_map", "beta", "alpha_grid")
-    defaults = {"min_bits": 2, "max_bits": 8, "discrete_alpha_map": False, "beta": 1.0}
+    line = True
+    own_keys = {"discrete_alpha_map": Key("bool?", False, "alpha drawn from {1/n, ..., 1}")}
 
-    def _levels(self, alpha, step=None):
+    @classmethod
+    def validate_setting(cls, config, checks):
+        super().validate_setting(config, checks)
+        checks.require(isinstance(config.discrete_alpha_map, bool), "discrete_alpha_map", "must be true or false")
+
+    def _level(self, alpha, step=None):
         bits = alpha_to_bits(alpha, self.config.min_bits, self.config.max_bits)
-        levels = {"alpha": alpha, "num_bits": bits}
-        if step is not None:
-            levels["act_quant"] = self.activation_quant(step)
-        return levels
+        act_quant = self.activation_quant(step) if step is not None else None
+        return Level(alpha=alpha, num_bits=bits, act_quant=act_quant)
 
     def train_levels(self, step, generator):
         if self.config.discrete_alpha_map:
             alpha = discrete_alpha(self.config.min_bits, self.config.max_bits, generator)
         else:
             alpha = uniform(0.0, 1.0, generator)
-        return [self._levels(alpha, step)]
+        return [self._level(alpha, step)]
 
     def distinct_train_levels(self):
         if not self.config.discrete_alpha_map:
@@ -101,9 +127,12 @@ class LcsLQuantized(LineMethod, QuantizedMethod):
         # n alphas, each with activation quantization off (warmup) and on.
         return 2 * (self.config.max_bits - self.config.min_bits + 1)
 
-    def eval_points(self):
-        return [EvalPoint(level=alpha_to_bits(a, self.config.min_bits, self.config.max_bits), alpha=float(a))
-                for a in self.config.alpha_grid]
+    def alpha_of(self, level):
+        return bits_to_alpha(level, self.config.min_bits, self.config.max_bits)
+
+    @classmethod
+    def level_of_alpha(cls, alpha, values):
+        return alpha_to_bits(alpha, values.get("min_bits", MIN_BITS), values.get("max_bits", MAX_BITS))
 
     def eval_levels(self, point, step):
-        return self._levels(point.alpha)
+        return self._level(point.alpha)

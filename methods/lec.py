@@ -3,29 +3,55 @@ physical slimming at evaluation, no fine-tuning (SPEC 3.5)."""
 
 import torch
 
-from methods.base import Method
+from methods.base import Flag, LevelRange
+from methods.config import Key
+from methods.structured import StructuredMethod
 from models import count_parameters
 from models.factory import LayerFactory
-from models.layers import Norm2d
-from models.slimming import lec_slim
+from models.layers import Level, Norm2d
+from models.slimming import LEC_PLANS, lec_slim
 
 
-class LEC(Method):
-    setting = "structured_sparsity"
+class LEC(StructuredMethod):
     name = "lec"
     # Grid values are fractions of all norm channels kept; the original recorded them as
     # `topk`, and so do we.
     level_name = "topk"
-    config_keys = ("bn_update_factor", "eval_param_grid", "lec_test_batch_statistics")
-    # The slimmed network's BN statistics are re-estimated on training images before each
-    # evaluation (the original normalised each test batch with its own statistics instead).
-    defaults = {"bn_update_factor": 0.0, "bn_calibration_images": 2048, "lec_test_batch_statistics": False}
+    norms = ("BN",)
+    export_format = "slimmed_channels"
+    own_keys = {
+        "bn_update_factor": Key("float?", 0.0, "LEC L1 strength on gammas"),
+        # The slimmed network's BN statistics are re-estimated on training images before each
+        # evaluation (the original normalised each test batch with its own statistics instead).
+        "bn_calibration_images": Key("int", 2048, "training images that re-estimate BN statistics before each "
+                                                  "evaluation (0: off)"),
+        "lec_test_batch_statistics": Key("bool", False, "normalise each test batch with its own statistics (the "
+                                                        "original's evaluation)"),
+    }
+    own_flags = (Flag("--lec_test_batch_statistics", ("lec_test_batch_statistics",),
+                      "evaluate with each test batch's own BN statistics, as the original did (transductive; "
+                      "replaces the re-estimation)", switch=True),)
+    own_evaluation_keys = ("lec_test_batch_statistics",)
+    refused_flags = {**StructuredMethod.refused_flags,
+                     "--eval_width_factors": "lec is evaluated at fractions of norm channels kept, not at width "
+                                             "factors (set eval_param_grid in a --config file)"}
+
+    @classmethod
+    def validate_setting(cls, config, checks):
+        super().validate_setting(config, checks)
+        models = " or ".join(LEC_PLANS)
+        checks.require(config.model in LEC_PLANS, "model", f"lec runs on {models}, got {config.model}")
+        checks.non_negative("bn_update_factor", config.bn_update_factor)
+
+    @classmethod
+    def level_range(cls, config):
+        return LevelRange(0, 1, "fractions of norm channels kept", low_open=True)
 
     def layer_factory(self):
         return LayerFactory(norm_kind=self.config.norm, body="dense")
 
     def train_levels(self, step, generator):
-        return [{}]
+        return [Level()]
 
     def distinct_train_levels(self):
         return 1
@@ -38,7 +64,7 @@ class LEC(Method):
                 module.weight.grad.add_(self.config.bn_update_factor * torch.sign(module.weight))
 
     def eval_levels(self, point, step):
-        return {}
+        return Level()
 
     def eval_model(self, model, point):
         slim, info = lec_slim(model, self.config.model, self.num_classes, point.level)

@@ -48,10 +48,15 @@ def alpha_to_bits(alpha, min_bits, max_bits):
 
 
 def bits_to_alpha(num_bits, min_bits, max_bits):
-    """The alpha the original's grid uses for a bit width: floor(1000 * i / n) / 1000,
-    i = bits - min + 1 (3..8 -> 0.166, 0.333, 0.5, 0.666, 0.833, 1.0)."""
+    """The alpha at which a bit width is evaluated: the original's grid (SPEC 2.3), i.e. the
+    largest multiple of 0.001 below i/n, i = bits - min + 1, and 1.0 for max_bits
+    (3..8 -> 0.166, 0.333, 0.499, 0.666, 0.833, 1.0). Strictly inside the bit width's
+    interval of alpha_to_bits, so the two maps are inverse."""
     n = max_bits - min_bits + 1
-    return math.floor(1000 * (num_bits - min_bits + 1) / n) / 1000
+    i = num_bits - min_bits + 1
+    if i == n:
+        return 1.0
+    return (math.ceil(1000 * i / n) - 1) / 1000
 
 
 def discrete_alpha(min_bits, max_bits, generator):

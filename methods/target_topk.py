@@ -1,7 +1,9 @@
 """Target TopK baseline: one network sparsified to a fixed TopK fraction (SPEC 3.2)."""
 
-from methods.base import UnstructuredMethod
+from methods.config import Key
 from methods.levels import decayed_topk
+from methods.unstructured import UnstructuredMethod
+from models.layers import Level
 
 
 class TargetTopK(UnstructuredMethod):
@@ -9,11 +11,15 @@ class TargetTopK(UnstructuredMethod):
     same decay factor."""
 
     name = "target_topk"
-    config_keys = ("topk", "eval_param_grid")
-    defaults = {"topk": 0.0}
+    own_keys = {"topk": Key("float?", 0.0, "target TopK fraction (target_topk)")}
+
+    @classmethod
+    def validate_setting(cls, config, checks):
+        super().validate_setting(config, checks)
+        checks.in_range("topk", config.topk, 0, 1, low_open=True, what="the TopK fraction")
 
     def train_levels(self, step, generator):
-        return [{"topk": decayed_topk(self.config.topk, step, self.warmup_iterations)}]
+        return [Level(topk=decayed_topk(self.config.topk, step, self.warmup_iterations))]
 
     def eval_levels(self, point, step):
-        return {"topk": decayed_topk(point.level, step, self.warmup_iterations)}
+        return Level(topk=decayed_topk(point.level, step, self.warmup_iterations))

@@ -1,7 +1,7 @@
 """Layers that carry the compression.
 
 Every layer reads the current compression level from its own attributes, which only
-`set_level` (below) writes:
+`set_level` (below) writes, from a `Level`:
 
 * `alpha`         position on the line for layers with two endpoints (LCS+L):
                   theta(alpha) = (1 - alpha) * theta_0 + alpha * theta_1
@@ -12,6 +12,8 @@ Every layer reads the current compression level from its own attributes, which o
 
 Endpoint 0 is the usual `weight`/`bias`, endpoint 1 is `weight1`/`bias1`.
 """
+
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -54,17 +56,40 @@ def level_layers(model):
     return layers
 
 
-def set_level(model, **levels):
-    """Set compression levels on every layer that reads them (None values are skipped).
+class Level(NamedTuple):
+    """A compression level as the layers read it; fields left None are not changed.
+
+    A typed value rather than a free-form dict: a misspelt field is a TypeError, not a
+    setting silently ignored."""
+
+    alpha: Optional[float] = None         # position on the line (LCS+L only)
+    width_factor: Optional[float] = None  # structured sparsity
+    topk: Optional[float] = None          # unstructured sparsity
+    num_bits: Optional[int] = None        # quantization, every quantized layer
+    act_quant: Optional[bool] = None      # quantization: activations quantized (after the warmup)
+    layer_bits: Optional[tuple] = None    # quantization: one bit width per quantized layer (LCS+P)
+
+    def items(self):
+        """(field, value) of the fields that are set."""
+        return [(name, value) for name, value in zip(self._fields, self) if value is not None]
+
+
+def set_level(model, level=None, **fields):
+    """Set a compression level (a Level, or its fields as keywords) on every layer that reads it.
 
     Runs before every forward pass, so it walks the cached layer list and writes the plain
     attributes straight into their __dict__ (nn.Module.__setattr__ is ten times slower)."""
-    levels = {name: value for name, value in levels.items() if value is not None}
+    if level is None:
+        level = Level(**fields)
+    values = dict(level.items())
+    layer_bits = values.pop("layer_bits", None)
     for layer in level_layers(model):
         attributes = layer.__dict__
         for name in layer.level_attrs:
-            if name in levels:
-                attributes[name] = levels[name]
+            if name in values:
+                attributes[name] = values[name]
+    if layer_bits is not None:
+        set_layer_bits(model, layer_bits)
 
 
 def quant_layers(model):

@@ -61,8 +61,9 @@ class Result:
 def run_script(script, *args):
     """`python <script> args...` executed in this process (see the module docstring)."""
     out, err = io.StringIO(), io.StringIO()
-    threads = torch.get_num_threads()
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # the scripts' default --threads honours it
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             training_params.main(SETTING_OF_SCRIPT[script], [str(a) for a in args])
@@ -71,7 +72,15 @@ def run_script(script, *args):
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
     finally:
         torch.set_num_threads(threads)
+        _restore_env("OMP_NUM_THREADS", omp)
     return Result(code, out.getvalue(), err.getvalue())
+
+
+def _restore_env(name, value):
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def run_subprocess(script, *args, timeout=300):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import training_params
-from utils import train
+from engine import train
 
 
 def run_script(setting, *args):
@@ -56,12 +56,17 @@ def _signal_when(owner, method_name, condition, signum):
 def one_thread():
     """Tiny models run fastest on one thread on a shared machine; both runs of a comparison
     must use the same thread count anyway."""
-    threads = torch.get_num_threads()
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # the scripts' default --threads honours it
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
 
 
 @pytest.fixture(autouse=True)

@@ -23,9 +23,9 @@ from models import build_model
 from models.bn_calibration import bn_layers, calibrate_bn, own_batch_statistics, preserved_bn_statistics
 from models.layers import Norm2d, SlimConv2d
 from training_params import parse
-from utils import evaluate as evaluate_module
+from engine import evaluate as evaluate_module
 from utils.distributed import Context
-from utils.evaluate import evaluate
+from engine.evaluate import evaluate
 from unit_support import single_thread  # noqa: F401 (single_thread: autouse fixture)
 
 

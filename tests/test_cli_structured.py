@@ -2,21 +2,26 @@
 outputs, --help and the refused values (issue 2)."""
 
 import pytest
+import torch
 
 from cli_helpers import micro_cifar  # noqa: F401 (a fixture)
 from cli_helpers import (COMMON_SPEC_FLAGS, NEW_FLAGS, acceptance_args, assert_help_documents, assert_ok,
                          assert_refused, check_run, evaluations, run_script, run_subprocess)
 
+from deploy.export import export_model, load_exported, save_export, training_model
+from utils import checkpoint as ckpt
+from utils.errors import ConfigError
+
 SCRIPT = "train_structured.py"
 SETTING = "structured_sparsity"
 WIDTHS = [1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25]
-# configs/structured_sparsity/lcs_l.yaml: alpha = (w - 0.25) / 0.75, written to 5-6 digits.
-LCS_L_ALPHAS = [1.0, 0.83333, 0.66667, 0.5, 0.33333, 0.166667, 0.0]
+# configs/structured_sparsity/lcs_l.yaml evaluates these widths at alpha = (w - 0.25) / 0.75.
+LCS_L_ALPHAS = [(w - 0.25) / 0.75 for w in WIDTHS]
 # SPEC 3.4: cPreResNet20 structured sparsity at the widths above (measured on the original).
 SPEC_SPARSITY = [0.0, 0.2329, 0.4349, 0.6061, 0.7465, 0.8561, 0.9349]
 LEC_FRACTIONS = [0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0]
 SPEC_FLAGS = COMMON_SPEC_FLAGS + ("--width_factors_list", "--width_factor_limits", "--width_factor_samples",
-                                  "--eval_width_factors")
+                                  "--eval_width_factors", "--width_factor")
 
 
 def assert_spec_sparsity(rows):
@@ -67,6 +72,41 @@ def test_lec_prunes_by_global_gamma_threshold(micro_cifar, tmp_path):
     sparsity = [row["sparsity"] for row in final]
     assert sparsity == sorted(sparsity, reverse=True)
     assert 0 < sparsity[-1] < 1e-3  # fraction 1.0 still drops the smallest channel, as the original
+
+
+def test_target_width_trains_one_width_and_exports_it(micro_cifar, tmp_path):
+    """target_width: one network trained at --width_factor, evaluated at that width (its YAML
+    grid), exported there as a dense network with the same outputs."""
+    save_dir = tmp_path / "run"
+    assert_ok(run_script(SCRIPT, *acceptance_args("target_width", micro_cifar, save_dir)))
+    rows = check_run(save_dir, setting=SETTING, method="target_width", norm="BN", levels=[0.5])
+    assert_spec_sparsity(rows)
+    assert all("bn_stats" in row for row in rows)
+    payload = ckpt.load(str(save_dir / "model_final.pt"))
+    content = export_model(payload, 0.5)
+    assert (content["level_name"], content["level"], content["alpha"]) == ("width_factor", 0.5, None)
+    assert content["widths"]["layer1.0.conv1"] == 8 and content["widths"]["layer3.0.conv3"] == 128
+    with pytest.raises(ConfigError, match="at most the trained width_factor"):
+        export_model(payload, 0.75)
+    # the exported network computes what the trained one computes at its width
+    out = tmp_path / "half.pt"
+    save_export(str(out), content)
+    model, method = training_model(payload, "model_final.pt")
+    method.apply_levels(model, method.eval_levels(method.eval_points()[0], step=None))
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(load_exported(str(out))(images), model(images), atol=1e-5)
+
+
+@pytest.mark.parametrize("args, width, grid", [
+    (("--width_factor", "0.25"), 0.25, [0.25]),                     # the width trained is the width evaluated
+    (("--width_factor", "0.75", "--eval_width_factors", "0.75,0.5"), 0.75, [0.75, 0.5]),
+])
+def test_target_width_flags(args, width, grid):
+    from training_params import parse
+
+    config, _ = parse(SETTING, ["--method", "target_width", *args])
+    assert (config.width_factor, config.eval_param_grid) == (width, grid)
 
 
 def floor_only_parameters():
@@ -136,6 +176,10 @@ def test_list_alias_sets_the_evaluation_widths():
     (("--method", "lec", "--eval_width_factors", "1.0,0.5"), "--eval_width_factors"),
     (("--warmup_budget", "50"), "--warmup_budget"),
     (("--eval_width_factors", "1.0,0.1"), "--eval_width_factors"),
+    (("--method", "target_width", "--width_factor", "0.5", "--eval_width_factors", "0.75"), "--eval_width_factors"),
+    (("--method", "target_width", "--width_factor", "1.5"), "--width_factor"),
+    (("--method", "target_width", "--norm", "GN"), "--norm"),
+    (("--method", "us", "--width_factor", "0.5"), "--width_factor"),
     # InstanceNorm (the lcs_l default) is undefined on resnet18's 1x1 last map at 32x32.
     (("--model", "resnet18", "--dataset", "imagenet", "--imagenet_dir", "unused", "--image_size", "32"),
      "--image_size"),

@@ -69,12 +69,12 @@ def test_flags_override_the_yaml():
 
 
 # -- flag -> config mappings (SPEC 1.2) ---------------------------------------------------------------
-@pytest.mark.parametrize("method, grid_key", [("lcs_l", "alpha_grid"), ("lcs_p", "eval_param_grid")])
-def test_topk_bounds_and_grid(method, grid_key):
+@pytest.mark.parametrize("method", ["lcs_l", "lcs_p"])
+def test_topk_bounds_and_grid(method):
     c = config_of("unstructured_sparsity", "--method", method, "--topk_lower_bound", "0.005",
                   "--topk_upper_bound", "0.05", "--eval_topk_grid", "0.005,0.01,0.05")
     assert c.alpha_sampling == [0.005, 0.05, 0.5]
-    assert getattr(c, grid_key) == [0.005, 0.01, 0.05]
+    assert c.eval_param_grid == [0.005, 0.01, 0.05]
 
 
 def test_target_topk_flags():
@@ -84,19 +84,19 @@ def test_target_topk_flags():
 
 
 @pytest.mark.parametrize("flag", ["--eval_width_factors", "--list"])
-def test_structured_lcs_l_widths_become_alphas(flag):
+def test_structured_lcs_l_grid_is_in_widths_and_alpha_stays_inside_the_method(flag):
     c = config_of("structured_sparsity", flag, "1.0,0.625,0.25")
-    assert c.alpha_grid == pytest.approx([1.0, 0.5, 0.0])              # (w - 0.25) / 0.75
+    assert c.eval_param_grid == [1.0, 0.625, 0.25] and not c.has("alpha_grid")
+    assert [p.alpha for p in METHODS[c.setting][c.method](c).eval_points()] == pytest.approx([1.0, 0.5, 0.0])
     c = config_of("structured_sparsity", "--width_factor_limits", "0.5,1.0", flag, "1.0,0.75,0.5")
     assert c.width_factor_limits == [0.5, 1.0]
-    assert c.alpha_grid == pytest.approx([1.0, 0.5, 0.0])              # (w - 0.5) / 0.5
+    assert [p.alpha for p in METHODS[c.setting][c.method](c).eval_points()] == pytest.approx([1.0, 0.5, 0.0])
 
 
 @pytest.mark.parametrize("method", ["us", "lcs_p", "ns"])
 def test_structured_widths_stay_widths(method):
     c = config_of("structured_sparsity", "--method", method, "--eval_width_factors", "1.0,0.5")
     assert c.eval_param_grid == [1.0, 0.5]
-    assert c.alpha_grid is None
 
 
 def test_structured_sampling_flags():
@@ -107,22 +107,23 @@ def test_structured_sampling_flags():
     assert c.width_factors_list == [1.0, 0.5]
 
 
-@pytest.mark.parametrize("limits, grid", [
-    ("3,8", [0.166, 0.333, 0.5, 0.666, 0.833, 1.0]),   # floor(1000 i / 6) / 1000
-    ("4,6", [0.333, 0.666, 1.0]),                      # floor(1000 i / 3) / 1000
-    ("3,4", [0.5, 1.0]),
+@pytest.mark.parametrize("limits, alphas", [
+    ("3,8", [0.166, 0.333, 0.499, 0.666, 0.833, 1.0]),   # the original's grid (SPEC 2.3)
+    ("4,6", [0.333, 0.666, 1.0]),
+    ("3,4", [0.499, 1.0]),
 ])
-def test_quantized_lcs_l_bit_width_limits(limits, grid):
+def test_quantized_lcs_l_bit_width_limits(limits, alphas):
     c = config_of("quantized", "--bit_width_limits", limits)
     low, high = map(int, limits.split(","))
     assert (c.min_bits, c.max_bits) == (low, high)
-    assert c.alpha_grid == grid
+    assert c.eval_param_grid == list(range(low, high + 1))       # every bit width of the range
+    assert [p.alpha for p in METHODS[c.setting][c.method](c).eval_points()] == alphas
 
 
-def test_quantized_lcs_l_eval_bit_widths_become_alphas():
-    assert config_of("quantized", "--eval_bit_widths", "3,5,8").alpha_grid == [0.166, 0.5, 1.0]
+def test_quantized_lcs_l_eval_bit_widths_stay_bit_widths():
+    assert config_of("quantized", "--eval_bit_widths", "3,5,8").eval_param_grid == [3, 5, 8]
     c = config_of("quantized", "--bit_width_limits", "4,6", "--eval_bit_widths", "4,6")
-    assert c.alpha_grid == [0.333, 1.0]
+    assert c.eval_param_grid == [4, 6]
 
 
 def test_quantized_lcs_p_limits_and_grid():

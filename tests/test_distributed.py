@@ -26,8 +26,8 @@ from methods import METHODS
 from models import build_model
 from training_params import parse
 from utils.distributed import Context
-from utils import evaluate
-from utils.train import TrainStep
+from engine import evaluate
+from engine.train import TrainStep
 
 WORLD = 2
 BATCH = 16          # global batch of the one-step comparison

@@ -1,6 +1,6 @@
 """Every user mistake gets one clear line: a table of bad command lines, YAML files, data
 folders and checkpoints, each run through a training script's entry point (or a tool's:
-utils.export, utils.compare, benchmarks/deploy.py) in its own process.
+deploy.export, compare_runs.py, benchmarks/deploy.py) in its own process.
 
 For each case the test checks the exit status (2 for usage, data and checkpoint errors), that
 stderr is exactly one line naming the flag or file, that no traceback is printed and that
@@ -36,7 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = {"structured": "structured_sparsity", "unstructured": "unstructured_sparsity", "quantized": "quantized"}
 SCRIPTS = {"structured": "train_structured.py", "unstructured": "train_unstructured.py",
            "quantized": "train_quantized.py"}
-TOOLS = {"export": "utils.export", "compare": "utils.compare", "deploy": "benchmarks.deploy",
+TOOLS = {"export": "deploy.export", "compare": "compare_runs", "deploy": "benchmarks.deploy",
          "train_speed": "benchmarks.train_speed"}
 CASE_TIMEOUT_S = 90   # a case that builds data and, wrongly accepted, would start training
 HOSTILE_LIMIT_S = 20  # a hostile input is refused before any data is read
@@ -565,20 +565,22 @@ def _checkpoints(tiny_cifar, root):
     import training_params
     from utils import checkpoint as ckpt
     from utils.distributed import Context
-    from utils.train import Run
+    from engine import run_dir
+    from engine.train import Run
 
     def written_run(setting, flags, save_dir):
         config, options = training_params.parse(setting, ["--data_dir", tiny_cifar, "--batch_size", "16",
                                                           "--train_subset", "16", "--test_subset", "10",
                                                           "--save_dir", save_dir] + flags)
         state = Run(config, options, Context())
-        state.prepare_run_dir()
+        run_dir.prepare(config.save_dir, config, options.overwrite)
         state.save_checkpoint()
         return state
 
-    run_dir = str(root / "run")
-    state = written_run("structured_sparsity", ["--method", "us"], run_dir)
-    p = {"run": run_dir, "ckpt_last": os.path.join(run_dir, ckpt.LAST), "ckpt_final": os.path.join(run_dir, ckpt.FINAL)}
+    directory = str(root / "run")
+    state = written_run("structured_sparsity", ["--method", "us"], directory)
+    p = {"run": directory, "ckpt_last": os.path.join(directory, ckpt.LAST),
+         "ckpt_final": os.path.join(directory, ckpt.FINAL)}
     ckpt.save(p["ckpt_final"], state.payload(kind="model"))
     with open(p["ckpt_last"], "rb") as handle:
         data = handle.read()

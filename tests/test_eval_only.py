@@ -12,7 +12,7 @@ import pytest
 from inprocess import (assert_same_tensors, load_checkpoint, one_thread, read_rows, run_script,  # noqa: F401
                        signal_during_step, single_thread)
 from utils import checkpoint as ckpt
-from utils import train
+from engine import train
 
 TINY = ("--batch_size", 8, "--train_subset", 32, "--test_subset", 16, "--test_freq", 1)
 # Rows of the same model on the same images agree on everything but these.
@@ -150,7 +150,8 @@ def test_eval_only_at_bit_widths_not_trained_on(quantized_run):
     assert run_script("quantized", "--eval_only", "--checkpoint", quantized_run / ckpt.FINAL,
                       "--eval_bit_widths", "3,5") == 0
     rows = [row for row in read_rows(quantized_run) if row["eval_only"]]
-    assert [(row["level"], row["num_bits"], row["alpha"]) for row in rows] == [(3, 3, 0.166), (5, 5, 0.5)]
+    # at the alphas of the original's grid (5 bits: 0.499, as configs/quantized/lcs_l.yaml)
+    assert [(row["level"], row["num_bits"], row["alpha"]) for row in rows] == [(3, 3, 0.166), (5, 5, 0.499)]
     assert all(row["act_quant"] for row in rows)  # activation ranges were recorded in training
 
 
@@ -162,7 +163,8 @@ def test_eval_only_at_bit_widths_not_trained_on(quantized_run):
     (("--seed", 7), "--seed: cannot be changed when evaluating a checkpoint"),
     (("--method", "us"), "--method: cannot be changed when evaluating a checkpoint"),
     (("--config", "configs/structured_sparsity/us.yaml"), "--config: not used when evaluating a checkpoint"),
-    (("--eval_width_factors", "0.1"), "width 0.1 is outside the trained width_factor_limits [0.25, 1.0]"),
+    (("--eval_width_factors", "0.1"), "--eval_width_factors: structured_sparsity/lcs_l evaluates width factors in "
+                                      "[0.25, 1] (the trained width_factor_limits), got 0.1"),
 ])
 def test_flags_that_would_change_the_model_are_refused(structured_run, capsys, flags, message):
     rows = read_rows(structured_run)

@@ -1,4 +1,4 @@
-"""Export of compressed models (utils.export) and the deployment benchmark (benchmarks/deploy.py).
+"""Export of compressed models (deploy.export) and the deployment benchmark (benchmarks/deploy.py).
 
 Models are built for each setting and method, their norms, running statistics and activation
 ranges set to non-trivial values (line endpoints differ from the initialisation), saved as a
@@ -22,8 +22,9 @@ from models.factory import dense_factory
 from models.layers import ChannelSelection, Norm2d, QuantConv2d
 from training_params import parse
 from utils import checkpoint as ckpt
-from utils.export import (export_model, load_exported, main, pack_bits, round_up_widths, save_export,
-                          unpack_bits)
+from deploy.compressed import export_model, load_exported, round_up_widths, save_export
+from deploy.export import main
+from deploy.packing import pack_bits, unpack_bits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Training-time evaluations of the warmup methods are taken after their warmup.
@@ -234,7 +235,7 @@ def test_export_of_a_calibrated_run_without_data_dir_is_a_one_line_error(tmp_pat
         main(["--checkpoint", path, "--level", "0.5", "--out", str(tmp_path / "o.pt")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
-    assert err.startswith("utils.export: error: --data_dir: this structured_sparsity/lec run evaluated with BN "
+    assert err.startswith("deploy.export: error: --data_dir: this structured_sparsity/lec run evaluated with BN "
                           "statistics re-estimated on 2048 training images")
     assert not (tmp_path / "o.pt").exists()
 
@@ -287,7 +288,7 @@ def test_bad_levels_are_one_line_errors(tmp_path, capsys, setting, method, argv,
         main(["--checkpoint", path, "--out", str(out), *argv])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
-    assert err.startswith("utils.export: error: ") and message in err and err.count("\n") == 1
+    assert err.startswith("deploy.export: error: ") and message in err and err.count("\n") == 1
     assert not out.exists() and not any(p.name.startswith(".out.pt") for p in tmp_path.iterdir())
 
 
@@ -308,7 +309,7 @@ def test_unreadable_files_are_one_line_errors(tmp_path, capsys):
 def test_cli_export_and_benchmark_table(tmp_path):
     path, *_ = make_checkpoint(tmp_path, "structured_sparsity", "lcs_l")
     out = tmp_path / "half.pt"
-    result = run_module("-m", "utils.export", "--checkpoint", path, "--level", "0.5", "--out", out)
+    result = run_module("-m", "deploy.export", "--checkpoint", path, "--level", "0.5", "--out", out)
     assert result.returncode == 0, result.stderr
     assert "lcs_l cpreresnet20: width_factor 0.5 (alpha 0.333333)" in result.stdout and out.is_file()
     result = run_module("benchmarks/deploy.py", "--checkpoint", path, "--levels", "0.5,0.25", "--repeats", "1",

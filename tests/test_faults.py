@@ -15,7 +15,7 @@ import torch
 import training_params
 from utils import checkpoint as ckpt
 from utils.errors import CheckpointError, DataError, TrainingError, one_line
-from utils.train import Run, TrainStep
+from engine.train import Run, TrainStep
 
 # One TopK level, 16 training images in 2 steps per epoch, 10 test images: the smallest run
 # that trains, evaluates and checkpoints.
@@ -216,13 +216,11 @@ def test_worker_errors_reach_the_user_as_their_own_line():
 
 def test_unexpected_os_errors_are_one_line(monkeypatch, capsys):
     """A failed read or write no check foresaw still ends with one line and status 1."""
-    import utils.train
-
     def full_disk(config, options):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/x/results.csv")
 
     monkeypatch.setattr(training_params, "parse", lambda setting, argv: (None, None))
-    monkeypatch.setattr(utils.train, "run", full_disk)
+    monkeypatch.setattr(training_params, "run", full_disk)
     status, lines = run_main([], capsys)
     assert status == 1
     assert lines == ["train_unstructured.py: error: /runs/x/results.csv: No space left on device"]

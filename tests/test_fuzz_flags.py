@@ -114,7 +114,7 @@ def assert_usable(config):
     assert 0 <= config.seed < 2**32 and config.num_workers >= 0
     assert config.save_dir
     assert os.path.isdir(config.data_dir) or os.path.normpath(config.data_dir) == "data"
-    if config.warmup_budget is not None:
+    if config.get("warmup_budget") is not None:
         assert 0 < config.warmup_budget <= 100
     method = METHODS[config.setting][config.method](config, warmup_iterations=10)
     method.layer_factory()
@@ -154,7 +154,8 @@ def plausible_value(key, a_dir):
     """A value of the key's type, in or near its usual range."""
     if key in NAMES:
         return st.sampled_from(NAMES[key])
-    kind = training_params.FIELDS[key].metadata["kind"] if key in training_params.FIELDS else "str"
+    keys = training_params.all_keys()
+    kind = keys[key].kind if key in keys else "str"
     base = {"int": st.integers(1, 300), "float": st.one_of(st.floats(0, 1), st.sampled_from([80.0, 1.0e-4])),
             "bool": st.booleans(), "str": st.sampled_from([a_dir, "runs"]),
             "floats": st.lists(st.one_of(st.floats(0, 1), st.sampled_from([0.25, 0.5, 1.0])), min_size=1, max_size=4),
@@ -166,7 +167,7 @@ def yaml_entries(setting, a_dir):
     """Up to three keys, mostly ones the setting's default method reads, with plausible or
     arbitrary values."""
     keys = st.one_of(st.sampled_from(sorted(training_params.allowed_keys(setting, "lcs_l"))),
-                     st.sampled_from(sorted(training_params.FIELDS) + ["bogus_key", "setting", "method"]))
+                     st.sampled_from(sorted(training_params.all_keys()) + ["bogus_key", "setting", "method"]))
     entry = keys.flatmap(lambda key: st.one_of(plausible_value(key, a_dir), YAML_VALUES).map(lambda value: (key, value)))
     return st.lists(entry, max_size=3).map(dict)
 

@@ -17,10 +17,12 @@ import torch
 
 from cli_helpers import REPO, micro_cifar, run_script  # noqa: F401  (micro_cifar is a fixture)
 from utils import checkpoint as ckpt
-from utils import compare, export
+import compare_runs as compare
+from deploy import export
 from utils.atomic import RUN_DIR_FILES
 from utils.run_lock import LOCK_FILE
-from utils.train import RUN_FILES, Run
+from engine.run_dir import RUN_FILES
+from engine.train import Run
 
 SCRIPT = "train_unstructured.py"
 # One TopK level, a few steps per epoch on micro_cifar (20 training images).
@@ -170,7 +172,7 @@ def test_full_disk_is_one_line_and_keeps_the_previous_files(disk, micro_cifar, t
         out = root / "model.pt"
         status, line = tool_error(export.main, ["--checkpoint", str(save_dir / ckpt.LAST), "--level", "1",
                                                 "--out", str(out)])
-        assert status == 1 and line == (f"utils.export: error: {out}: could not be written (No space left on "
+        assert status == 1 and line == (f"deploy.export: error: {out}: could not be written (No space left on "
                                          f"device); the previous version, if any, is intact")
         assert not out.exists() and hidden_temporaries(root) == []
         if mounted:  # matplotlib's writer, through the same atomic write
@@ -204,7 +206,7 @@ SECOND_CTRL_C = """
 import os, runpy, signal, sys
 sys.path.insert(0, {repo!r})
 from utils import checkpoint as ckpt
-from utils.train import TrainStep
+from engine.train import TrainStep
 steps = [0]
 original_step, original_write = TrainStep.__call__, ckpt._write_payload
 def step(self, *args):

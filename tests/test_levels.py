@@ -142,7 +142,11 @@ def test_alpha_outside_the_unit_interval_is_refused():
 
 
 def test_bits_to_alpha_gives_the_original_grid():
-    assert [bits_to_alpha(b, 3, 8) for b in range(3, 9)] == [0.166, 0.333, 0.5, 0.666, 0.833, 1.0]
+    # The alphas of configs/quantized/lcs_l.yaml in the original (SPEC 2.3): 5 bits at 0.499,
+    # strictly inside its interval [2/6, 3/6] rather than on the boundary 0.5.
+    assert [bits_to_alpha(b, 3, 8) for b in range(3, 9)] == [0.166, 0.333, 0.499, 0.666, 0.833, 1.0]
+    assert [bits_to_alpha(b, 4, 6) for b in range(4, 7)] == [0.333, 0.666, 1.0]
+    assert [bits_to_alpha(b, 3, 4) for b in range(3, 5)] == [0.499, 1.0]
 
 
 def test_bits_to_alpha_round_trips():

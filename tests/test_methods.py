@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from methods import METHODS
 from methods.levels import alpha_to_bits
 from models import build_model, count_parameters
-from models.layers import ChannelSelection, Norm2d, QuantConv2d, quant_layers
+from models.layers import ChannelSelection, Level, Norm2d, QuantConv2d, quant_layers
 from training_params import parse
 from utils.distributed import Context
-from utils.evaluate import evaluate
+from engine.evaluate import evaluate
 from unit_support import single_thread  # noqa: F401 (single_thread: autouse fixture)
 
 REGISTRY = [(setting, name) for setting, methods in METHODS.items() for name in methods]
@@ -79,8 +79,7 @@ def test_every_method_trains_a_step_and_evaluates(setting, name):
         assert torch.isfinite(torch.tensor(loss))
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
     # evaluate the first point of the grid
-    grid = getattr(method.config, method.grid_key)
-    setattr(method.config, method.grid_key, grid[:1])
+    method.config.eval_param_grid = method.config.eval_param_grid[:1]
     data = SimpleNamespace(test=SimpleNamespace(batches=lambda: [(images, labels)]), input_size=32)
     [row] = evaluate(model, method, data, Context(), step=2)
     assert row["num_images"] == 4
@@ -101,14 +100,14 @@ def test_lcs_l_unstructured_levels_follow_the_warmup_decay():
                            (300, lambda a: a)):
         for _ in range(20):
             [levels] = method.train_levels(step, gen)
-            assert 0.025 <= levels["alpha"] <= 1.0
-            assert levels["topk"] == pytest.approx(expected(levels["alpha"]))
+            assert 0.025 <= levels.alpha <= 1.0
+            assert levels.topk == pytest.approx(expected(levels.alpha))
 
 
 def test_lcs_l_unstructured_samples_endpoints_a_quarter_each():
     method = make_method("unstructured_sparsity", "lcs_l", 100)
     gen = generator(1)
-    alphas = [method.train_levels(200, gen)[0]["alpha"] for _ in range(8000)]
+    alphas = [method.train_levels(200, gen)[0].alpha for _ in range(8000)]
     for endpoint in ENDPOINTS:                           # std of the frequency 0.005
         assert abs(alphas.count(endpoint) / len(alphas) - 0.25) < 0.025
 
@@ -117,7 +116,7 @@ def test_lcs_l_unstructured_bounds_set_the_sampled_range():
     method = make_method("unstructured_sparsity", "lcs_l", 100, "--topk_lower_bound", "0.005",
                          "--topk_upper_bound", "0.05", "--eval_topk_grid", "0.005,0.05")
     gen = generator(2)
-    alphas = [method.train_levels(200, gen)[0]["alpha"] for _ in range(400)]
+    alphas = [method.train_levels(200, gen)[0].alpha for _ in range(400)]
     assert min(alphas) == 0.005 and max(alphas) == 0.05
 
 
@@ -128,33 +127,33 @@ def test_lcs_l_unstructured_evaluation_levels():
                                          0.9, 0.95, 1.0]
     assert all(p.level == p.alpha for p in points)
     # during the warmup evaluations are denser than their label (SPEC 3.2)
-    assert method.eval_levels(points[0], 50) == {"alpha": 0.025, "topk": pytest.approx(0.5125)}
-    assert method.eval_levels(points[0], 100) == {"alpha": 0.025, "topk": pytest.approx(0.025)}
+    assert method.eval_levels(points[0], 50) == Level(alpha=0.025, topk=pytest.approx(0.5125))
+    assert method.eval_levels(points[0], 100) == Level(alpha=0.025, topk=pytest.approx(0.025))
 
 
 def test_lcs_p_unstructured_dense_during_warmup_then_uniform():
     method = make_method("unstructured_sparsity", "lcs_p", 10)
     gen = generator()
-    assert method.train_levels(9, gen) == [{"topk": 1.0}]
-    draws = [method.train_levels(10, gen)[0]["topk"] for _ in range(500)]
+    assert method.train_levels(9, gen) == [Level(topk=1.0)]
+    draws = [method.train_levels(10, gen)[0].topk for _ in range(500)]
     assert all(0.025 <= k < 1.0 for k in draws)
     assert abs(sum(draws) / len(draws) - 0.5125) < 0.04              # U(0.025, 1)
     # evaluation at the grid value itself, no decay
-    assert method.eval_levels(method.eval_points()[0], 0) == {"topk": 0.025}
+    assert method.eval_levels(method.eval_points()[0], 0) == Level(topk=0.025)
 
 
 def test_target_topk_decays_to_the_target():
     method = make_method("unstructured_sparsity", "target_topk", 10)
     gen = generator()
-    assert [method.train_levels(t, gen)[0]["topk"] for t in (0, 5, 10, 20)] == pytest.approx([1.0, 0.95, 0.9, 0.9])
+    assert [method.train_levels(t, gen)[0].topk for t in (0, 5, 10, 20)] == pytest.approx([1.0, 0.95, 0.9, 0.9])
     point = [p for p in method.eval_points() if p.level == 0.5][0]
-    assert method.eval_levels(point, 5)["topk"] == pytest.approx(0.75)
-    assert method.eval_levels(point, 10)["topk"] == pytest.approx(0.5)
+    assert method.eval_levels(point, 5).topk == pytest.approx(0.75)
+    assert method.eval_levels(point, 10).topk == pytest.approx(0.5)
 
 
 def test_target_topk_flag_sets_the_target():
     method = make_method("unstructured_sparsity", "target_topk", 10, "--topk", "0.5")
-    assert method.train_levels(10, generator())[0]["topk"] == 0.5
+    assert method.train_levels(10, generator())[0].topk == 0.5
 
 
 # -- structured ------------------------------------------------------------------------------------
@@ -164,19 +163,20 @@ def test_lcs_l_structured_sandwich_of_alphas():
     for _ in range(20):
         levels = method.train_levels(0, gen)
         assert len(levels) == 4
-        assert [lv["alpha"] for lv in levels[:2]] == [0.0, 1.0]
-        assert [lv["width_factor"] for lv in levels[:2]] == [0.25, 1.0]
+        assert [lv.alpha for lv in levels[:2]] == [0.0, 1.0]
+        assert [lv.width_factor for lv in levels[:2]] == [0.25, 1.0]
         for lv in levels[2:]:
-            assert 0 <= lv["alpha"] <= 1
-            assert lv["width_factor"] == pytest.approx(0.25 + 0.75 * lv["alpha"])
+            assert 0 <= lv.alpha <= 1
+            assert lv.width_factor == pytest.approx(0.25 + 0.75 * lv.alpha)
 
 
 def test_lcs_l_structured_evaluation_points():
     method = make_method("structured_sparsity", "lcs_l")
     points = method.eval_points()
     assert [p.level for p in points] == [1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25]
-    assert [p.alpha for p in points] == [1.0, 0.83333, 0.66667, 0.5, 0.33333, 0.166667, 0.0]
-    assert method.eval_levels(points[3], 0) == {"alpha": 0.5, "width_factor": 0.625}
+    # the grid is in widths; alpha = (w - 0.25) / 0.75 lives inside the method
+    assert [p.alpha for p in points] == pytest.approx([1.0, 5 / 6, 4 / 6, 0.5, 2 / 6, 1 / 6, 0.0])
+    assert method.eval_levels(points[3], 0) == Level(alpha=0.5, width_factor=0.625)
 
 
 @pytest.mark.parametrize("name", ["us", "lcs_p"])
@@ -185,17 +185,17 @@ def test_us_and_lcs_p_sandwich_of_widths(name):
     gen = generator()
     draws = []
     for _ in range(200):
-        widths = [lv["width_factor"] for lv in method.train_levels(0, gen)]
+        widths = [lv.width_factor for lv in method.train_levels(0, gen)]
         assert widths[:2] == [0.25, 1.0] and len(widths) == 4
         draws += widths[2:]
     assert all(0.25 <= w <= 1.0 for w in draws)
     assert abs(sum(draws) / len(draws) - 0.625) < 0.03
-    assert method.eval_levels(method.eval_points()[1], 0) == {"width_factor": 0.875}
+    assert method.eval_levels(method.eval_points()[1], 0) == Level(width_factor=0.875)
 
 
 def test_ns_runs_its_width_list_in_order():
     method = make_method("structured_sparsity", "ns")
-    assert method.train_levels(0, generator()) == [{"width_factor": w} for w in (1.0, 0.75, 0.5, 0.25)]
+    assert method.train_levels(0, generator()) == [Level(width_factor=w) for w in (1.0, 0.75, 0.5, 0.25)]
 
 
 # -- quantized -------------------------------------------------------------------------------------
@@ -206,16 +206,16 @@ def test_lcs_l_quantized_levels():
     for step, act in ((0, False), (9, False), (10, True), (50, True)):
         for _ in range(30):
             [levels] = method.train_levels(step, gen)
-            k = round(levels["alpha"] * 6)
-            assert levels["alpha"] == k / 6 and 1 <= k <= 6     # {1/6, ..., 1}, never 0
-            assert levels["num_bits"] == 2 + k
-            assert levels["act_quant"] is act
-            seen.add(levels["num_bits"])
+            k = round(levels.alpha * 6)
+            assert levels.alpha == k / 6 and 1 <= k <= 6     # {1/6, ..., 1}, never 0
+            assert levels.num_bits == 2 + k
+            assert levels.act_quant is act
+            seen.add(levels.num_bits)
     assert seen == {3, 4, 5, 6, 7, 8}
     points = method.eval_points()
     assert [p.level for p in points] == [3, 4, 5, 6, 7, 8]
     assert [p.alpha for p in points] == [0.166, 0.333, 0.499, 0.666, 0.833, 1.0]
-    assert method.eval_levels(points[2], 0) == {"alpha": 0.499, "num_bits": 5}
+    assert method.eval_levels(points[2], 0) == Level(alpha=0.499, num_bits=5)
 
 
 def test_lcs_l_quantized_continuous_alpha():
@@ -224,15 +224,15 @@ def test_lcs_l_quantized_continuous_alpha():
     gen = generator()
     for _ in range(50):
         [levels] = method.train_levels(0, gen)
-        assert levels["num_bits"] == alpha_to_bits(levels["alpha"], 3, 8)
+        assert levels.num_bits == alpha_to_bits(levels.alpha, 3, 8)
 
 
 def test_target_bit_width_levels():
     method = make_method("quantized", "target_bit_width", 10)
-    assert method.train_levels(0, generator()) == [{"num_bits": 6, "act_quant": False}]
-    assert method.train_levels(10, generator()) == [{"num_bits": 6, "act_quant": True}]
+    assert method.train_levels(0, generator()) == [Level(num_bits=6, act_quant=False)]
+    assert method.train_levels(10, generator()) == [Level(num_bits=6, act_quant=True)]
     method = make_method("quantized", "target_bit_width", 10, "--bit_width", "4")
-    assert method.train_levels(10, generator())[0]["num_bits"] == 4
+    assert method.train_levels(10, generator())[0].num_bits == 4
 
 
 @pytest.mark.parametrize("flags, warmup_bits", [((), 8), (("--bit_width_limits", "3,6"), 6)])
@@ -244,7 +244,7 @@ def test_lcs_p_quantized_upper_bit_width_during_warmup(flags, warmup_bits):
     for layer in quant_layers(model):
         layer.num_bits = 3
     [levels] = method.train_levels(9, generator())
-    assert levels == {"num_bits": warmup_bits, "act_quant": False}
+    assert levels == Level(num_bits=warmup_bits, act_quant=False)
     method.apply_levels(model, levels)
     assert [layer.num_bits for layer in quant_layers(model)] == [warmup_bits] * 21
 
@@ -256,10 +256,10 @@ def test_lcs_p_quantized_independent_bits_per_layer_after_warmup():
     draws = []
     for _ in range(600):
         [levels] = method.train_levels(10, gen)
-        assert levels["act_quant"] is True
+        assert levels.act_quant is True
         method.apply_levels(model, levels)
         bits = [layer.num_bits for layer in quant_layers(model)]
-        assert bits == levels["layer_bits"]
+        assert bits == list(levels.layer_bits)
         assert len(set(bits)) > 1                      # all 21 equal: probability 6^-20
         draws.append(bits)
     assert all(layer.act_quant for layer in quant_layers(model))

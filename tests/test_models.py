@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.base import structured_metrics, unstructured_metrics
+from methods.structured import structured_metrics
+from methods.unstructured import unstructured_metrics
 from models import build_model, count_parameters
 from models.factory import LayerFactory
 from models.layers import Conv2d, NoOp, Norm2d, QuantConv2d, set_level

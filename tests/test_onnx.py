@@ -13,7 +13,7 @@ pytest.importorskip("onnxruntime", reason="ONNX checks need onnxruntime (pip ins
 from deploy.onnx_export import compare, conv_kernels, export_onnx, session, write_checked  # noqa: E402
 from models.layers import QuantConv2d  # noqa: E402
 from utils import checkpoint as ckpt  # noqa: E402
-from utils.export import build_exported, export_model, main  # noqa: E402
+from deploy.export import build_exported, export_model, main  # noqa: E402
 from test_export import CASES, inputs, make_checkpoint  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

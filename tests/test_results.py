@@ -1,5 +1,5 @@
 """Run outputs: results.csv and the accuracy-vs-compression plot after every evaluation, the
-table printed at the end of training, and the compare tool (`python -m utils.compare`)."""
+table printed at the end of training, and the compare tool (`python compare_runs.py`)."""
 
 import contextlib
 import csv
@@ -12,7 +12,9 @@ import sys
 import pytest
 
 from inprocess import one_thread, read_rows, run_script, single_thread  # noqa: F401
-from utils import compare, metrics, train
+import compare_runs as compare
+from engine import train
+from utils import metrics
 from utils.metrics import format_table, latest_results, update_outputs, write_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,14 +61,17 @@ def test_results_csv_and_plot_after_an_evaluation(tmp_path):
     update_outputs(str(tmp_path), rows)
     assert read_rows(tmp_path) == rows
     table = read_csv(tmp_path / metrics.RESULTS)
+    # Every column of every setting, in a fixed order; empty where a metric does not apply.
     assert table[0] == ["evaluation", "epoch", "step", "setting", "method", "model", "dataset", "norm",
-                        "level_name", "level", "alpha", "accuracy", "loss", "num_images", "sparsity", "num_bits",
-                        "act_quant", "effective_topk", "final", "eval_only"]
+                        "num_classes", "level_name", "level", "alpha", "accuracy", "loss", "num_images", "sparsity",
+                        "num_bits", "act_quant", "conv_params", "macs", "nonzero_params", "effective_topk", "params",
+                        "channel_floor_applied", "bn_calibration_images", "lec_test_batch_statistics", "final",
+                        "eval_only", "checkpoint"]
     assert table[1:] == [
-        ["1", "2", "20", "unstructured_sparsity", "lcs_l", "cpreresnet20", "cifar10", "GN", "topk", "0.05", "",
-         "0.25", "1.5", "100", "0.5", "", "", "0.05", "False", "False"],
-        ["1", "2", "20", "unstructured_sparsity", "lcs_l", "cpreresnet20", "cifar10", "GN", "topk", "1.0", "",
-         "0.75", "1.5", "100", "0.5", "", "", "1.0", "False", "False"]]
+        ["1", "2", "20", "unstructured_sparsity", "lcs_l", "cpreresnet20", "cifar10", "GN", "", "topk", "0.05", "",
+         "0.25", "1.5", "100", "0.5", "", "", "", "", "", "0.05", "", "", "", "", "False", "False", ""],
+        ["1", "2", "20", "unstructured_sparsity", "lcs_l", "cpreresnet20", "cifar10", "GN", "", "topk", "1.0", "",
+         "0.75", "1.5", "100", "0.5", "", "", "", "", "", "1.0", "", "", "", "", "False", "False", ""]]
     plot = tmp_path / metrics.PLOT
     assert png_size(plot) == (640, 440)  # figsize 6.4 x 4.4 inches at 100 dpi
     assert 5_000 < os.path.getsize(plot) < 200_000
@@ -143,7 +148,7 @@ def test_compare_two_run_directories(two_runs, tmp_path):
     root, _, _ = two_runs
     out = tmp_path / "figures" / "compare.png"
     out.parent.mkdir()
-    result = subprocess.run([sys.executable, "-m", "utils.compare", str(root / "lcs_l"), str(root / "lcs_p"),
+    result = subprocess.run([sys.executable, "compare_runs.py", str(root / "lcs_l"), str(root / "lcs_p"),
                              "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr

@@ -15,10 +15,11 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from inprocess import (assert_same_tensors, load_checkpoint, one_thread, read_rows, run_script,  # noqa: F401
                        signal_during_final_evaluation, signal_during_step, single_thread)
-from training_params import SCRIPTS
+from training_params import SCRIPTS, parse
 from utils import checkpoint as ckpt
 from utils.errors import TrainingError
 
@@ -35,6 +36,9 @@ CASES = {
                                               "--eval_width_factors", "1,0.5,0.25"), signal.SIGTERM),
     "unstructured-lcs_l": ("unstructured_sparsity", ("--eval_topk_grid", "0.05,0.5,1"), signal.SIGTERM),
     "quantized-lcs_l": ("quantized", ("--eval_bit_widths", "3,8", "--warmup_budget", 25), signal.SIGINT),
+    # One slimmable network at a fixed width with BN running statistics.
+    "structured-target_width": ("structured_sparsity", ("--method", "target_width", "--width_factor", 0.5),
+                                signal.SIGTERM),
 }
 EXIT_STATUS = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
@@ -110,6 +114,38 @@ def test_run_resumed_after_first_epoch_equals_uninterrupted_run(name, straight_r
                         load_checkpoint(straight / ckpt.FINAL)["model"])
     assert_same_state(load_checkpoint(save_dir / ckpt.LAST)["optimizer"],
                       load_checkpoint(straight / ckpt.LAST)["optimizer"])
+
+
+def to_legacy_config(config):
+    """A structured lcs_l config as versions before level-unit grids wrote it: the grid in
+    alpha (`alpha_grid`), no `eval_param_grid`."""
+    config = dict(config)
+    low, high = config["width_factor_limits"]
+    config["alpha_grid"] = [(width - low) / (high - low) for width in config.pop("eval_param_grid")]
+    return config
+
+
+def test_run_directory_written_before_level_unit_grids_resumes(tiny_cifar, tmp_path):
+    """A run directory whose checkpoint and config.yaml hold an LCS+L grid in alpha (as
+    earlier versions wrote them) resumes, and ends as the uninterrupted run does."""
+    flags = (*COMMON, "--norm", "BN", "--eval_width_factors", "1,0.625,0.25", "--data_dir", tiny_cifar)
+    straight, legacy = tmp_path / "straight", tmp_path / "legacy"
+    assert run_script("structured_sparsity", *flags, "--save_dir", straight) == 0
+    with signal_during_step(STEPS_PER_EPOCH + 1, signal.SIGTERM):
+        assert run_script("structured_sparsity", *flags, "--save_dir", legacy) == 143
+    payload = load_checkpoint(legacy / ckpt.LAST)
+    payload["config"] = to_legacy_config(payload["config"])
+    assert payload["config"]["alpha_grid"] == [1.0, 0.5, 0.0]
+    ckpt.save(str(legacy / ckpt.LAST), payload)
+    (legacy / "config.yaml").write_text(yaml.safe_dump(payload["config"], sort_keys=False))
+
+    config, _ = parse("structured_sparsity", ["--config", str(legacy / "config.yaml")])
+    assert config.eval_param_grid == [1.0, 0.625, 0.25] and not config.has("alpha_grid")
+    assert run_script("structured_sparsity", "--save_dir", legacy, "--resume") == 0
+    assert read_rows(legacy) == read_rows(straight)
+    assert [row["alpha"] for row in read_rows(legacy)][:3] == [1.0, 0.5, 0.0]
+    assert_same_tensors(load_checkpoint(legacy / ckpt.FINAL)["model"],
+                        load_checkpoint(straight / ckpt.FINAL)["model"])
 
 
 def test_cases_cover_the_warmups_state(straight_run):
@@ -270,12 +306,11 @@ def test_resume_refusals_and_a_finished_run(straight_run, tiny_cifar, tmp_path, 
 
 
 def test_resume_hint_names_torchrun_when_the_run_was_distributed():
-    from types import SimpleNamespace
-    from utils.train import resume_command
-    config = SimpleNamespace(setting="quantized", save_dir="runs/my run")
-    assert resume_command(config, {}) == "python train_quantized.py --save_dir 'runs/my run' --resume"
+    from engine.run_dir import resume_command
+    args = ("train_quantized.py", "runs/my run")
+    assert resume_command(*args, {}) == "python train_quantized.py --save_dir 'runs/my run' --resume"
     single_node = {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}
-    assert resume_command(config, single_node) == (
+    assert resume_command(*args, single_node) == (
         "torchrun --standalone --nproc_per_node=4 train_quantized.py --save_dir 'runs/my run' --resume")
     two_nodes = {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}
-    assert resume_command(config, two_nodes).startswith("torchrun <this run's torchrun options")
+    assert resume_command(*args, two_nodes).startswith("torchrun <this run's torchrun options")

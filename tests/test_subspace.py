@@ -12,7 +12,7 @@ import torch
 from deploy import load_subspace, make_subspace, save_subspace
 from models.layers import QuantConv2d
 from utils import checkpoint as ckpt
-from utils.export import build_exported, export_model, main
+from deploy.export import build_exported, export_model, main
 from test_export import CASES, inputs, make_checkpoint, training_time_logits
 
 # Three levels for each setting and LEC; quantized LCS+L stores codes, target_bit_width floats.
@@ -154,7 +154,7 @@ def test_training_and_subspaces_need_no_onnx(tmp_path):
             "import torch, train_structured, train_unstructured, train_quantized\n"
             "from deploy import load_subspace\n"
             f"print(load_subspace({str(out)!r}).at(0.5)(torch.zeros(1, 3, 32, 32)).shape)\n"
-            "from utils.export import main\n"
+            "from deploy.export import main\n"
             f"main(['--checkpoint', {path!r}, '--level', '0.5', '--format', 'onnx', '--out', "
             f"{str(tmp_path / 'm.onnx')!r}])\n")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -74,8 +74,8 @@ def test_benchmark_refuses_an_unknown_setting(cli):
     assert "--settings: unknown setting 'structured'" in result.stderr
 
 
-COMPILABLE = {("structured_sparsity", "ns"), ("structured_sparsity", "lec"), ("quantized", "target_bit_width"),
-              ("quantized", "lcs_l")}
+COMPILABLE = {("structured_sparsity", "ns"), ("structured_sparsity", "lec"), ("structured_sparsity", "target_width"),
+              ("quantized", "target_bit_width"), ("quantized", "lcs_l")}
 
 
 def method_for(setting, name, *flags):
@@ -89,7 +89,7 @@ def method_for(setting, name, *flags):
 def test_compile_is_allowed_exactly_for_methods_with_few_fixed_levels():
     from methods import METHODS
     from utils.errors import ConfigError
-    from utils.train import check_compile_support
+    from engine.train import check_compile_support
 
     for setting, methods in METHODS.items():
         for name in methods:
@@ -107,7 +107,7 @@ def test_compile_is_allowed_exactly_for_methods_with_few_fixed_levels():
 
 def test_quantized_lcs_l_with_continuous_alpha_is_not_compilable(tmp_path):
     from utils.errors import ConfigError
-    from utils.train import check_compile_support
+    from engine.train import check_compile_support
 
     config_file = tmp_path / "continuous.yaml"
     config_file.write_text("discrete_alpha_map: false\n")
@@ -118,14 +118,14 @@ def test_quantized_lcs_l_with_continuous_alpha_is_not_compilable(tmp_path):
 
 
 def test_cudnn_autotuning_is_off_for_structured_runs_only():
-    from utils.train import configure_backends
+    from engine.train import configure_backends
 
     saved = torch.backends.cudnn.benchmark
     try:
         for setting, name, expected in (("structured_sparsity", "lcs_l", False), ("structured_sparsity", "lec", False),
                                         ("unstructured_sparsity", "lcs_l", True), ("quantized", "lcs_l", True)):
-            _, config = method_for(setting, name)
-            configure_backends(config, torch.device("cuda"))
+            method, _ = method_for(setting, name)
+            configure_backends(method, torch.device("cuda"))
             assert torch.backends.cudnn.benchmark is expected, (setting, name)
     finally:
         torch.backends.cudnn.benchmark = saved

@@ -9,7 +9,7 @@ from utils.errors import ConfigError, TrainingError
 
 # Temporary files of atomic_write: ".<name>.tmp<pid>" beside the file they become.
 TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp(?P<pid>\d+)$")
-# What a run directory holds (utils.train.RUN_FILES; checked equal by the tests). A tool must
+# What a run directory holds (engine.run_dir.RUN_FILES; checked equal by the tests). A tool must
 # never write over one of them.
 RUN_DIR_FILES = ("config.yaml", "metrics.jsonl", "results.csv", "accuracy_vs_compression.png",
                  "checkpoint_last.pt", "model_final.pt")

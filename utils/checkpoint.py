@@ -23,6 +23,18 @@ LAST = "checkpoint_last.pt"
 FINAL = "model_final.pt"
 
 
+def make_payload(kind, config, model, epoch, global_step, warmup_iterations, optimizer=None, progress=None,
+                 rng=None):
+    """The checkpoint dict (see the module docstring) of a Config, a model and where the run
+    stands; `kind` "training" adds the optimiser, progress and RNG states."""
+    payload = {"format": FORMAT, "kind": kind, "setting": config.setting, "method": config.method,
+               "model_name": config.model, "config": config.to_dict(), "model": model.state_dict(),
+               "epoch": epoch, "global_step": global_step, "warmup_iterations": warmup_iterations}
+    if kind == "training":
+        payload.update({"optimizer": optimizer.state_dict(), "progress": progress, "rng": rng})
+    return payload
+
+
 def save(path, payload):
     atomic_write(path, lambda temporary: _write_payload(temporary, payload))
 
@@ -70,21 +82,6 @@ def require_regular_file(path, what):
         raise CheckpointError(f"{path}: is not a regular file (a pipe, socket or device), expected a {what} file")
 
 
-def read_checkpoint_config(path, setting, training=False):
-    """The config dict stored in a checkpoint made by the `setting` script (a training
-    checkpoint when `training`, e.g. to resume)."""
-    payload = load(path)
-    kind = "training checkpoint" if payload.get("kind") == "training" else "final model"
-    held = f"a {kind} of {payload.get('setting')}/{payload.get('method')} ({payload.get('model_name')})"
-    if payload.get("setting") != setting:
-        raise CheckpointError(f"{path}: holds {held}, but this script trains {setting}")
-    if training and payload.get("kind") != "training":
-        raise CheckpointError(f"{path}: holds {held}, resuming needs a training checkpoint ({LAST})")
-    if not isinstance(payload.get("config"), dict):
-        raise CheckpointError(f"{path}: holds no run config (not a checkpoint of this project's format {FORMAT})")
-    return dict(payload["config"])
-
-
 def state_mismatch(expected, found):
     """How the tensors of a checkpoint (`found`) differ from those a model holds (`expected`)."""
     missing = [name for name in expected if name not in found]
@@ -101,14 +98,6 @@ def state_mismatch(expected, found):
         parts.append(f"{len(reshaped)} of another shape, e.g. {name} {tuple(getattr(found[name], 'shape', ()))} "
                      f"instead of {tuple(expected[name].shape)}")
     return "; ".join(parts) or "tensors of another type"
-
-
-def checkpoint_path_for_resume(save_dir):
-    path = os.path.join(save_dir, LAST)
-    if not os.path.exists(path):
-        raise CheckpointError(f"--resume: no {LAST} in {save_dir} to resume from (pass --resume PATH or the "
-                              f"run's --save_dir)")
-    return path
 
 
 # -- RNG state as plain data -------------------------------------------------------------

@@ -72,3 +72,35 @@ def any_process(flag, context, device):
 def barrier(context):
     if context.distributed:
         dist.barrier()
+
+
+MAX_DEFAULT_THREADS = 16  # small CIFAR networks gain little beyond this
+
+
+@dataclass
+class ThreadChoice:
+    threads: int
+    reason: str  # how the number was chosen, for the start-up line
+
+
+def choose_threads(requested, environ=os.environ, usable_cores=None, load_average=None):
+    """CPU threads for this process: --threads when given, else OMP_NUM_THREADS when set,
+    else the usable cores not already busy (cores minus the 1-minute load average: more
+    threads than free cores make OpenMP's threads wait on each other, several times slower
+    on a loaded machine), at most MAX_DEFAULT_THREADS, shared among torchrun's local processes."""
+    if requested is not None:
+        return ThreadChoice(requested, "--threads")
+    omp = environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) >= 1:
+        return ThreadChoice(int(omp), "OMP_NUM_THREADS")
+    if usable_cores is None:
+        usable_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if load_average is None:
+        load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    local_processes = max(1, int(environ.get("LOCAL_WORLD_SIZE", "1")))
+    free = max(1, min(usable_cores, MAX_DEFAULT_THREADS, usable_cores - round(load_average)))
+    threads = max(1, free // local_processes)
+    reason = f"{usable_cores} usable cores, load average {load_average:.1f}"
+    if local_processes > 1:
+        reason += f", {local_processes} local processes"
+    return ThreadChoice(threads, reason)

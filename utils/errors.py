@@ -1,6 +1,7 @@
 """Errors meant for the user: the entry scripts print them as one line, without a traceback."""
 
 import argparse
+import difflib
 
 
 class UserError(Exception):
@@ -61,6 +62,45 @@ class UsageParser(argparse.ArgumentParser):
         if len(message) > MAX_MESSAGE:  # e.g. an "invalid int value" of 5,000 digits
             message = f"{message[:MAX_MESSAGE - 12]} ... (cut)"
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(unrecognized_message(unknown, self.flag_names()))
+        return parsed
+
+    def flag_names(self):
+        """The flags a user may type (hidden ones left out)."""
+        return [option for action in self._actions if action.help != argparse.SUPPRESS
+                for option in action.option_strings if option.startswith("--")]
+
+
+def _spelling(flag):
+    """A flag with its dashes and underscores made equal (--train-subset = --train_subset)."""
+    return "--" + flag[2:].replace("-", "_")
+
+
+def closest_flag(given, flags):
+    """The valid flag `given` most probably meant, or None: the same flag with dashes for
+    underscores (or the reverse), else the closest spelling (difflib)."""
+    name = given.split("=", 1)[0]
+    spelled = {_spelling(flag): flag for flag in flags}
+    if _spelling(name) in spelled:
+        return spelled[_spelling(name)]
+    matches = difflib.get_close_matches(_spelling(name), list(spelled), n=1, cutoff=0.7)
+    return spelled[matches[0]] if matches else None
+
+
+def unrecognized_message(unknown, flags):
+    """argparse's "unrecognized arguments" line, with a suggestion for each mistyped flag."""
+    hints = [(token.split("=", 1)[0], closest_flag(token, flags)) for token in unknown if token.startswith("--")]
+    hints = [(token, suggestion) for token, suggestion in hints if suggestion]
+    message = f"unrecognized arguments: {' '.join(unknown)}"
+    if len(hints) == 1:
+        return f"{message} (did you mean {hints[0][1]}?)"
+    if hints:
+        return f"{message} ({'; '.join(f'{token}: did you mean {suggestion}?' for token, suggestion in hints)})"
+    return message
 
 
 def number_list(kind):

@@ -13,11 +13,16 @@ from utils.errors import DataError
 METRICS = "metrics.jsonl"
 RESULTS = "results.csv"
 PLOT = "accuracy_vs_compression.png"
-# results.csv: these columns first, then the method's own metrics (conv_params, macs,
-# nonzero_params, effective_topk, params, ...), then final / eval_only.
-RESULT_COLUMNS = ("evaluation", "epoch", "step", "setting", "method", "model", "dataset", "norm", "level_name",
-                  "level", "alpha", "accuracy", "loss", "num_images", "sparsity", "num_bits", "act_quant")
-LAST_COLUMNS = ("final", "eval_only")
+# results.csv has these columns in this order whatever the setting, method or evaluation
+# (a cell is empty where a metric does not apply); docs/outputs.md describes them. Every
+# scalar a metrics row holds must have its column here (write_results_csv checks).
+RESULT_COLUMNS = ("evaluation", "epoch", "step", "setting", "method", "model", "dataset", "norm", "num_classes",
+                  "level_name", "level", "alpha", "accuracy", "loss", "num_images", "sparsity", "num_bits",
+                  "act_quant", "conv_params", "macs", "nonzero_params", "effective_topk", "params",
+                  "channel_floor_applied", "bn_calibration_images", "lec_test_batch_statistics", "final",
+                  "eval_only", "checkpoint")
+# alpha is rounded in results.csv (metrics.jsonl keeps full precision).
+CSV_DIGITS = {"alpha": 4}
 # Each row's fields and the types they must have; None marks a field that may be null.
 ROW_TYPES = {"evaluation": (int,), "epoch": (int,), "step": (int,), "setting": (str,), "method": (str,),
              "model": (str,), "dataset": (str,), "norm": (str,), "level_name": (str,), "level": (float,),
@@ -30,6 +35,24 @@ AXIS_LABELS = {"width_factor": "width factor", "topk": "TopK fraction kept (log 
 # TopK grids crowd the low end (0.025 ... 0.2 of 14 points); a log axis spreads them.
 AXIS_SCALES = {"topk": "log"}
 LOG_TICKS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+def evaluation_rows(results, index, epoch, step, config, level_name, num_classes, final=False, eval_only=False,
+                    checkpoint=None):
+    """The metrics rows of one evaluation (one per level): where the run stood, what was
+    trained, then the evaluation's results."""
+    rows = []
+    for result in results:
+        row = {"evaluation": index, "epoch": epoch, "step": step, "setting": config.setting,
+               "method": config.method, "model": config.model, "dataset": config.dataset, "norm": config.norm,
+               "num_classes": num_classes, "level_name": level_name, **result, "final": final,
+               "eval_only": eval_only}
+        if eval_only:
+            row["checkpoint"] = os.path.abspath(checkpoint)
+        row.setdefault("sparsity", None)
+        row.setdefault("num_bits", None)
+        rows.append(row)
+    return rows
 
 
 def read_rows(path):
@@ -123,15 +146,12 @@ def latest_results(rows):
     return sorted(by_level.values(), key=lambda row: row["level"])
 
 
-def result_columns(rows):
-    """RESULT_COLUMNS, the scalar metrics the rows add (first-seen order), LAST_COLUMNS."""
-    extra = []
-    for row in rows:
-        for key, value in row.items():
-            if (key not in RESULT_COLUMNS and key not in LAST_COLUMNS and key not in extra
-                    and not isinstance(value, (dict, list))):
-                extra.append(key)
-    return RESULT_COLUMNS + tuple(extra) + LAST_COLUMNS
+def csv_cell(key, value):
+    if value is None:
+        return ""
+    if key in CSV_DIGITS and isinstance(value, float):
+        return round(value, CSV_DIGITS[key])
+    return value
 
 
 def write_csv(path, header, lines):
@@ -143,13 +163,26 @@ def write_csv(path, header, lines):
 
 
 def write_results_csv(path, rows):
-    columns = result_columns(rows)
-    write_csv(path, columns, [["" if row.get(key) is None else row[key] for key in columns] for row in rows])
+    for row in rows:
+        unknown = [key for key, value in row.items()
+                   if key not in RESULT_COLUMNS and not isinstance(value, (dict, list))]
+        assert not unknown, f"metrics {unknown} have no results.csv column: add them to RESULT_COLUMNS"
+    write_csv(path, RESULT_COLUMNS, [[csv_cell(key, row.get(key)) for key in RESULT_COLUMNS] for row in rows])
 
 
 def plot_runs(path, runs, title=None):
-    """Accuracy against level, one line per run: runs = [(label, rows, one per level)].
-    Runs of different settings (width factor / TopK / bit width) get side-by-side axes."""
+    """Write the figure of draw_runs to `path` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    figure = draw_runs(runs, title)
+    atomic_write(path, lambda temporary: figure.savefig(temporary, format="png"))
+    plt.close(figure)
+
+
+def draw_runs(runs, title=None):
+    """Accuracy against level, one line per run: runs = [(label, rows, one per level)], with
+    levels added by --eval_only as hollow markers and chance accuracy dashed. Runs of
+    different settings (width factor / TopK / bit width) get side-by-side axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,22 +196,35 @@ def plot_runs(path, runs, title=None):
     figure, all_axes = plt.subplots(1, len(level_names), figsize=(5.6 * len(level_names) + 0.8, 4.4), dpi=100,
                                     squeeze=False)
     for axes, level_name in zip(all_axes[0], level_names):
-        for label, rows in runs:
-            points = sorted((row["level"], 100 * row["accuracy"]) for row in rows if row["level_name"] == level_name)
-            if points:
-                axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=4, label=label)
+        shown = [(label, [row for row in rows if row["level_name"] == level_name]) for label, rows in runs]
+        shown = [(label, rows) for label, rows in shown if rows]
+        for label, rows in shown:
+            rows = sorted(rows, key=lambda row: row["level"])
+            line, = axes.plot([row["level"] for row in rows], [100 * row["accuracy"] for row in rows], marker="o",
+                              markersize=4, label=label)
+            added = [row for row in rows if row.get("eval_only")]
+            if added:  # levels evaluated later with --eval_only: hollow markers
+                axes.plot([row["level"] for row in added], [100 * row["accuracy"] for row in added], linestyle="",
+                          marker="o", markersize=8, markerfacecolor="white", markeredgecolor=line.get_color(),
+                          label=f"{label}: --eval_only" if label else "--eval_only")
+        chances = sorted({chance for _, rows in shown for chance in [chance_accuracy(rows[0])] if chance})
+        for chance in chances:
+            axes.axhline(100 * chance, color="gray", linestyle="--", linewidth=1,
+                         label=f"chance ({100 * chance:g} %)")
+        # From 0, so that a spread of a few points is not drawn as a collapse.
+        highest = max([100 * row["accuracy"] for _, rows in shown for row in rows] + [100 * c for c in chances] + [0])
+        axes.set_ylim(0, min(100, 10 * math.ceil((highest + 2) / 10)))
         if AXIS_SCALES.get(level_name) == "log":
-            _log_axis(axes, [row["level"] for _, rows in runs for row in rows if row["level_name"] == level_name])
+            _log_axis(axes, [row["level"] for _, rows in shown for row in rows])
         axes.set_xlabel(AXIS_LABELS.get(level_name, level_name))
         axes.set_ylabel("test accuracy (%)")
         axes.grid(True, which="both", alpha=0.3)
-        if any(label for label, _ in runs):
+        if axes.get_legend_handles_labels()[1]:
             axes.legend(fontsize=8)
     if title:
         figure.suptitle(title, fontsize=9)
     figure.tight_layout()
-    atomic_write(path, lambda temporary: figure.savefig(temporary, format="png"))
-    plt.close(figure)
+    return figure
 
 
 def _log_axis(axes, levels):
@@ -193,6 +239,27 @@ def _log_axis(axes, levels):
     axes.xaxis.set_minor_formatter(NullFormatter())
 
 
+# Chance accuracy where rows lack num_classes (written before it was recorded).
+DATASET_CLASSES = {"cifar10": 10}
+
+
+def chance_accuracy(row):
+    """1 / number of classes, or None when unknown."""
+    classes = row.get("num_classes") or DATASET_CLASSES.get(row.get("dataset"))
+    return 1 / classes if classes else None
+
+
+def model_state(rows):
+    """What the latest results of one model are: 'final evaluation', '--eval_only' levels
+    added to it, or the epoch of an unfinished run."""
+    epoch = rows[-1]["epoch"]
+    final = any(row["final"] for row in rows)
+    if any(row.get("eval_only") for row in rows):
+        return (f"final evaluation + --eval_only levels, epoch {epoch}" if final
+                else f"--eval_only of the epoch {epoch} model")
+    return f"final evaluation, epoch {epoch}" if final else f"epoch {epoch} (run not finished)"
+
+
 def run_label(row):
     return f"{row['method']} ({row['model']}, {row['norm']})"
 
@@ -204,8 +271,7 @@ def update_outputs(save_dir, rows):
     write_results_csv(os.path.join(save_dir, RESULTS), latest)
     if latest:
         last = latest[-1]
-        state = "final" if last["final"] else f"epoch {last['epoch']}"
-        title = f"{last['setting']} / {run_label(last)} on {last['dataset']}, {state}"
+        title = f"{last['setting']} / {run_label(last)} on {last['dataset']}\n{model_state(latest)}"
         plot_runs(os.path.join(save_dir, PLOT), [(last["method"], latest)], title=title)
 
 
@@ -224,7 +290,8 @@ def format_table(rows):
     sparsity or whether activations were quantized."""
     if not rows:
         return ""
-    extra = "act_quant" if rows[0]["setting"] == "quantized" else "sparsity"
+    # Sparsity for the sparsity settings; for quantized models, whether activations were quantized.
+    extra = "act_quant" if rows[0].get("act_quant") is not None else "sparsity"
     has_alpha = any(row.get("alpha") is not None for row in rows)
     header = [rows[0]["level_name"]] + (["alpha"] if has_alpha else []) + ["accuracy", "loss", extra]
     lines = []

@@ -1,7 +1,7 @@
 """Compare runs: accuracy against compression level of several run directories in one
 figure and one table (the paper-style comparison of lcs_l, lcs_p and the baselines).
 
-    python -m utils.compare RUN_DIR [RUN_DIR ...] --out FIG.png [--labels A,B,...]
+    python compare_runs.py RUN_DIR [RUN_DIR ...] --out FIG.png [--labels A,B,...]
 
 Each run contributes the results of its latest model: its final evaluation (or, for an
 unfinished run, its latest one) plus any levels added with --eval_only from the same
@@ -17,9 +17,7 @@ import sys
 
 from utils.atomic import refuse_overwrite
 from utils.errors import ConfigError, UsageParser, UserError, one_line
-from utils.metrics import METRICS, latest_results, plot_runs, read_rows, text_table, write_csv
-
-SPARSITY_SETTINGS = ("structured_sparsity", "unstructured_sparsity")
+from utils.metrics import METRICS, latest_results, model_state, plot_runs, read_rows, text_table, write_csv
 
 
 def load_run(run_dir):
@@ -55,7 +53,7 @@ def comparison_table(labelled):
     for _, rows in labelled:
         if rows[0]["setting"] not in settings:
             settings.append(rows[0]["setting"])
-    with_sparsity = any(s in SPARSITY_SETTINGS for s in settings)
+    with_sparsity = any(row.get("sparsity") is not None for _, rows in labelled for row in rows)
     header = ["setting", "level_name", "level"]
     for label, _ in labelled:
         header.append(f"{label}: accuracy")
@@ -88,11 +86,18 @@ def _printable(header, lines):
     return text_table(header, [[cell(name, value) for name, value in zip(header, line)] for line in lines])
 
 
+def drop_empty_columns(header, lines):
+    """The table without the run columns that are empty for every level (e.g. sparsity of a
+    run that records none)."""
+    keep = [index for index, name in enumerate(header)
+            if index < 3 or any(line[index] is not None for line in lines)]
+    return [header[i] for i in keep], [[line[i] for i in keep] for line in lines]
+
+
 def describe(label, run_dir, rows):
     row = rows[-1]
-    state = "final evaluation" if row["final"] else f"epoch {row['epoch']} (run not finished)"
     return (f"{label}: {run_dir} ({row['setting']}, {row['method']}, {row['model']}, {row['dataset']}, "
-            f"{row['norm']}), {state}, {row['num_images']} test images")
+            f"{row['norm']}), {model_state(rows)}, {row['num_images']} test images")
 
 
 def compare(run_dirs, out, labels=None):
@@ -116,7 +121,7 @@ def compare(run_dirs, out, labels=None):
     datasets = sorted({rows[0]["dataset"] for _, rows in runs})
     models = sorted({rows[0]["model"] for _, rows in runs})
     plot_runs(out, labelled, title=f"{', '.join(models)} on {', '.join(datasets)}")
-    header, lines = comparison_table(labelled)
+    header, lines = drop_empty_columns(*comparison_table(labelled))
     write_csv(table_path, header, [["" if value is None else value for value in line] for line in lines])
     text = [describe(label, run_dir, rows) for label, (run_dir, rows) in zip(labels, runs)]
     text += ["", _printable(header, lines), "", f"Figure: {out}", f"Table: {table_path}"]
@@ -125,7 +130,7 @@ def compare(run_dirs, out, labels=None):
 
 def build_parser():
     parser = UsageParser(
-        prog="python -m utils.compare",
+        prog="compare_runs.py",
         description="Overlay the accuracy-vs-compression results of several runs in one figure and one table.")
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (each with metrics.jsonl)")
     parser.add_argument("--out", required=True, help="figure to write (PNG); the table goes next to it as .csv")
@@ -140,7 +145,7 @@ def main(argv=None):
     try:
         print(compare(args.run_dirs, args.out, labels))
     except UserError as error:
-        print(f"python -m utils.compare: error: {one_line(error)}", file=sys.stderr)
+        print(f"compare_runs.py: error: {one_line(error)}", file=sys.stderr)
         sys.exit(error.exit_code)
 
 

@@ -15,7 +15,6 @@ is preempted cleanly by SIGTERM / Ctrl-C, and runs under torchrun with DDP.
 import contextlib
 import os
 import random
-import shlex
 import signal
 import sys
 import threading
@@ -25,32 +24,20 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 from data import build_data
+from engine import run_dir
+from engine.evaluate import autocast, evaluate
 from methods import METHODS
 from methods.levels import cosine_lr, warmup_iterations
 from models import build_model
-from training_params import SCRIPTS
 from utils import checkpoint as ckpt
 from utils import checkpoint_schema as schema
-from utils.distributed import any_process, barrier, setup, teardown
+from utils.distributed import any_process, barrier, choose_threads, setup, teardown
 from utils.errors import CheckpointError, ConfigError, TrainingError, one_line
-from utils.evaluate import autocast, evaluate
-from utils.metrics import METRICS, PLOT, RESULTS, format_table, latest_results, read_rows, update_outputs
+from utils.metrics import METRICS, evaluation_rows, format_table, latest_results, read_rows, update_outputs
 from utils.run_lock import RunDirLock, refuse_if_locked
 
-CONFIG_FILE = "config.yaml"
-# The files of a run, as the end-of-run summary describes them.
-FILE_DESCRIPTIONS = {
-    CONFIG_FILE: "the resolved config",
-    METRICS: "every evaluation, one JSON object per level",
-    RESULTS: "the table above",
-    PLOT: "accuracy against compression level",
-    ckpt.LAST: "training checkpoint (--resume)",
-    ckpt.FINAL: "the trained model (--eval_only --checkpoint)",
-}
-RUN_FILES = tuple(FILE_DESCRIPTIONS)
 EXIT_INTERRUPTED = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
 
@@ -94,14 +81,6 @@ class StopFlag:
             signal.signal(signum, handler)
 
 
-def check_run_dir(save_dir, options):
-    """Refuse to train over an existing run unless told to resume or overwrite it."""
-    existing = [name for name in RUN_FILES if os.path.exists(os.path.join(save_dir, name))]
-    if existing and not (options.resume or options.overwrite or options.eval_only):
-        raise ConfigError(f"--save_dir {save_dir}: already holds a run ({', '.join(existing)}); "
-                          f"pass --resume to continue it or --overwrite to replace it")
-
-
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -124,7 +103,7 @@ class Run:
         self.rows = []
         seed_everything(config.seed)
         self.data = build_data(config, self.device, context.rank, context.world_size)
-        budget = config.warmup_budget
+        budget = config.get("warmup_budget")
         warmup = warmup_iterations(budget, config.epochs, self.data.num_train, config.batch_size) if budget else None
         self.method = METHODS[config.setting][config.method](config, warmup)
         if config.compile:
@@ -136,37 +115,20 @@ class Run:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.learning_rate,
                                          momentum=config.momentum, weight_decay=config.weight_decay)
-        configure_backends(config, self.device)
-
-    # -- run directory ------------------------------------------------------------------
-    def prepare_run_dir(self):
-        if not self.context.is_main:
-            return
-        os.makedirs(self.save_dir, exist_ok=True)
-        if self.options.overwrite:
-            for name in RUN_FILES:
-                path = os.path.join(self.save_dir, name)
-                if os.path.exists(path):
-                    os.remove(path)
-        text = yaml.safe_dump(self.config.to_dict(), sort_keys=False, default_flow_style=None)
-        ckpt.write_text(os.path.join(self.save_dir, CONFIG_FILE), text)
+        configure_backends(self.method, self.device)
 
     # -- checkpoints --------------------------------------------------------------------
     def payload(self, kind="training"):
-        payload = {"format": ckpt.FORMAT, "kind": kind, "setting": self.config.setting,
-                   "method": self.config.method, "model_name": self.config.model,
-                   "config": self.config.to_dict(), "model": self.model.state_dict(),
-                   "epoch": self.progress.epoch, "global_step": self.progress.global_step,
-                   "warmup_iterations": self.method.warmup_iterations}
-        if kind == "training":
-            payload.update({"optimizer": self.optimizer.state_dict(), "progress": asdict(self.progress),
-                            "rng": ckpt.rng_state(self.generator)})
-        return payload
+        training = kind == "training"
+        return ckpt.make_payload(kind, self.config, self.model, self.progress.epoch, self.progress.global_step,
+                                 self.method.warmup_iterations, optimizer=self.optimizer,
+                                 progress=asdict(self.progress) if training else None,
+                                 rng=ckpt.rng_state(self.generator) if training else None)
 
     def save_checkpoint(self):
         check_finite_weights(self.model, self.progress, self.config)
         if self.context.is_main:
-            ckpt.save(os.path.join(self.save_dir, ckpt.LAST), self.payload())
+            ckpt.save(run_dir.path(self.save_dir, run_dir.LAST), self.payload())
         barrier(self.context)
 
     def check_checkpoint(self, payload, path):
@@ -187,7 +149,7 @@ class Run:
         payload = ckpt.load(path, map_location=self.device)
         if payload.get("kind") != "training":
             raise CheckpointError(f"{path}: a final model, not a training checkpoint (resume needs "
-                                  f"{ckpt.LAST})")
+                                  f"{run_dir.LAST})")
         self.check_checkpoint(payload, path)
         schema.check_progress(payload, path, self.config.epochs, self.data.train.steps_per_epoch,
                               self.method.warmup_iterations)
@@ -216,18 +178,10 @@ class Run:
     # -- evaluation ---------------------------------------------------------------------
     def record_evaluation(self, final=False, eval_only=False, checkpoint=None):
         results = evaluate(self.model, self.method, self.data, self.context, self.progress.global_step,
-                           amp=self.config.amp, test_batch_bn=bool(self.config.lec_test_batch_statistics))
-        config = self.config
+                           amp=self.config.amp, test_batch_bn=bool(self.config.get("lec_test_batch_statistics")))
         index = max([row["evaluation"] for row in self.rows], default=-1) + 1
-        for result in results:
-            row = {"evaluation": index, "epoch": self.progress.epoch, "step": self.progress.global_step,
-                   "setting": config.setting, "method": config.method, "model": config.model,
-                   "dataset": config.dataset, "norm": config.norm, "level_name": self.method.level_name,
-                   **result, "final": final, "eval_only": eval_only}
-            if eval_only:
-                row["checkpoint"] = os.path.abspath(checkpoint)
-            row.setdefault("sparsity", None)
-            row.setdefault("num_bits", None)
+        for row in evaluation_rows(results, index, self.progress.epoch, self.progress.global_step, self.config,
+                                   self.method.level_name, self.data.num_classes, final, eval_only, checkpoint):
             self.rows.append(row)
             _log(self.context, _describe(row))
         self.progress.evaluations = index + 1
@@ -258,14 +212,19 @@ class Run:
             _log(self.context, f"The run in {self.save_dir} has already finished ({config.epochs} epochs).")
             return 0
         step = TrainStep(self.model, self.method, self.optimizer, self.context, config)
+        self.clock = RunClock(config, self.data.train.steps_per_epoch)
+        _log(self.context, f"Training loss shown: {LOSS_LABEL}, the mean cross-entropy of the step's forward "
+                           f"passes (one per compression level trained; regulariser included)")
         with StopFlag() as stop:
             try:
                 while progress.epoch < config.epochs:
                     lr = cosine_lr(config.learning_rate, progress.epoch, config.epochs)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
-                    if progress.epoch % config.test_freq == 0 and progress.evaluated_epoch != progress.epoch:
+                    if self.evaluation_due():
+                        started = time.perf_counter()
                         self.record_evaluation()
+                        self.clock.evaluated(time.perf_counter() - started)
                         progress.evaluated_epoch = progress.epoch
                         self.save_checkpoint()
                         self.stop_if_requested(stop)
@@ -284,10 +243,16 @@ class Run:
             progress.finished = True
             check_finite_weights(self.model, progress, config)
             if self.context.is_main:
-                ckpt.save(os.path.join(self.save_dir, ckpt.FINAL), self.payload(kind="model"))
+                ckpt.save(run_dir.path(self.save_dir, run_dir.FINAL), self.payload(kind="model"))
             self.save_checkpoint()
         self.print_summary("Final evaluation")
         return 0
+
+    def evaluation_due(self):
+        """Every test_freq epochs, at the start of the epoch (epoch 0 only with eval_at_start)."""
+        progress = self.progress
+        return (progress.epoch % self.config.test_freq == 0 and progress.evaluated_epoch != progress.epoch
+                and (progress.epoch > 0 or self.config.eval_at_start))
 
     def train_epoch(self, step, lr, stop):
         self.model.train()
@@ -306,7 +271,8 @@ class Run:
             progress.global_step += 1
             if progress.step_in_epoch % check_every == 0 or progress.step_in_epoch == log.steps:
                 mean_loss = monitor.flush(self.config)
-                log.update(progress.step_in_epoch, mean_loss, logits, labels, self.config.batch_size)
+                seconds_left = self.clock.seconds_left(progress, lambda text: _log(self.context, text))
+                log.update(progress.step_in_epoch, mean_loss, logits, labels, self.config.batch_size, seconds_left)
                 if progress.step_in_epoch < log.steps:  # after the last step the epoch is completed first
                     self.stop_if_requested(stop)
         monitor.flush(self.config)
@@ -324,19 +290,14 @@ class Run:
         rows = latest_results(self.rows)
         print(f"\n{title} ({self.config.setting}, {self.config.method}, {self.config.model}, epoch "
               f"{self.progress.epoch}):\n{format_table(rows)}")
-        files = [(name, about) for name, about in FILE_DESCRIPTIONS.items()
-                 if os.path.exists(os.path.join(self.save_dir, name))]
-        width = max(len(name) for name, _ in files)
-        print(f"Files in {self.save_dir}:\n" + "\n".join(f"  {name:<{width}}  {about}" for name, about in files),
-              flush=True)
+        print(run_dir.describe_files(self.save_dir), flush=True)
 
 
-def configure_backends(config, device):
-    """cuDNN autotuning times every kernel for each new input shape. Slimmable networks meet
-    new shapes with almost every drawn width (and LEC with every slimmed network), so for
-    the structured setting it stays off: no stall on new widths, cuDNN's heuristics instead."""
+def configure_backends(method, device):
+    """cuDNN autotuning times every kernel for each new input shape; the method says whether
+    its networks keep their shapes (see Method.cudnn_benchmark)."""
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = config.setting != "structured_sparsity"
+        torch.backends.cudnn.benchmark = method.cudnn_benchmark
 
 
 def check_compile_support(method, config):
@@ -381,7 +342,7 @@ class TrainStep:
         self.forward = compile_network(network, method) if config.compile else network
 
     def __call__(self, levels_list, images, labels):
-        """(sum of the losses, logits of the last forward), both left on the device."""
+        """(mean loss per forward pass, logits of the last forward), both left on the device."""
         total = None
         for index, levels in enumerate(levels_list):
             self.method.apply_levels(self.model, levels)
@@ -400,7 +361,7 @@ class TrainStep:
         self.method.after_backward(self.model)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, logits
+        return total / len(levels_list), logits
 
 
 def _describe(row):
@@ -415,25 +376,15 @@ def _describe(row):
     return text
 
 
-def resume_command(config, environ=os.environ):
-    """The command that continues this run; under torchrun, with a torchrun prefix."""
-    command = f"{SCRIPTS[config.setting]} --save_dir {shlex.quote(config.save_dir)} --resume"
-    world_size = int(environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return f"python {command}"
-    local = int(environ.get("LOCAL_WORLD_SIZE", world_size))
-    if local == world_size:
-        return f"torchrun --standalone --nproc_per_node={local} {command}"
-    return f"torchrun <this run's torchrun options, on every node> {command}"
-
-
 def interrupted_message(signum, progress, steps_per_epoch, config):
+    script = METHODS[config.setting][config.method].script
     if progress.step_in_epoch:
         where = f"in epoch {progress.epoch + 1}/{config.epochs} after step {progress.step_in_epoch}/{steps_per_epoch}"
     else:
         where = f"after epoch {progress.epoch}/{config.epochs}"
     return (f"Interrupted by {signal.Signals(signum).name} {where}; saved "
-            f"{os.path.join(config.save_dir, ckpt.LAST)}.\nResume with: {resume_command(config)}")
+            f"{run_dir.path(config.save_dir, run_dir.LAST)}.\nResume with: "
+            f"{run_dir.resume_command(script, config.save_dir)}")
 
 
 class LossMonitor:
@@ -456,7 +407,7 @@ class LossMonitor:
             raise TrainingError(
                 f"non-finite loss ({values[first].item()}) at epoch {epoch}, step {step} "
                 f"(levels: {_levels_text(levels)}); training stopped, the last good checkpoint is "
-                f"{os.path.join(config.save_dir, ckpt.LAST)}; try a lower --learning_rate "
+                f"{run_dir.path(config.save_dir, run_dir.LAST)}; try a lower --learning_rate "
                 f"(now {config.learning_rate})")
         self.pending = []
         return values.mean().item()
@@ -473,13 +424,80 @@ def check_finite_weights(model, progress, config):
     raise TrainingError(
         f"non-finite weights ({name}) after {progress.global_step} training steps (before epoch {progress.epoch}, "
         f"step {progress.step_in_epoch}); training stopped without saving them, the last good checkpoint is "
-        f"{os.path.join(config.save_dir, ckpt.LAST)}; try a lower --learning_rate (now {config.learning_rate})")
+        f"{run_dir.path(config.save_dir, run_dir.LAST)}; try a lower --learning_rate (now {config.learning_rate})")
 
 
 def _levels_text(levels):
     def short(value):
         return f"{value:.4g}" if isinstance(value, float) else str(value)
-    return "; ".join(", ".join(f"{k}={short(v)}" for k, v in level.items()) or "-" for level in levels)
+    return "; ".join(", ".join(f"{name}={short(value)}" for name, value in level.items()) or "-" for level in levels)
+
+
+LOSS_LABEL = "loss/pass"
+FIRST_ESTIMATE_STEPS = 5
+
+
+def format_duration(seconds):
+    """'42 s', '3 min 05 s', '2 h 07 min', '3 d 4 h'."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours} h {minutes:02d} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
+
+
+def evaluations_after(epoch, epochs, test_freq):
+    """Evaluations still to come while epoch `epoch` trains: the periodic ones of the later
+    epochs and the final one."""
+    return sum(1 for later in range(epoch + 1, epochs) if later % test_freq == 0) + 1
+
+
+class RunClock:
+    """The pace of this process's training steps and evaluations, for the estimate of the
+    run's duration (printed once after the first few steps, then kept on the progress line).
+    The first measured step is left out: it warms up (memory, kernels)."""
+
+    def __init__(self, config, steps_per_epoch):
+        self.config, self.steps_per_epoch = config, steps_per_epoch
+        self.started = time.perf_counter()
+        self.base = None            # (time, global step) of the first measurement
+        self.evaluation_s = []
+        self.evaluation_since_base_s = 0.0
+        self.announced = False
+
+    def evaluated(self, seconds):
+        self.evaluation_s.append(seconds)
+        if self.base is not None:
+            self.evaluation_since_base_s += seconds
+
+    def seconds_left(self, progress, announce):
+        """The estimated time the rest of the run takes (None until FIRST_ESTIMATE_STEPS steps
+        are measured); the first estimate is also passed to `announce` as a sentence."""
+        now = time.perf_counter()
+        if self.base is None:
+            self.base = (now, progress.global_step)
+            return None
+        steps = progress.global_step - self.base[1]
+        if steps < FIRST_ESTIMATE_STEPS:
+            return None
+        step_s = (now - self.base[0] - self.evaluation_since_base_s) / steps
+        config = self.config
+        evaluations = evaluations_after(progress.epoch, config.epochs, config.test_freq)
+        evaluation_s = sum(self.evaluation_s) / len(self.evaluation_s) if self.evaluation_s else 0.0
+        left = step_s * (config.epochs * self.steps_per_epoch - progress.global_step) + evaluation_s * evaluations
+        if not self.announced:
+            self.announced = True
+            timed = (f"{format_duration(evaluation_s)} each" if self.evaluation_s else "not timed yet, not included")
+            announce(f"Estimated duration of the run: {format_duration(now - self.started + left)} "
+                     f"({config.epochs} epochs of {self.steps_per_epoch} steps at {step_s:.3g} s per step, "
+                     f"{evaluations} more evaluation{'s' if evaluations > 1 else ''}: {timed})")
+        return left
 
 
 class EpochLog:
@@ -497,8 +515,9 @@ class EpochLog:
             self.bar = tqdm(total=steps, initial=first_step, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
                             dynamic_ncols=True)
 
-    def update(self, step, mean_loss, logits, labels, images_per_step):
-        """Called after `step` steps of the epoch; `mean_loss` averages the steps since the last call."""
+    def update(self, step, mean_loss, logits, labels, images_per_step, seconds_left=None):
+        """Called after `step` steps of the epoch; `mean_loss` averages the steps since the last call;
+        `seconds_left` estimates the rest of the run (None until known)."""
         if not self.enabled:
             return
         self.loss_sum += mean_loss
@@ -508,13 +527,18 @@ class EpochLog:
         loss = self.loss_sum / self.loss_count
         rate = images_per_step * (step - self.first_step) / max(time.perf_counter() - self.start, 1e-9)
         accuracy = (logits.argmax(dim=1) == labels).float().mean().item()
+        left = "" if seconds_left is None else format_duration(seconds_left)
         if self.bar is not None:
             self.bar.update(step - self.shown_step)
-            self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{100 * accuracy:.1f}%", lr=f"{self.lr:.4g}",
-                                 img_s=f"{rate:.0f}")
+            postfix = {LOSS_LABEL: f"{loss:.4f}", "acc": f"{100 * accuracy:.1f}%", "lr": f"{self.lr:.4g}",
+                       "img/s": f"{rate:.0f}"}
+            if left:
+                postfix["run left"] = left
+            self.bar.set_postfix(postfix)
         else:
             print(f"epoch {self.epoch + 1}/{self.epochs} [{step}/{self.steps} {100 * step / self.steps:.0f}%] "
-                  f"loss {loss:.4f} acc {100 * accuracy:.1f}% lr {self.lr:.4g} {rate:.0f} img/s", flush=True)
+                  f"{LOSS_LABEL} {loss:.4f} acc {100 * accuracy:.1f}% lr {self.lr:.4g} {rate:.0f} img/s"
+                  + (f" | run left ~{left}" if left else ""), flush=True)
         self.shown_step = step
 
     def close(self):
@@ -543,26 +567,32 @@ def on_main_process(context, action, save_dir):
 def run(config, options):
     """Train (or evaluate) as the config and options say; returns the exit status."""
     context = setup(config.device)
+    threads_before = torch.get_num_threads()
     lock = None
     try:
         # The lock itself (utils.run_lock) is taken once the run is built.
         on_main_process(context, lambda: refuse_if_locked(config.save_dir), config.save_dir)
-        check_run_dir(config.save_dir, options)
+        run_dir.check_free(config.save_dir, options)
         # --device auto falls back to the CPU without CUDA; --amp there is bfloat16 on the CPU,
         # fast only with bfloat16 units: say so.
         amp_note = (" (--amp on the CPU: bfloat16 autocast, faster than fp32 only on CPUs with bfloat16 "
                     "units such as AMX)") if config.amp and context.device.type != "cuda" else ""
-        _log(context, f"Device: {context.device}, {context.world_size} process(es){amp_note}")
+        threads = choose_threads(config.threads)
+        torch.set_num_threads(threads.threads)
+        _log(context, f"Device: {context.device}, {context.world_size} process(es), {threads.threads} CPU "
+                      f"thread(s) per process ({threads.reason}; --threads N to choose){amp_note}")
         state = Run(config, options, context)
         lock = on_main_process(context, lambda: RunDirLock(config.save_dir), config.save_dir)
-        check_run_dir(config.save_dir, options)  # again: a run may have finished there meanwhile
+        run_dir.check_free(config.save_dir, options)  # again: a run may have finished there meanwhile
         if options.eval_only:
             return state.evaluate_only(options.checkpoint)
         if options.resume:
             state.resume(options.resume)
-        state.prepare_run_dir()
+        if context.is_main:
+            run_dir.prepare(config.save_dir, config, options.overwrite)
         return state.train()
     finally:
+        torch.set_num_threads(threads_before)  # for callers in the same process (tests)
         if lock is not None:
             lock.release()
         teardown(context)

@@ -1,0 +1,124 @@
+"""Write a trained model at one level as a standalone compressed model (or its whole subspace).
+
+    python -m deploy.export --checkpoint RUN/model_final.pt --level 0.5 --out model.pt [--round_to 8]
+        [--data_dir DIR]
+    python -m deploy.export --checkpoint RUN/model_final.pt --level 8 --format onnx --out model.onnx
+    python -m deploy.export --checkpoint RUN/model_final.pt --subspace --out model.lcs.pt
+
+The level is in the unit of the checkpoint's method; deploy/compressed.py writes and loads the
+per-level export (what the file holds is described there), deploy/subspace.py the subspace
+artefact and deploy/onnx_export.py the ONNX file.
+"""
+
+import os
+import sys
+
+from deploy.compressed import (EXPORTERS, build_exported, checkpoint_method, export_model,  # noqa: F401
+                               load_exported, resolve_level, save_export, training_model, uncompressed_level)
+from deploy.onnx_export import write_checked
+from deploy.subspace import describe as describe_subspace
+from deploy.subspace import make_subspace, save_subspace
+from utils import checkpoint as ckpt
+from utils.atomic import refuse_overwrite
+from utils.errors import ConfigError, UsageParser, UserError, one_line
+
+MAX_CHECK_IMAGES = 10_000  # the CIFAR-10 test split
+
+
+def describe(content, size_bytes):
+    lines = [f"{content['setting']}/{content['method']} {content['model_name']}: {content['level_name']} "
+             f"{content['level']:g}" + (f" (alpha {content['alpha']:g})" if content["alpha"] is not None else "")
+             + f", {size_bytes / 1024:.1f} KiB"]
+    if content["widths"]:
+        lines.append("channels: " + ", ".join(f"{name} {width}" for name, width in content["widths"].items()))
+    if content["selected"]:
+        lines.append("selected: " + ", ".join(f"{name} {count}" for name, count in content["selected"].items()))
+    sparse = content.get("sparse")
+    if sparse:
+        lines.append(f"{len(sparse['names'])} convs stored as bitmask + kept values "
+                     f"({sparse['values'].numel():,} weights kept)")
+    quantized = content.get("quantized")
+    if quantized:
+        ranges = len(content["act_ranges"]["names"])
+        lines.append(f"{len(quantized['names'])} convs stored as {content['num_bits']}-bit codes; activation "
+                     f"ranges recorded for {ranges} of them" + ("" if ranges else " (activations are not "
+                                                                 "quantized, as in the run's evaluation)"))
+    if content["round_to"]:
+        lines.append(f"widths rounded up to multiples of {content['round_to']} (at most the full width): this "
+                     f"network has more channels than the model at width {content['level']:g}, so its outputs "
+                     f"are not comparable with that level's evaluation")
+    return "\n".join(lines)
+
+
+
+def build_parser():
+    parser = UsageParser(
+        prog="python -m deploy.export",
+        description="Write a standalone compressed model at one level of a trained checkpoint.")
+    parser.add_argument("--checkpoint", required=True, help="model_final.pt or checkpoint_last.pt of a run")
+    parser.add_argument("--level", type=float,
+                        help="width factor (structured), fraction of channels kept (lec), TopK fraction "
+                             "(unstructured) or bit width (quantized)")
+    parser.add_argument("--subspace", action="store_true",
+                        help="write the whole trained subspace instead of one level (load it with "
+                             "deploy.load_subspace and pick the level at run time)")
+    parser.add_argument("--out", required=True, help="file to write")
+    parser.add_argument("--round_to", type=int, help="round structured widths up to a multiple of this")
+    parser.add_argument("--format", default="pt", choices=("pt", "onnx"),
+                        help="pt (this project's file) or onnx (checked with ONNX Runtime; needs "
+                             "requirements-deploy.txt)")
+    parser.add_argument("--data_dir", help="the run's data (CIFAR-10 folder or ImageNet root): its training images "
+                                           "re-estimate BN statistics when the run's evaluations did (lec by "
+                                           "default); onnx: its CIFAR-10 test images check the export "
+                                           "(default: random images)")
+    parser.add_argument("--check_images", type=int, default=256, help="onnx: images to check the export on")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.subspace == (args.level is not None):
+        parser.error("give either --level LEVEL (one level) or --subspace (every level)")
+    if args.subspace and (args.format != "pt" or args.round_to):
+        parser.error("--subspace writes a pt file of the trained widths; --format onnx and --round_to take --level")
+    try:
+        if not 1 <= args.check_images <= MAX_CHECK_IMAGES:
+            raise ConfigError(f"--check_images {args.check_images}: must be in 1..{MAX_CHECK_IMAGES}")
+        refuse_overwrite("--out", args.out, [args.checkpoint])  # before the work of exporting
+        payload = ckpt.load(args.checkpoint)
+        if args.subspace:
+            content = make_subspace(payload, path=args.checkpoint, data_dir=args.data_dir)
+            save_subspace(args.out, content)
+            lines = [describe_subspace(content, os.path.getsize(args.out))]
+        else:
+            content = export_model(payload, args.level, path=args.checkpoint, round_to=args.round_to,
+                                   data_dir=args.data_dir)
+            lines = WRITERS[args.format](args, content)
+    except UserError as error:
+        print(f"deploy.export: error: {one_line(error)}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    print("\n".join(lines))
+    print(f"wrote {args.out}")
+
+
+def _write_pt(args, content):
+    save_export(args.out, content, inputs=[args.checkpoint])
+    return [describe(content, os.path.getsize(args.out))]
+
+
+def _write_onnx(args, content):
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise ConfigError(f"--out {args.out}: directory {os.path.dirname(os.path.abspath(args.out))} does not exist")
+    lines = write_checked(content, args.out, args.data_dir, args.check_images)
+    # The .pt storage lines (bitmasks, packed codes) do not describe the ONNX file.
+    summary = [line for line in describe(content, os.path.getsize(args.out)).splitlines()
+               if " stored as " not in line]
+    return [summary[0].replace("KiB", "KiB of ONNX", 1)] + summary[1:] + lines
+
+
+WRITERS = {"pt": _write_pt, "onnx": _write_onnx}
+
+
+if __name__ == "__main__":
+    main()
