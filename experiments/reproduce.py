@@ -1,0 +1,647 @@
+"""Run the paper's experiments, or a CPU-sized version of them, in one command.
+
+    python experiments/reproduce.py --recipe cpu --data_dir data/cifar10-jpeg --out results/cpu
+    python experiments/reproduce.py --recipe paper --data_dir data/cifar10-jpeg --out results/paper --gpus 0,1,2,3
+    python experiments/reproduce.py --recipe cpu --dry_run          # the commands, nothing run
+
+A recipe (experiments/recipes.yaml, or a YAML file of the same shape) is a set of flags added to
+every run and the setting/method pairs run by default. Each run is the project's own entry
+script (train_structured.py, ...) in a subprocess, writing into <out>/<setting>/<run>/; the
+sweep adds no training code of its own.
+
+* Runs go one after another on one device, or side by side with --gpus (one run per GPU, or
+  per group of --gpus_per_run GPUs under torchrun), through CUDA_VISIBLE_DEVICES.
+* Calling it again is safe: a finished run is skipped, an interrupted one resumed (--resume),
+  a failed one reported with the last line of its log while the others go on. SIGTERM or
+  Ctrl-C stops the running runs after their current step, each with a checkpoint. The exit
+  status is 0 only when every selected run has finished.
+* At the end, per setting: compare_runs' figure and table of its runs; for the sweep:
+  summary.md (per run: the accuracy at every level, wall time, the exact command, seed,
+  the project's commit and the machine).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from utils.atomic import atomic_write  # noqa: E402
+from utils.errors import ConfigError, UsageParser, UserError, one_line  # noqa: E402
+from utils.metrics import METRICS, latest_results, read_rows  # noqa: E402
+from utils.yaml_io import read_yaml  # noqa: E402
+
+RECIPES = os.path.join(REPO, "experiments", "recipes.yaml")
+RECORD = "sweep_run.json"   # beside a run's own files: how the sweep ran it (commands, wall time)
+LOG = "train.log"           # the run's stdout and stderr, appended over its segments
+FINAL_MODEL = "model_final.pt"
+LAST_CHECKPOINT = "checkpoint_last.pt"
+SUMMARY = "summary.md"
+FIGURE = "comparison.png"
+POLL_S = 0.5
+
+
+# ----------------------------------------------------------------------------- recipes
+
+@dataclass
+class RunSpec:
+    setting: str
+    method: str
+    name: str                # the run's directory under <out>/<setting>/
+    flags: list = field(default_factory=list)
+
+
+@dataclass
+class Recipe:
+    name: str
+    about: str
+    flags: list
+    runs: list               # RunSpec, in order
+
+
+def _flag_list(value, where):
+    if value is None:
+        return []
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: flags must be one string of command-line flags, got {type(value).__name__}")
+    try:
+        return shlex.split(value)
+    except ValueError as error:
+        raise ConfigError(f"{where}: flags cannot be split ({error})") from None
+
+
+def known_pairs():
+    """{setting: [method, ...]} of the methods' registry."""
+    from methods import METHODS
+    return {setting: list(methods) for setting, methods in METHODS.items()}
+
+
+def setting_aliases(pairs):
+    """Each setting by its full name and by its first word (structured, unstructured, quantized)."""
+    aliases = {}
+    for setting in pairs:
+        aliases[setting] = setting
+        aliases.setdefault(setting.split("_")[0], setting)
+    return aliases
+
+
+def parse_pair(text, pairs, where):
+    """'setting/method' (setting by its full or short name) -> (setting, method)."""
+    aliases = setting_aliases(pairs)
+    setting_text, _, method = text.strip().partition("/")
+    setting = aliases.get(setting_text)
+    if setting is None:
+        raise ConfigError(f"{where}: unknown setting {setting_text!r} in {text!r} "
+                          f"(allowed: {', '.join(sorted(aliases))})")
+    if method not in pairs[setting]:
+        raise ConfigError(f"{where}: unknown method {method!r} of {setting} in {text!r} "
+                          f"(allowed: {', '.join(pairs[setting])})")
+    return setting, method
+
+
+def _run_spec(entry, pairs, where):
+    if isinstance(entry, str):
+        entry = {"run": entry}
+    if not isinstance(entry, dict) or not isinstance(entry.get("run"), str):
+        raise ConfigError(f"{where}: a run is 'setting/method' or {{run: setting/method, name: ..., flags: ...}}")
+    unknown = set(entry) - {"run", "name", "flags"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (allowed: run, name, flags)")
+    setting, method = parse_pair(entry["run"], pairs, where)
+    name = entry.get("name", method)
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise ConfigError(f"{where}: name {name!r} must be a plain directory name")
+    return RunSpec(setting, method, name, _flag_list(entry.get("flags"), f"{where} ({name})"))
+
+
+def load_recipe(name_or_path, pairs):
+    """The recipe named in experiments/recipes.yaml, or the one recipe of a YAML file."""
+    if name_or_path.endswith((".yaml", ".yml")):
+        path, data = name_or_path, read_yaml(name_or_path)
+        name = os.path.splitext(os.path.basename(path))[0]
+    else:
+        path, all_recipes = RECIPES, read_yaml(RECIPES)
+        if name_or_path not in all_recipes:
+            raise ConfigError(f"--recipe: unknown recipe {name_or_path!r} (allowed: {', '.join(all_recipes)}, "
+                              f"or a .yaml file)")
+        name, data = name_or_path, all_recipes[name_or_path]
+    where = f"{path} ({name})"
+    if not isinstance(data, dict) or not isinstance(data.get("runs"), list) or not data["runs"]:
+        raise ConfigError(f"{where}: a recipe is a mapping with 'runs' (a list of setting/method) and "
+                          f"optional 'flags' and 'about'")
+    unknown = set(data) - {"about", "flags", "runs"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (allowed: about, flags, runs)")
+    runs = [_run_spec(entry, pairs, where) for entry in data["runs"]]
+    _check_unique(runs, where)
+    return Recipe(name, str(data.get("about") or "").strip(), _flag_list(data.get("flags"), where), runs)
+
+
+def _check_unique(runs, where):
+    seen = set()
+    for spec in runs:
+        key = (spec.setting, spec.name)
+        if key in seen:
+            raise ConfigError(f"{where}: run {spec.setting}/{spec.name} appears twice")
+        seen.add(key)
+
+
+def select_runs(recipe, select, pairs):
+    """The recipe's runs, or those --select names (a recipe's run by setting/name, a whole
+    setting of the recipe by its name, or any setting/method pair), in the order given."""
+    if not select:
+        return list(recipe.runs)
+    chosen = []
+    aliases = setting_aliases(pairs)
+    for item in (part.strip() for part in select.split(",")):
+        if not item:
+            raise ConfigError(f"--select {select!r}: an empty item")
+        if "/" not in item:
+            setting = aliases.get(item)
+            if setting is None:
+                raise ConfigError(f"--select: unknown setting {item!r} (allowed: {', '.join(sorted(aliases))}, "
+                                  f"or setting/method)")
+            matches = [spec for spec in recipe.runs if spec.setting == setting]
+            if not matches:
+                raise ConfigError(f"--select: recipe {recipe.name} has no run of {setting}; name its methods "
+                                  f"as {item}/METHOD")
+        else:
+            setting_text, _, name = item.partition("/")
+            setting = aliases.get(setting_text)
+            matches = [spec for spec in recipe.runs if spec.setting == setting and spec.name == name]
+            if not matches:
+                setting, method = parse_pair(item, pairs, "--select")
+                matches = [RunSpec(setting, method, method)]
+        chosen += [spec for spec in matches if spec not in chosen]
+    _check_unique(chosen, "--select")
+    return chosen
+
+
+# ----------------------------------------------------------------------------- the runs
+
+@dataclass
+class Run:
+    spec: RunSpec
+    run_dir: str
+    base_command: list       # without --resume / --overwrite
+    state: str = ""          # finished, resume, restart, new
+    process: object = None
+    log: object = None
+    started: float = 0.0
+    gpus: object = None      # the slot it runs on
+    outcome: str = ""        # finished, failed, interrupted, skipped
+    last_line: str = ""
+
+
+def script_of(setting):
+    from methods import SETTINGS
+    return SETTINGS[setting].script
+
+
+def base_command(spec, recipe, args, run_dir, gpus_per_run):
+    launcher = [sys.executable]
+    if gpus_per_run > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus_per_run}"]
+    command = launcher + [_script_path(script_of(spec.setting)), "--method", spec.method, "--seed", str(args.seed)]
+    if args.data_dir:
+        command += ["--data_dir", args.data_dir]
+    command += ["--save_dir", run_dir] + recipe.flags + spec.flags
+    if args.gpus:
+        command += ["--device", "cuda"]
+    return command
+
+
+def _script_path(script):
+    """The entry script, relative to the working directory when it lies below it."""
+    path = os.path.join(REPO, script)
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def is_finished(run_dir):
+    """A run has finished when its final model is saved and its metrics hold a final evaluation."""
+    if not os.path.isfile(os.path.join(run_dir, FINAL_MODEL)):
+        return False
+    try:
+        rows = read_rows(os.path.join(run_dir, METRICS))
+    except UserError:
+        return False
+    return any(row["final"] and not row.get("eval_only") for row in rows)
+
+
+def run_state(run_dir):
+    if is_finished(run_dir):
+        return "finished"
+    if os.path.isfile(os.path.join(run_dir, LAST_CHECKPOINT)):
+        return "resume"
+    if os.path.isdir(run_dir) and os.listdir(run_dir):
+        return "restart"      # started, but killed before its first checkpoint: nothing to keep
+    return "new"
+
+
+def command_for(run):
+    extra = {"resume": ["--resume"], "restart": ["--overwrite"]}.get(run.state, [])
+    return run.base_command + extra
+
+
+def shown_command(command):
+    """The command as a user would type it (the interpreter as `python`, paths relative to the
+    repository where they lie inside it)."""
+    words = ["python" if index == 0 and word == sys.executable else word for index, word in enumerate(command)]
+    return " ".join(shlex.quote(word) for word in words)
+
+
+def read_record(run_dir):
+    try:
+        with open(os.path.join(run_dir, RECORD), encoding="utf-8") as handle:
+            record = json.load(handle)
+        return record if isinstance(record, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def write_record(run_dir, record):
+    text = json.dumps(record, indent=1, sort_keys=True) + "\n"
+    atomic_write(os.path.join(run_dir, RECORD), lambda path: open(path, "w", encoding="utf-8").write(text))
+
+
+def last_log_line(path):
+    """The last non-empty line of a log (progress bars end their lines with carriage returns)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, os.path.getsize(path) - 65536))
+            tail = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in tail.replace("\r", "\n").split("\n") if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def project_commit():
+    def git(*words):
+        result = subprocess.run(["git", *words], cwd=REPO, capture_output=True, text=True)
+        return result.stdout.strip() if result.returncode == 0 else ""
+    commit = git("rev-parse", "--short=10", "HEAD")
+    if not commit:
+        return "unknown (not a git checkout)"
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return f"{commit}{' (with uncommitted changes)' if dirty else ''}"
+
+
+def machine(gpus):
+    """The GPU name(s) for GPU runs, else the CPU model and its usable cores."""
+    if gpus:
+        result = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                capture_output=True, text=True) if _which("nvidia-smi") else None
+        names = result.stdout.split("\n") if result and result.returncode == 0 else []
+        names = [names[int(index)].strip() for index in gpus if int(index) < len(names)]
+        if names:
+            return ", ".join(f"{names.count(name)}x {name}" for name in dict.fromkeys(names))
+        return f"GPUs {','.join(gpus)}"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model}, {cores} cores (CPU only)"
+
+
+def _which(name):
+    return any(os.access(os.path.join(folder, name), os.X_OK) for folder in os.environ.get("PATH", "").split(":"))
+
+
+class Tee(threading.Thread):
+    """Copies a child's output to its log, and to the console when the run is alone."""
+
+    def __init__(self, stream, log, echo):
+        super().__init__(daemon=True)
+        self.stream, self.log, self.echo = stream, log, echo
+
+    def run(self):
+        for chunk in iter(lambda: self.stream.read1(65536), b""):
+            self.log.write(chunk)
+            self.log.flush()
+            if self.echo:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+
+
+class Sweep:
+    def __init__(self, runs, slots, commit, machine_name, echo):
+        self.queue, self.slots = list(runs), list(slots)
+        self.running, self.done = [], []
+        self.commit, self.machine_name, self.echo = commit, machine_name, echo
+        self.stop_signal = None
+
+    def _signal(self, signum, frame):
+        # The first signal stops every running run after its current step (it saves a
+        # checkpoint); a second Ctrl-C is passed on as such, which stops the runs at once.
+        first = self.stop_signal is None
+        self.stop_signal = self.stop_signal or signum
+        if first or signum == signal.SIGINT:
+            print(f"\n{signal.Signals(signum).name}: stopping the running run(s) after their current step; "
+                  f"call the same command again to resume", file=sys.stderr, flush=True)
+            for run in self.running:
+                _send(run.process, signum)
+
+    def execute(self):
+        previous = {signum: signal.signal(signum, self._signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while (self.queue and self.stop_signal is None) or self.running:
+                while self.queue and self.slots and self.stop_signal is None:
+                    self._start(self.queue.pop(0), self.slots.pop(0))
+                time.sleep(POLL_S)
+                for run in [run for run in self.running if run.process.poll() is not None]:
+                    self._finish(run)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        for run in self.queue:
+            run.outcome = "not started"
+            self.done.append(run)
+
+    def _start(self, run, slot):
+        os.makedirs(run.run_dir, exist_ok=True)
+        record = read_record(run.run_dir) if run.state == "resume" else {}
+        command = command_for(run)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if slot is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(slot)
+        where = f" on GPU {','.join(slot)}" if slot is not None else ""
+        verb = {"resume": "resuming", "restart": "restarting (no checkpoint was saved)"}.get(run.state, "starting")
+        print(f"[{_now()}] {verb} {run.spec.setting}/{run.spec.name}{where}: {shown_command(command)}", flush=True)
+        record.setdefault("segments", [])
+        record.update(command=shown_command(run.base_command), setting=run.spec.setting, method=run.spec.method,
+                      seed=run.base_command[run.base_command.index("--seed") + 1], status="running")
+        record["segments"].append({"started": _now(), "command": shown_command(command), "commit": self.commit,
+                                   "machine": self.machine_name})
+        write_record(run.run_dir, record)
+        run.log = open(os.path.join(run.run_dir, LOG), "ab")
+        run.log.write(f"\n[{_now()}] {shown_command(command)}\n".encode())
+        run.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+        run.tee = Tee(run.process.stdout, run.log, self.echo)
+        run.tee.start()
+        run.started, run.gpus, run.record = time.monotonic(), slot, record
+        self.running.append(run)
+
+    def _finish(self, run):
+        run.tee.join()
+        run.log.close()
+        status = run.process.returncode
+        wall = time.monotonic() - run.started
+        record = run.record
+        record["segments"][-1].update(ended=_now(), wall_s=round(wall, 1), exit_status=status)
+        record["wall_s"] = round(sum(segment.get("wall_s", 0) for segment in record["segments"]), 1)
+        run.last_line = last_log_line(os.path.join(run.run_dir, LOG))
+        if status == 0 and is_finished(run.run_dir):
+            run.outcome = "finished"
+        elif self.stop_signal is not None and status in (130, 143, -signal.SIGTERM, -signal.SIGINT):
+            run.outcome = "interrupted"
+        else:
+            run.outcome = "failed"
+        record["status"] = run.outcome
+        write_record(run.run_dir, record)
+        print(f"[{_now()}] {run.spec.setting}/{run.spec.name}: {run.outcome} after {_duration(wall)} "
+              f"(exit status {status})" + (f": {run.last_line}" if run.outcome == "failed" else ""), flush=True)
+        self.running.remove(run)
+        self.slots.append(run.gpus)
+        self.done.append(run)
+
+
+def _send(process, signum):
+    try:
+        os.killpg(process.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _now():
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _duration(seconds):
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
+
+
+def gpu_slots(gpus, gpus_per_run):
+    if not gpus:
+        return [None]
+    if len(gpus) % gpus_per_run:
+        raise ConfigError(f"--gpus_per_run {gpus_per_run}: must divide the {len(gpus)} GPUs of --gpus")
+    return [gpus[i:i + gpus_per_run] for i in range(0, len(gpus), gpus_per_run)]
+
+
+# ----------------------------------------------------------------------------- the summary
+
+def compare_setting(out, setting, runs):
+    """compare_runs' figure and table of a setting's runs that have results; its text or None."""
+    import compare_runs
+    with_results = [run for run in runs if os.path.isfile(os.path.join(run.run_dir, METRICS))]
+    if not with_results:
+        return None
+    figure = os.path.join(out, setting, FIGURE)
+    return compare_runs.compare([run.run_dir for run in with_results], figure,
+                                labels=[run.spec.name for run in with_results])
+
+
+def _percent(value):
+    return "" if value is None else f"{100 * value:.2f} %"
+
+
+def summary_text(recipe, args, runs, commit, machine_name):
+    lines = [f"# Sweep: recipe `{recipe.name}`, seed {args.seed}", "",
+             f"Recipe `{recipe.name}`: {recipe.about or '(no description)'}.", "",
+             f"Written {_now()} by `experiments/reproduce.py` at commit {commit} on {machine_name}. "
+             f"Data: `{args.data_dir or './data'}`.", "",
+             "| run | status | wall time | training images | epochs | test images | commit | machine |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    tables = []
+    for run in runs:
+        record = read_record(run.run_dir)
+        config = _run_config(run.run_dir)
+        rows = _final_rows(run.run_dir)
+        segments = record.get("segments", [])
+        commits = ", ".join(dict.fromkeys(segment.get("commit", "?") for segment in segments)) or "-"
+        machines = ", ".join(dict.fromkeys(segment.get("machine", "?") for segment in segments)) or "-"
+        wall = _duration(record["wall_s"]) if "wall_s" in record else "-"
+        if len(segments) > 1:
+            wall += f" ({len(segments)} segments)"
+        train_images = config.get("train_subset") or "all"
+        test_images = rows[0]["num_images"] if rows else "-"
+        status = run.outcome or record.get("status", "not started")
+        if status == "failed" and run.last_line:
+            status += f": {run.last_line}"
+        lines.append(f"| {run.spec.setting}/{run.spec.name} | {status} | {wall} | {train_images} | "
+                     f"{config.get('epochs', '-')} | {test_images} | {commits} | {machines} |")
+        tables.append((run, record, rows))
+    by_setting = {}
+    for run, record, rows in tables:
+        by_setting.setdefault(run.spec.setting, []).append((run, record, rows))
+    for setting, entries in by_setting.items():
+        lines += ["", f"## {setting}", ""]
+        if os.path.isfile(os.path.join(args.out, setting, FIGURE)):
+            lines += [f"![{setting}]({setting}/{FIGURE})", ""]
+        if not any(rows for _, _, rows in entries):
+            lines.append("No final evaluation yet.")
+            continue
+        level_name = next(rows[0]["level_name"] for _, _, rows in entries if rows)
+        levels = sorted({row["level"] for _, _, rows in entries for row in rows})
+        lines += ["| " + " | ".join([level_name] + [run.spec.name for run, _, _ in entries]) + " |",
+                  "| " + " | ".join(["---"] * (len(entries) + 1)) + " |"]
+        for level in levels:
+            cells = []
+            for _, _, rows in entries:
+                row = next((row for row in rows if row["level"] == level), None)
+                cells.append(_percent(row["accuracy"]) if row else "")
+            lines.append(f"| {level:g} | " + " | ".join(cells) + " |")
+        lines += ["", "Commands (each run resumed with the same command plus `--resume`):", ""]
+        lines += [f"    {record.get('command') or shown_command(run.base_command)}" for run, record, _ in entries]
+    return "\n".join(lines) + "\n"
+
+
+def _final_rows(run_dir):
+    try:
+        rows = [row for row in read_rows(os.path.join(run_dir, METRICS)) if not row.get("eval_only")]
+    except UserError:
+        return []
+    final = [row for row in rows if row["final"]]
+    return latest_results(final)
+
+
+def _run_config(run_dir):
+    try:
+        return read_yaml(os.path.join(run_dir, "config.yaml"))
+    except UserError:
+        return {}
+
+
+def summarise(recipe, args, runs, commit, machine_name):
+    by_setting = {}
+    for run in runs:
+        by_setting.setdefault(run.spec.setting, []).append(run)
+    for setting, setting_runs in by_setting.items():
+        try:
+            text = compare_setting(args.out, setting, setting_runs)
+        except UserError as error:
+            print(f"reproduce.py: {setting}: no comparison figure: {one_line(error)}", file=sys.stderr)
+            continue
+        if text:
+            print(text)
+    text = summary_text(recipe, args, runs, commit, machine_name)
+    path = os.path.join(args.out, SUMMARY)
+    atomic_write(path, lambda temporary: open(temporary, "w", encoding="utf-8").write(text))
+    print(f"Summary: {path}")
+
+
+# ----------------------------------------------------------------------------- command line
+
+def build_parser():
+    parser = UsageParser(prog="reproduce.py", description=__doc__.split("\n\n")[0],
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog="Recipes: experiments/recipes.yaml (docs/results.md tells what each produced).")
+    parser.add_argument("--recipe", default="cpu",
+                        help="a recipe of experiments/recipes.yaml (paper, cpu) or a YAML file of one recipe "
+                             "(default: cpu)")
+    parser.add_argument("--select", help="comma-separated runs: setting/method (setting as structured, "
+                                         "unstructured, quantized or its full name) or a whole setting of the "
+                                         "recipe (default: the recipe's runs)")
+    parser.add_argument("--data_dir", help="CIFAR-10 root, passed to every run (default: the scripts' ./data)")
+    parser.add_argument("--out", default=None, help="folder of every run and the summary (default: "
+                                                     "results/<recipe>)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every run (default: 0)")
+    parser.add_argument("--gpus", help="comma-separated GPU indices to run on side by side (default: one run at "
+                                       "a time on the scripts' default device)")
+    parser.add_argument("--gpus_per_run", type=int, default=1,
+                        help="GPUs per run; above 1 each run is started under torchrun (default: 1)")
+    parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing, write nothing")
+    return parser
+
+
+def plan(args):
+    if not 0 <= args.seed < 2**32:
+        raise ConfigError(f"--seed {args.seed}: must lie in 0 .. 2^32-1")
+    gpus = None
+    if args.gpus is not None:
+        gpus = [part.strip() for part in args.gpus.split(",")]
+        if not all(part.isdigit() for part in gpus) or len(set(gpus)) != len(gpus):
+            raise ConfigError(f"--gpus {args.gpus!r}: expected distinct GPU indices such as 0,1,2,3")
+    if not 1 <= args.gpus_per_run <= 64:
+        raise ConfigError(f"--gpus_per_run {args.gpus_per_run}: must lie in 1..64")
+    if args.gpus_per_run > 1 and not gpus:
+        raise ConfigError("--gpus_per_run: needs --gpus (the GPUs each group of runs uses)")
+    if args.data_dir is not None and not os.path.isdir(args.data_dir):
+        raise ConfigError(f"--data_dir {args.data_dir}: no such directory")
+    pairs = known_pairs()
+    recipe = load_recipe(args.recipe, pairs)
+    specs = select_runs(recipe, args.select, pairs)
+    args.out = args.out or os.path.join("results", recipe.name)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ConfigError(f"--out {args.out}: exists and is not a directory")
+    runs = []
+    for spec in specs:
+        run_dir = os.path.join(args.out, spec.setting, spec.name)
+        run = Run(spec, run_dir, base_command(spec, recipe, args, run_dir, args.gpus_per_run))
+        run.state = run_state(run_dir)
+        runs.append(run)
+    return recipe, runs, gpu_slots(gpus, args.gpus_per_run), gpus
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        recipe, runs, slots, gpus = plan(args)
+        if args.dry_run:
+            print(f"# recipe {recipe.name}: {recipe.about}")
+            if gpus:
+                groups = " | ".join(",".join(slot) for slot in slots)
+                print(f"# side by side, CUDA_VISIBLE_DEVICES set per run to a free group of: {groups}")
+            for run in runs:
+                note = {"finished": "# finished, skipped: ", "resume": "# interrupted, resumed: "}.get(run.state, "")
+                print(f"{note}{shown_command(command_for(run))}")
+            return 0
+        commit, machine_name = project_commit(), machine(gpus)
+        print(f"Recipe {recipe.name}, {len(runs)} run(s) into {args.out}; commit {commit}; {machine_name}",
+              flush=True)
+        todo = []
+        for run in runs:
+            if run.state == "finished":
+                run.outcome = "finished"
+                print(f"{run.spec.setting}/{run.spec.name}: finished before, skipped ({run.run_dir})")
+            else:
+                todo.append(run)
+        sweep = Sweep(todo, slots, commit, machine_name, echo=len(slots) == 1)
+        sweep.execute()
+        summarise(recipe, args, runs, commit, machine_name)
+    except UserError as error:
+        print(f"reproduce.py: error: {one_line(error)}", file=sys.stderr)
+        return error.exit_code
+    failed = [run for run in runs if run.outcome != "finished"]
+    for run in failed:
+        print(f"{run.spec.setting}/{run.spec.name}: {run.outcome}"
+              + (f" ({run.last_line})" if run.last_line and run.outcome == "failed" else ""), file=sys.stderr)
+    if sweep.stop_signal is not None:
+        return 128 + sweep.stop_signal
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""experiments/reproduce.py: the sweep over the entry scripts, on tiny data.
+
+Two pairs; one run interrupted by SIGTERM and resumed by a second call; one run made to fail
+(reported with its log's last line while the other finishes); the summary and the figures
+written; --dry_run of the two shipped recipes listing the expected commands.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from cli_helpers import micro_cifar  # noqa: F401  (fixture)
+from conftest import REPO
+
+SCRIPT = os.path.join(REPO, "experiments", "reproduce.py")
+
+
+def sweep(*args, **kwargs):
+    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"), **kwargs)
+
+
+def write_recipe(path, flags, runs):
+    path.write_text(yaml.safe_dump({"about": "tiny test recipe", "flags": flags, "runs": runs}))
+    return str(path)
+
+
+def recipe_commands(recipe, *extra):
+    result = sweep("--recipe", recipe, "--dry_run", "--data_dir", REPO, "--out", "/nonexistent/out", *extra)
+    assert result.returncode == 0, result.stderr
+    return [line for line in result.stdout.splitlines() if not line.startswith("#")]
+
+
+def test_dry_run_cpu_recipe_lists_the_six_runs_with_its_budget():
+    lines = recipe_commands("cpu")
+    expected = [("train_structured.py", "lcs_l"), ("train_structured.py", "us"),
+                ("train_unstructured.py", "lcs_l"), ("train_unstructured.py", "target_topk"),
+                ("train_quantized.py", "lcs_l"), ("train_quantized.py", "target_bit_width")]
+    assert len(lines) == len(expected)
+    for line, (script, method) in zip(lines, expected):
+        words = line.split()
+        assert words[:2] == ["python", script]
+        assert words[words.index("--method") + 1] == method
+        assert words[words.index("--seed") + 1] == "0"
+        assert words[words.index("--train_subset") + 1] == "10000"
+        assert words[words.index("--epochs") + 1] == "12"
+        assert words[words.index("--test_freq") + 1] == "12"
+        assert words[words.index("--threads") + 1] == "2"
+        assert "--no-eval_at_start" in words and "--test_subset" not in words
+        # The speed flag measured fastest on the 2-core CPU, per setting (docs/speed.md).
+        assert ("--channels_last" in words) == (script != "train_structured.py")
+        setting = {"train_structured.py": "structured_sparsity", "train_unstructured.py": "unstructured_sparsity",
+                   "train_quantized.py": "quantized"}[script]
+        assert words[words.index("--save_dir") + 1] == f"/nonexistent/out/{setting}/{method}"
+    assert not os.path.exists("/nonexistent/out")
+
+
+def test_dry_run_paper_recipe_lists_the_eleven_pairs_as_configured():
+    lines = recipe_commands("paper", "--gpus", "0,1,2,3", "--gpus_per_run", "2", "--seed", "3")
+    pairs = [(line.split()[5], line.split()[line.split().index("--method") + 1]) for line in lines]
+    assert pairs == [("train_structured.py", m) for m in ("lcs_l", "lcs_p", "ns", "us", "lec")] + \
+        [("train_unstructured.py", m) for m in ("lcs_l", "lcs_p", "target_topk")] + \
+        [("train_quantized.py", m) for m in ("lcs_l", "lcs_p", "target_bit_width")]
+    for line in lines:
+        assert line.startswith("python -m torch.distributed.run --standalone --nproc_per_node=2 ")
+        words = line.split()
+        # The configs as they are: no budget flag added.
+        assert not {"--epochs", "--train_subset", "--test_subset", "--test_freq"} & set(words)
+        assert words[words.index("--seed") + 1] == "3" and words[-2:] == ["--device", "cuda"]
+
+
+def test_select_picks_runs_and_refuses_unknown_names():
+    lines = recipe_commands("cpu", "--select", "quantized,unstructured/lcs_p")
+    methods = [line.split()[line.split().index("--method") + 1] for line in lines]
+    assert methods == ["lcs_l", "target_bit_width", "lcs_p"]
+    result = sweep("--recipe", "cpu", "--dry_run", "--select", "structured/nope")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "unknown method 'nope' of structured_sparsity" in result.stderr and "Traceback" not in result.stderr
+    result = sweep("--recipe", "nosuch", "--dry_run")
+    assert result.returncode == 2 and "unknown recipe 'nosuch' (allowed: paper, cpu" in result.stderr
+
+
+def _wait_for(path, text, process, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path) and text in open(path, errors="replace").read():
+            return
+        if process.poll() is not None:
+            pytest.fail(f"the sweep ended before {text!r} appeared in {path}")
+        time.sleep(0.2)
+    pytest.fail(f"{text!r} did not appear in {path}")
+
+
+@pytest.mark.slow
+def test_sweep_interrupted_resumed_failure_reported_summary_written(tmp_path, micro_cifar):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "tiny.yaml", "--epochs 6 --batch_size 2 --threads 1 --no-eval_at_start",
+                          ["quantized/target_bit_width",
+                           {"run": "unstructured/target_topk", "flags": "--eval_topk_grid 0.5,1.0"},
+                           {"run": "quantized/lcs_p", "name": "broken", "flags": "--bit_width_limits 2,9"}])
+    first_dir = out / "quantized" / "target_bit_width"
+    # First call: SIGTERM once the first run is training; it stops after its step, with a checkpoint.
+    process = subprocess.Popen([sys.executable, SCRIPT, "--recipe", recipe, "--data_dir", micro_cifar,
+                                "--out", out], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    _wait_for(first_dir / "train.log", "epoch 2/6", process)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "quantized/target_bit_width: interrupted" in stdout
+    assert (first_dir / "checkpoint_last.pt").exists() and not (first_dir / "model_final.pt").exists()
+    assert "unstructured_sparsity/target_topk: not started" in stderr
+    record = json.loads((first_dir / "sweep_run.json").read_text())
+    assert record["status"] == "interrupted" and record["segments"][0]["exit_status"] == 143
+
+    # Second call: resumes the first, runs the second, reports the third as failed.
+    result = sweep("--recipe", recipe, "--data_dir", micro_cifar, "--out", out)
+    assert result.returncode == 1, result.stderr
+    assert "resuming quantized/target_bit_width" in result.stdout
+    assert "--resume" in result.stdout.split("resuming quantized/target_bit_width")[1].splitlines()[0]
+    assert "quantized/broken: failed" in result.stderr
+    assert "--bit_width_limits" in result.stderr.split("quantized/broken: failed")[1].splitlines()[0]
+    for run_dir in (first_dir, out / "unstructured_sparsity" / "target_topk"):
+        assert (run_dir / "model_final.pt").exists()
+        assert json.loads((run_dir / "sweep_run.json").read_text())["status"] == "finished"
+    record = json.loads((first_dir / "sweep_run.json").read_text())
+    assert len(record["segments"]) == 2 and record["wall_s"] == pytest.approx(
+        sum(segment["wall_s"] for segment in record["segments"]), abs=0.2)
+    # The resumed run trained the same steps as an uninterrupted one: one final evaluation, six epochs.
+    rows = [json.loads(line) for line in (first_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows if row["final"]] == [6] * 6
+
+    for setting in ("quantized", "unstructured_sparsity"):
+        assert (out / setting / "comparison.png").stat().st_size > 1000
+        assert (out / setting / "comparison.csv").exists()
+    summary = (out / "summary.md").read_text()
+    assert "| quantized/target_bit_width | finished |" in summary and "(2 segments)" in summary
+    assert "| unstructured_sparsity/target_topk | finished |" in summary
+    assert "| quantized/broken | failed: " in summary
+    assert "![quantized](quantized/comparison.png)" in summary
+    # Per run the accuracy at every level of its grid, and the exact command.
+    table = summary.split("## unstructured_sparsity")[1]
+    assert "| topk | target_topk |" in table
+    for level in ("0.5", "1"):
+        assert any(line.startswith(f"| {level} | ") and line.rstrip().endswith("% |") for line in table.splitlines())
+    assert ("python train_unstructured.py --method target_topk --seed 0 --data_dir " + micro_cifar) in summary
+    commit = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    assert commit and commit in summary
+
+    # Third call: everything finished is skipped (nothing trained again).
+    result = sweep("--recipe", recipe, "--data_dir", micro_cifar, "--out", out, "--select",
+                   "quantized/target_bit_width,unstructured")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("finished before, skipped") == 2 and "starting" not in result.stdout
+    dry = sweep("--recipe", recipe, "--data_dir", micro_cifar, "--out", out, "--dry_run")
+    assert dry.stdout.count("# finished, skipped: ") == 2
