@@ -460,7 +460,13 @@ def compare_setting(out, setting, runs):
         return None
     figure = os.path.join(out, setting, FIGURE)
     return compare_runs.compare([run.run_dir for run in with_results], figure,
-                                labels=[run.spec.name for run in with_results])
+                                labels=[run_label(run) for run in with_results])
+
+
+def run_label(run):
+    """The run's name and its norm (the baselines' configs use other norms than LCS)."""
+    norm = _run_config(run.run_dir).get("norm")
+    return f"{run.spec.name} ({norm})" if norm else run.spec.name
 
 
 def _percent(value):
@@ -485,7 +491,7 @@ def summary_text(recipe, args, runs, commit, machine_name):
         wall = _duration(record["wall_s"]) if "wall_s" in record else "-"
         if len(segments) > 1:
             wall += f" ({len(segments)} segments)"
-        train_images = config.get("train_subset") or "all"
+        train_images = (config.get("train_subset") or "all") if config else "-"
         test_images = rows[0]["num_images"] if rows else "-"
         status = run.outcome or record.get("status", "not started")
         if status == "failed" and run.last_line:
@@ -505,7 +511,7 @@ def summary_text(recipe, args, runs, commit, machine_name):
             continue
         level_name = next(rows[0]["level_name"] for _, _, rows in entries if rows)
         levels = sorted({row["level"] for _, _, rows in entries for row in rows})
-        lines += ["| " + " | ".join([level_name] + [run.spec.name for run, _, _ in entries]) + " |",
+        lines += ["| " + " | ".join([level_name] + [run_label(run) for run, _, _ in entries]) + " |",
                   "| " + " | ".join(["---"] * (len(entries) + 1)) + " |"]
         for level in levels:
             cells = []
@@ -573,6 +579,8 @@ def build_parser():
     parser.add_argument("--gpus_per_run", type=int, default=1,
                         help="GPUs per run; above 1 each run is started under torchrun (default: 1)")
     parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing, write nothing")
+    parser.add_argument("--summary_only", action="store_true",
+                        help="write the figures and summary.md of the runs as they stand, run nothing")
     return parser
 
 
@@ -586,6 +594,8 @@ def plan(args):
             raise ConfigError(f"--gpus {args.gpus!r}: expected distinct GPU indices such as 0,1,2,3")
     if not 1 <= args.gpus_per_run <= 64:
         raise ConfigError(f"--gpus_per_run {args.gpus_per_run}: must lie in 1..64")
+    if args.dry_run and args.summary_only:
+        raise ConfigError("--summary_only: cannot be combined with --dry_run (it writes the summary)")
     if args.gpus_per_run > 1 and not gpus:
         raise ConfigError("--gpus_per_run: needs --gpus (the GPUs each group of runs uses)")
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
@@ -619,6 +629,11 @@ def main(argv=None):
                 print(f"{note}{shown_command(command_for(run))}")
             return 0
         commit, machine_name = project_commit(), machine(gpus)
+        if args.summary_only:
+            for run in runs:
+                run.outcome = "finished" if run.state == "finished" else ""
+            summarise(recipe, args, runs, commit, machine_name)
+            return 0
         print(f"Recipe {recipe.name}, {len(runs)} run(s) into {args.out}; commit {commit}; {machine_name}",
               flush=True)
         todo = []

@@ -146,7 +146,7 @@ def test_sweep_interrupted_resumed_failure_reported_summary_written(tmp_path, mi
     assert "![quantized](quantized/comparison.png)" in summary
     # Per run the accuracy at every level of its grid, and the exact command.
     table = summary.split("## unstructured_sparsity")[1]
-    assert "| topk | target_topk |" in table
+    assert "| topk | target_topk (BN) |" in table
     for level in ("0.5", "1"):
         assert any(line.startswith(f"| {level} | ") and line.rstrip().endswith("% |") for line in table.splitlines())
     assert ("python train_unstructured.py --method target_topk --seed 0 --data_dir " + micro_cifar) in summary
