@@ -160,14 +160,17 @@ def read_table(path):
         return list(csv.reader(handle))
 
 
-def test_results_csv_columns_stay_put_after_eval_only(runs, tmp_path):
+def test_results_csv_columns_stay_put_after_eval_only(runs, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     shutil.copytree(runs[0] / "default", run_dir)
     before = read_table(run_dir / "results.csv")
     assert before[0] == COLUMNS and all(len(line) == len(COLUMNS) for line in before)
     assert [line[COLUMNS.index("level")] for line in before[1:]] == ["0.25", "1.0"]
-    assert_ok(run_script(SCRIPT, "--eval_only", "--checkpoint", run_dir / "model_final.pt",
-                         "--eval_width_factors", "0.3"))
+    monkeypatch.chdir(tmp_path)  # a relative checkpoint path: its files are named as given, as training does
+    result = run_script(SCRIPT, "--eval_only", "--checkpoint", os.path.join("run", "model_final.pt"),
+                        "--eval_width_factors", "0.3")
+    assert_ok(result)
+    assert "\nFiles in run:\n" in result.stdout
     after = read_table(run_dir / "results.csv")
     assert after[0] == COLUMNS and all(len(line) == len(COLUMNS) for line in after)
     column = {name: [line[COLUMNS.index(name)] for line in after[1:]] for name in COLUMNS}
