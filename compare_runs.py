@@ -16,7 +16,7 @@ import os
 import sys
 
 from utils.atomic import refuse_overwrite
-from utils.errors import ConfigError, UsageParser, UserError, one_line
+from utils.errors import ConfigError, UsageParser, UserError, one_line, shown
 from utils.metrics import METRICS, latest_results, model_state, plot_runs, read_rows, text_table, write_csv
 
 
@@ -100,6 +100,27 @@ def describe(label, run_dir, rows):
             f"{row['norm']}), {model_state(rows)}, {row['num_images']} test images")
 
 
+def check_distinct(run_dirs, labels):
+    """Each run once and each label its own: the table's columns and the legend are keyed by
+    label, so a repeated or empty one would merge or hide runs."""
+    seen = {}
+    for run_dir in run_dirs:
+        first = seen.get(os.path.realpath(run_dir))
+        if first is not None:
+            also = "" if first == run_dir else f" (the same directory as {first})"
+            raise ConfigError(f"{run_dir}: given twice{also}; give each run directory once")
+        seen[os.path.realpath(run_dir)] = run_dir
+    if labels is None:
+        return
+    if len(labels) != len(run_dirs):
+        raise ConfigError(f"--labels: {len(labels)} labels for {len(run_dirs)} run directories")
+    for number, label in enumerate(labels, 1):
+        if not label:
+            raise ConfigError(f"--labels: label {number} of {len(labels)} is empty; give each run a label")
+        if labels.index(label) != number - 1:
+            raise ConfigError(f"--labels: {shown(label)} is given twice; give each run its own label")
+
+
 def compare(run_dirs, out, labels=None):
     """Write the figure to `out` and the table to `out` with .csv; return the printed text."""
     if not out.lower().endswith(".png"):
@@ -111,12 +132,11 @@ def compare(run_dirs, out, labels=None):
     inputs = [os.path.join(run_dir, METRICS) for run_dir in run_dirs]
     refuse_overwrite("--out", out, inputs)
     refuse_overwrite("--out", table_path, inputs)
+    check_distinct(run_dirs, labels)
     # Every row of every run is read and checked before anything is written.
     runs = [(run_dir, load_run(run_dir)) for run_dir in run_dirs]
     if labels is None:
         labels = default_labels(runs)
-    elif len(labels) != len(runs):
-        raise ConfigError(f"--labels: {len(labels)} labels for {len(runs)} run directories")
     labelled = [(label, rows) for label, (_, rows) in zip(labels, runs)]
     datasets = sorted({rows[0]["dataset"] for _, rows in runs})
     models = sorted({rows[0]["model"] for _, rows in runs})
@@ -141,7 +161,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    labels = [label.strip() for label in args.labels.split(",")] if args.labels else None
+    labels = None if args.labels is None else [label.strip() for label in args.labels.split(",")]
     try:
         print(compare(args.run_dirs, args.out, labels))
     except UserError as error:

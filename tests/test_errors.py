@@ -22,6 +22,7 @@ import hashlib
 import importlib
 import json
 import os
+import pickle
 import resource
 import shlex
 import shutil
@@ -323,6 +324,11 @@ CASES = [
     # checkpoints that load but are wrong, and files that are not regular files
     Hostile("resume_pipe", "structured", "--save_dir {save} --resume {pipe}", "{pipe}: is not a regular file"),
     Hostile("eval_dev_zero", "structured", "--eval_only --checkpoint /dev/zero --save_dir {save}", "/dev/zero"),
+    # a pickle that is no checkpoint: torch warns about its protocol before refusing it; only our line shows
+    Hostile("eval_foreign_pickle", "structured", "--eval_only --checkpoint {foreign_pickle} --save_dir {save}",
+            "{foreign_pickle}: not a readable checkpoint"),
+    Hostile("export_foreign_pickle", "export", "--checkpoint {foreign_pickle} --level 1 --out {exports}/p.pt",
+            "{foreign_pickle}: not a readable checkpoint", watch="{exports}"),
     Hostile("resume_bad_rng", "structured", "--save_dir {save} --resume {ckpt_bad_rng}", "{ckpt_bad_rng}: rng.python"),
     Hostile("resume_no_optimizer", "structured", "--save_dir {save} --resume {ckpt_no_optimizer}",
             "{ckpt_no_optimizer}: optimizer is missing"),
@@ -474,6 +480,9 @@ def _hostile_files(root):
         handle.write(b"epochs: 1\nnorm: \xff\xfe\n")
     p["pipe"] = str(root / "pipe")
     os.mkfifo(p["pipe"])
+    p["foreign_pickle"] = str(root / "foreign.pt")
+    with open(p["foreign_pickle"], "wb") as handle:
+        pickle.dump({"model": [1, 2, 3]}, handle, protocol=4)
     p["exports"] = str(root / "exports")
     os.makedirs(p["exports"])
     return p

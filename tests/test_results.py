@@ -215,6 +215,10 @@ def test_compare_errors_are_one_line(tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "metrics.jsonl").write_text('{not json\n')
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    (deep / "metrics.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    other = synthetic_run(tmp_path / "other", "structured_sparsity", "width_factor", "lcs_l", [1.0])
     out = str(tmp_path / "fig.png")
     cases = [
         ([str(tmp_path / "missing"), "--out", out], f"{tmp_path / 'missing'}: no such run directory"),
@@ -224,6 +228,13 @@ def test_compare_errors_are_one_line(tmp_path, capsys):
         ([good, "--out", str(tmp_path / "fig.pdf")], "must name a .png file"),
         ([good, "--out", str(tmp_path / "nowhere" / "fig.png")], "does not exist"),
         ([good, "--out", out, "--labels", "a,b"], "--labels: 2 labels for 1 run directories"),
+        ([str(deep), "--out", out], f"{deep / 'metrics.jsonl'}:1: nested too deeply to be a metrics row"),
+        ([good, other, "--out", out, "--labels", "a,a"], "--labels: 'a' is given twice"),
+        ([good, other, "--out", out, "--labels", "a, "], "--labels: label 2 of 2 is empty"),
+        ([good, other, "--out", out, "--labels", ","], "--labels: label 1 of 2 is empty"),
+        ([good, "--out", out, "--labels", ""], "--labels: label 1 of 1 is empty"),
+        ([good, other, good, "--out", out], f"{good}: given twice; give each run directory once"),
+        ([good, good + os.sep, "--out", out], f"{good + os.sep}: given twice (the same directory as {good})"),
         ([good], "the following arguments are required: --out"),
     ]
     for argv, message in cases:

@@ -11,6 +11,7 @@ A checkpoint is a dict that `torch.load(path, weights_only=True)` reads back:
 import os
 import random
 import stat
+import warnings
 
 import numpy as np
 import torch
@@ -58,13 +59,22 @@ def load(path, map_location="cpu"):
     """The checkpoint dict, or CheckpointError saying what is wrong with the file."""
     require_regular_file(path, "checkpoint")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = load_plain_data(path, map_location)
     except Exception as error:  # a foreign or damaged file fails deep inside torch.load in many ways
         first = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or damaged? {first[:160]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or not isinstance(payload.get("model"), dict):
         raise CheckpointError(f"{path}: not a checkpoint of this project (no format-{FORMAT} header)")
     return payload
+
+
+def load_plain_data(path, map_location="cpu"):
+    """torch.load(path, weights_only=True) without torch's UserWarnings about the file (a
+    foreign pickle gets "Detected pickle protocol 4 ..." before failing): a file that fails is
+    reported by the caller in one line, and one that loads needs no note."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def require_regular_file(path, what):

@@ -77,6 +77,8 @@ def _parse_row(path, number, line):
         row = json.loads(line)
     except json.JSONDecodeError as error:
         raise DataError(f"{path}:{number}: not a JSON line ({error.msg})") from None
+    except RecursionError:  # a hostile line such as [[[[...]]]] nested 100,000 deep
+        raise DataError(f"{path}:{number}: nested too deeply to be a metrics row of this project") from None
     if not isinstance(row, dict) or not ROW_KEYS <= set(row):
         raise DataError(f"{path}:{number}: not a metrics row of this project")
     for key, kinds in ROW_TYPES.items():
