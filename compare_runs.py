@@ -5,11 +5,12 @@ figure and one table (the paper-style comparison of lcs_l, lcs_p and the baselin
 
 Each run contributes the results of its latest model: its final evaluation (or, for an
 unfinished run, its latest one) plus any levels added with --eval_only from the same
-checkpoint (utils.metrics.latest_results). Runs of the same setting share one axes; runs
-of different settings (width factor / TopK / bit width) get axes side by side. The table,
-printed and written to FIG.csv, has one row per setting and level and, per run, its
-accuracy (and sparsity for the sparsity settings); an empty cell means the run was not
-evaluated at that level.
+checkpoint (utils.metrics.latest_results); evaluations made another way (BN statistics, test
+images) are a series of their own, with a line and columns labelled by what differs. Runs of
+the same setting share one axes; runs of different settings (width factor / TopK / bit width)
+get axes side by side. The table, printed and written to FIG.csv, has one row per setting and
+level and, per run (and series), its accuracy (and sparsity for the sparsity settings); an
+empty cell means the run was not evaluated at that level.
 """
 
 import os
@@ -17,7 +18,8 @@ import sys
 
 from utils.atomic import refuse_overwrite
 from utils.errors import ConfigError, UsageParser, UserError, one_line, shown
-from utils.metrics import METRICS, latest_results, model_state, plot_runs, read_rows, text_table, write_csv
+from utils.metrics import (METRICS, labelled_series, latest_results, model_state, plot_runs, read_rows, text_table,
+                           write_csv)
 
 
 def load_run(run_dir):
@@ -141,7 +143,9 @@ def compare(run_dirs, out, labels=None):
     datasets = sorted({rows[0]["dataset"] for _, rows in runs})
     models = sorted({rows[0]["model"] for _, rows in runs})
     plot_runs(out, labelled, title=f"{', '.join(models)} on {', '.join(datasets)}")
-    header, lines = drop_empty_columns(*comparison_table(labelled))
+    # A run evaluated in several ways (BN statistics, test images) gets a column per way.
+    columns = [entry for label, rows in labelled for entry in labelled_series(label, rows)]
+    header, lines = drop_empty_columns(*comparison_table(columns))
     write_csv(table_path, header, [["" if value is None else value for value in line] for line in lines])
     text = [describe(label, run_dir, rows) for label, (run_dir, rows) in zip(labels, runs)]
     text += ["", _printable(header, lines), "", f"Figure: {out}", f"Table: {table_path}"]

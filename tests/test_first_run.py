@@ -135,8 +135,8 @@ def test_unknown_flags_get_the_closest_valid_flag(argv, hint, capsys):
 # -- results.csv and the start-of-run evaluation -----------------------------------------
 # The documented column order (docs/outputs.md), whatever the setting, method or evaluation.
 COLUMNS = ["evaluation", "epoch", "step", "setting", "method", "model", "dataset", "norm", "num_classes",
-           "level_name", "level", "alpha", "accuracy", "loss", "num_images", "sparsity", "num_bits", "act_quant",
-           "conv_params", "macs", "nonzero_params", "effective_topk", "params", "channel_floor_applied",
+           "level_name", "level", "alpha", "accuracy", "loss", "num_images", "data_dir", "sparsity", "num_bits",
+           "act_quant", "conv_params", "macs", "nonzero_params", "effective_topk", "params", "channel_floor_applied",
            "bn_calibration_images", "lec_test_batch_statistics", "final", "eval_only", "checkpoint"]
 RUN_ARGS = ("--norm", "BN", "--epochs", 1, "--eval_width_factors", "1,0.25")
 
