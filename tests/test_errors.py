@@ -350,6 +350,8 @@ CASES = [
             "{ckpt_other_model_name}: model_name is 'vgg19'"),
     Hostile("resume_nan_weights", "structured", "--save_dir {save} --resume {ckpt_nan}",
             "{ckpt_nan}: non-finite weights in"),
+    Hostile("resume_bad_timing", "structured", "--save_dir {save} --resume {ckpt_bad_timing}",
+            "{ckpt_bad_timing}: evaluation_seconds is [1.0, 'x'], expected a list of durations"),
     # non-finite weights are neither evaluated nor exported
     Hostile("eval_nan_weights", "structured", "--eval_only --checkpoint {ckpt_nan_final} --save_dir {save}",
             "{ckpt_nan_final}: non-finite weights in"),
@@ -540,7 +542,8 @@ def _damaged_checkpoints(payload, root):
              "ckpt_global_step_huge": edit_global_step,
              "ckpt_wrong_type": lambda ckpt: ckpt["progress"].update(finished="no"),
              "ckpt_momentum_shape": edit_momentum, "ckpt_model_not_tensor": edit_model,
-             "ckpt_other_model_name": lambda ckpt: ckpt.update(model_name="vgg19"), "ckpt_nan": edit_nan}
+             "ckpt_other_model_name": lambda ckpt: ckpt.update(model_name="vgg19"), "ckpt_nan": edit_nan,
+             "ckpt_bad_timing": lambda ckpt: ckpt.update(evaluation_seconds=[1.0, "x"])}
     p = {}
     for name, edit in edits.items():
         damaged = copy.deepcopy(payload)

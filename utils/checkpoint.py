@@ -4,8 +4,9 @@ A checkpoint is a dict that `torch.load(path, weights_only=True)` reads back:
   format, kind ("training" or "model"), setting, method, model_name, config (plain dict),
   model (state dict, no `module.` prefix; BN statistics and quantizer ranges included),
   epoch, global_step, warmup_iterations and, for training checkpoints, optimizer,
-  progress (epoch, step_in_epoch, global_step, evaluated_epoch, evaluations, finished) and
-  rng (Python, NumPy, torch, CUDA, the level sampler's generator).
+  progress (epoch, step_in_epoch, global_step, evaluated_epoch, evaluations, finished),
+  rng (Python, NumPy, torch, CUDA, the level sampler's generator) and evaluation_seconds
+  (how long each evaluation timed so far took; absent from older checkpoints).
 """
 
 import os
@@ -25,14 +26,16 @@ FINAL = "model_final.pt"
 
 
 def make_payload(kind, config, model, epoch, global_step, warmup_iterations, optimizer=None, progress=None,
-                 rng=None):
+                 rng=None, evaluation_seconds=()):
     """The checkpoint dict (see the module docstring) of a Config, a model and where the run
-    stands; `kind` "training" adds the optimiser, progress and RNG states."""
+    stands; `kind` "training" adds the optimiser, progress and RNG states and the durations of
+    the evaluations timed so far."""
     payload = {"format": FORMAT, "kind": kind, "setting": config.setting, "method": config.method,
                "model_name": config.model, "config": config.to_dict(), "model": model.state_dict(),
                "epoch": epoch, "global_step": global_step, "warmup_iterations": warmup_iterations}
     if kind == "training":
-        payload.update({"optimizer": optimizer.state_dict(), "progress": progress, "rng": rng})
+        payload.update({"optimizer": optimizer.state_dict(), "progress": progress, "rng": rng,
+                        "evaluation_seconds": list(evaluation_seconds)})
     return payload
 
 
