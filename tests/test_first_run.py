@@ -126,6 +126,10 @@ def test_default_data_dir_with_the_copy_one_level_down_fails_before_writing(plac
     (["--eval-only"], " (did you mean --eval_only?)"),
     (["--data-dir=x"], " (did you mean --data_dir?)"),
     (["--epoch", "1", "--seeds", "3"], " (--epoch: did you mean --epochs?; --seeds: did you mean --seed?)"),
+    # A flag of another setting names the script that takes it.
+    (["--eval_topk_grid", "0.5"], " (--eval_topk_grid is a flag of train_unstructured.py)"),
+    (["--epoch", "1", "--bit_width", "4"],
+     " (--epoch: did you mean --epochs?; --bit_width is a flag of train_quantized.py)"),
     (["--frobnicate"], ""),
 ])
 def test_unknown_flags_get_the_closest_valid_flag(argv, hint, capsys):

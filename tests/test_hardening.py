@@ -158,7 +158,7 @@ def test_full_disk_is_one_line_and_keeps_the_previous_files(disk, micro_cifar, t
                 if mounted:
                     fill(root)
                 else:
-                    monkeypatch.setattr(ckpt.torch, "save", torch_writer_failure)
+                    monkeypatch.setattr(torch, "save", torch_writer_failure)
             return original_save(self)
 
         monkeypatch.setattr(Run, "save_checkpoint", save_checkpoint)

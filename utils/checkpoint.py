@@ -7,15 +7,16 @@ A checkpoint is a dict that `torch.load(path, weights_only=True)` reads back:
   progress (epoch, step_in_epoch, global_step, evaluated_epoch, evaluations, finished),
   rng (Python, NumPy, torch, CUDA, the level sampler's generator) and evaluation_seconds
   (how long each evaluation timed so far took; absent from older checkpoints).
+
+torch and NumPy are imported by the functions that read or write tensors: the command line
+imports this module (through the run directory's rules) before torch, to check a command in
+well under a second.
 """
 
 import os
 import random
 import stat
 import warnings
-
-import numpy as np
-import torch
 
 from utils.atomic import atomic_write  # noqa: F401  (callers write through this module)
 from utils.errors import CheckpointError
@@ -44,6 +45,8 @@ def save(path, payload):
 
 
 def _write_payload(path, payload):
+    import torch
+
     # Through a Python file: torch's zip writer turns a failed write (ENOSPC, EIO) into a
     # RuntimeError whose context is the file's OSError, which atomic_write reports.
     with open(path, "wb") as handle:
@@ -75,6 +78,8 @@ def load_plain_data(path, map_location="cpu"):
     """torch.load(path, weights_only=True) without torch's UserWarnings about the file (a
     foreign pickle gets "Detected pickle protocol 4 ..." before failing): a file that fails is
     reported by the caller in one line, and one that loads needs no note."""
+    import torch
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
         return torch.load(path, map_location=map_location, weights_only=True)
@@ -115,6 +120,9 @@ def state_mismatch(expected, found):
 
 # -- RNG state as plain data -------------------------------------------------------------
 def rng_state(generator):
+    import numpy as np
+    import torch
+
     kind, keys, position, has_gauss, cached = np.random.get_state()
     version, python_state, gauss = random.getstate()
     state = {
@@ -130,6 +138,9 @@ def rng_state(generator):
 
 
 def restore_rng_state(state, generator):
+    import numpy as np
+    import torch
+
     version, python_state, gauss = state["python"]
     random.setstate((version, tuple(python_state), gauss))
     numpy_state = state["numpy"]
