@@ -5,19 +5,21 @@ figure and one table (the paper-style comparison of lcs_l, lcs_p and the baselin
 
 Each run contributes the results of its latest model: its final evaluation (or, for an
 unfinished run, its latest one) plus any levels added with --eval_only from the same
-checkpoint (utils.metrics.latest_results). Runs of the same setting share one axes; runs
-of different settings (width factor / TopK / bit width) get axes side by side. The table,
-printed and written to FIG.csv, has one row per setting and level and, per run, its
-accuracy (and sparsity for the sparsity settings); an empty cell means the run was not
-evaluated at that level.
+checkpoint (utils.metrics.latest_results); evaluations made another way (BN statistics, test
+images) are a series of their own, with a line and columns labelled by what differs. Runs of
+the same setting share one axes; runs of different settings (width factor / TopK / bit width)
+get axes side by side. The table, printed and written to FIG.csv, has one row per setting and
+level and, per run (and series), its accuracy (and sparsity for the sparsity settings); an
+empty cell means the run was not evaluated at that level.
 """
 
 import os
 import sys
 
 from utils.atomic import refuse_overwrite
-from utils.errors import ConfigError, UsageParser, UserError, one_line
-from utils.metrics import METRICS, latest_results, model_state, plot_runs, read_rows, text_table, write_csv
+from utils.errors import ConfigError, UsageParser, UserError, one_line, shown
+from utils.metrics import (METRICS, labelled_series, latest_results, model_state, plot_runs, read_rows, text_table,
+                           write_csv)
 
 
 def load_run(run_dir):
@@ -100,6 +102,27 @@ def describe(label, run_dir, rows):
             f"{row['norm']}), {model_state(rows)}, {row['num_images']} test images")
 
 
+def check_distinct(run_dirs, labels):
+    """Each run once and each label its own: the table's columns and the legend are keyed by
+    label, so a repeated or empty one would merge or hide runs."""
+    seen = {}
+    for run_dir in run_dirs:
+        first = seen.get(os.path.realpath(run_dir))
+        if first is not None:
+            also = "" if first == run_dir else f" (the same directory as {first})"
+            raise ConfigError(f"{run_dir}: given twice{also}; give each run directory once")
+        seen[os.path.realpath(run_dir)] = run_dir
+    if labels is None:
+        return
+    if len(labels) != len(run_dirs):
+        raise ConfigError(f"--labels: {len(labels)} labels for {len(run_dirs)} run directories")
+    for number, label in enumerate(labels, 1):
+        if not label:
+            raise ConfigError(f"--labels: label {number} of {len(labels)} is empty; give each run a label")
+        if labels.index(label) != number - 1:
+            raise ConfigError(f"--labels: {shown(label)} is given twice; give each run its own label")
+
+
 def compare(run_dirs, out, labels=None):
     """Write the figure to `out` and the table to `out` with .csv; return the printed text."""
     if not out.lower().endswith(".png"):
@@ -111,17 +134,18 @@ def compare(run_dirs, out, labels=None):
     inputs = [os.path.join(run_dir, METRICS) for run_dir in run_dirs]
     refuse_overwrite("--out", out, inputs)
     refuse_overwrite("--out", table_path, inputs)
+    check_distinct(run_dirs, labels)
     # Every row of every run is read and checked before anything is written.
     runs = [(run_dir, load_run(run_dir)) for run_dir in run_dirs]
     if labels is None:
         labels = default_labels(runs)
-    elif len(labels) != len(runs):
-        raise ConfigError(f"--labels: {len(labels)} labels for {len(runs)} run directories")
     labelled = [(label, rows) for label, (_, rows) in zip(labels, runs)]
     datasets = sorted({rows[0]["dataset"] for _, rows in runs})
     models = sorted({rows[0]["model"] for _, rows in runs})
     plot_runs(out, labelled, title=f"{', '.join(models)} on {', '.join(datasets)}")
-    header, lines = drop_empty_columns(*comparison_table(labelled))
+    # A run evaluated in several ways (BN statistics, test images) gets a column per way.
+    columns = [entry for label, rows in labelled for entry in labelled_series(label, rows)]
+    header, lines = drop_empty_columns(*comparison_table(columns))
     write_csv(table_path, header, [["" if value is None else value for value in line] for line in lines])
     text = [describe(label, run_dir, rows) for label, (run_dir, rows) in zip(labels, runs)]
     text += ["", _printable(header, lines), "", f"Figure: {out}", f"Table: {table_path}"]
@@ -141,7 +165,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    labels = [label.strip() for label in args.labels.split(",")] if args.labels else None
+    labels = None if args.labels is None else [label.strip() for label in args.labels.split(",")]
     try:
         print(compare(args.run_dirs, args.out, labels))
     except UserError as error:

@@ -10,6 +10,10 @@ then the keys' defaults for what is still unset, then validation. The flags ever
 shares are here; a setting's and a method's own flags, keys, checks and levels belong to
 their classes in methods/. Every user mistake raises ConfigError with one line naming the
 flag or file/key, the bad value and what is allowed.
+
+Flags and YAML files are checked before torch is imported (it takes seconds, more on a busy
+machine): nothing this module imports at its top imports torch, and what needs torch (the
+data folders' check, a checkpoint, training) is imported where it is used.
 """
 
 import argparse
@@ -17,15 +21,10 @@ import math
 import os
 import sys
 
-import torch
-
-from data.cifar import DEFAULT_DATA_DIR, data_dir_problem
 from engine import run_dir
 from engine.run_dir import RunOptions
-from engine.train import run
 from methods import DEFAULT_METHOD, METHODS, SETTINGS
 from methods.config import COMMON_KEYS, Checks, Config
-from models import MODELS
 from utils.errors import ConfigError, UsageParser, UserError, one_line, shown
 from utils.yaml_io import read_yaml
 
@@ -35,6 +34,8 @@ CONFIG_ROOT = os.path.join(REPO_ROOT, "configs")
 SCRIPTS = {setting: cls.script for setting, cls in SETTINGS.items()}
 DATASETS = ("cifar10", "imagenet")
 DATASET_MODELS = {"cifar10": ("cpreresnet20", "vgg19"), "imagenet": ("resnet18", "vgg19")}
+# The networks of models.MODELS (the registry imports torch; a test keeps the two equal).
+MODELS = sorted({model for models in DATASET_MODELS.values() for model in models})
 NORMS = ("IN", "BN", "GN")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_PIPELINES = ("auto", "tensor", "dataloader")
@@ -145,7 +146,8 @@ def build_parser(setting):
     methods = METHODS[setting]
     cls = SETTINGS[setting]
     # No abbreviations: a mistyped flag such as --learning_rat must not pass for another.
-    parser = UsageParser(prog=cls.script, description=cls.description, allow_abbrev=False)
+    parser = UsageParser(prog=cls.script, description=cls.description, allow_abbrev=False,
+                         elsewhere=other_scripts_flags(setting))
     parser.add_argument("--method", choices=list(methods),
                         help=f"training method (default: {DEFAULT_METHOD}; one of {', '.join(methods)})")
     _add_common_flags(parser)
@@ -153,6 +155,17 @@ def build_parser(setting):
         users = [name for name, method in methods.items() if method.uses_flag(flag)]
         flag.add_to(parser, users if len(users) < len(methods) else None)
     return parser
+
+
+def other_scripts_flags(setting):
+    """{flag: the other scripts that take it} for the flags the `setting` script does not have."""
+    own = set(SETTINGS[setting].setting_flags(METHODS[setting]))
+    elsewhere = {}
+    for other, cls in SETTINGS.items():
+        for name, flag in cls.setting_flags(METHODS[other]).items():
+            if other != setting and name not in own and flag.help != argparse.SUPPRESS:
+                elsewhere.setdefault(name, []).append(cls.script)
+    return elsewhere
 
 
 # -- merging -----------------------------------------------------------------------------
@@ -313,6 +326,7 @@ def _validate_data_source(c, checks):
     # explicitly must exist (a typo must not trigger a download into a new folder) and must
     # not be one of the common wrong places (a split folder, an archive, ...). The default is
     # checked when the data is read (data.cifar.load_cifar10).
+    from data.cifar import DEFAULT_DATA_DIR, data_dir_problem  # (imports torch)
     if os.path.normpath(c.data_dir) != DEFAULT_DATA_DIR:
         problem = data_dir_problem(c.data_dir)
         checks.require(problem is None, "data_dir", problem)
@@ -393,6 +407,7 @@ def main(setting, argv=None):
     config = None
     try:
         config, options = parse(setting, argv)
+        from engine.train import run  # torch, once the command is known to be right
         status = run(config, options)
     except UserError as error:
         _exit_with_error(setting, one_line(error), error.exit_code)
@@ -401,10 +416,10 @@ def main(setting, argv=None):
         # metrics are written, a directory that became read-only, ...).
         where = f"{error.filename}: " if error.filename else ""
         _exit_with_error(setting, f"{where}{error.strerror or one_line(error)}", 1)
-    except torch.cuda.OutOfMemoryError as error:  # torch.OutOfMemoryError from torch 2.5 on
-        _exit_with_error(setting, f"out of memory on the device ({one_line(error)[:200]}); try a smaller "
-                                  f"--batch_size", 1)
     except (MemoryError, RuntimeError) as error:
+        if _device_out_of_memory(error):
+            _exit_with_error(setting, f"out of memory on the device ({one_line(error)[:200]}); try a smaller "
+                                      f"--batch_size", 1)
         if not isinstance(error, MemoryError) and "can't allocate memory" not in str(error):
             raise
         _exit_with_error(setting, "out of memory on the host (a tensor could not be allocated); try a smaller "
@@ -417,6 +432,13 @@ def main(setting, argv=None):
         _exit_with_error(setting, f"interrupted (Ctrl-C) before a checkpoint could be saved; stopped at once, the "
                                   f"last checkpoint written{where}, if any, is intact (resume with --resume)", 130)
     sys.exit(status)
+
+
+def _device_out_of_memory(error):
+    """torch.cuda.OutOfMemoryError (torch.OutOfMemoryError from torch 2.5 on); torch raises it
+    only once imported."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(error, torch.cuda.OutOfMemoryError)
 
 
 def _exit_with_error(setting, message, status):

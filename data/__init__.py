@@ -86,6 +86,11 @@ class TensorTestStream:
         self.normalize = Normalizer(CIFAR_MEAN, CIFAR_STD, images.device, memory_format)
         self.num_images = len(labels)
 
+    @property
+    def num_batches(self):
+        """Batches of this process per pass (for progress displays)."""
+        return math.ceil(len(self.labels) / self.batch_size)
+
     def batches(self):
         for start in range(0, len(self.labels), self.batch_size):
             batch = slice(start, start + self.batch_size)
@@ -112,6 +117,11 @@ class LoaderTestStream:
         self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
         self.device, self.memory_format = device, memory_format
         self.num_images = len(dataset)
+
+    @property
+    def num_batches(self):
+        """Batches of this process per pass (for progress displays)."""
+        return math.ceil(len(self.indices) / self.batch_size)
 
     def batches(self):
         loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.indices,

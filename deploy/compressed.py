@@ -335,7 +335,7 @@ def read_export(path, file_format=FORMAT, version=VERSION, kind="exported model"
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such {kind}")
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        content = ckpt.load_plain_data(path)
     except Exception as error:  # torch raises many kinds for damaged files
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise CheckpointError(f"{path}: not a readable {kind} ({first[:160]})") from None

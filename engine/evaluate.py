@@ -52,8 +52,18 @@ def autocast(device, enabled):
     return contextlib.nullcontext()
 
 
+class NoProgress:
+    """What evaluate() tells a progress display (engine.train.EvaluationLog); here, nothing."""
+
+    def batch_done(self):
+        pass
+
+    def level_done(self, result):
+        pass
+
+
 @torch.no_grad()
-def test_pass(net, test, context, amp=False):
+def test_pass(net, test, context, amp=False, progress=NoProgress()):
     """(accuracy, mean loss per image, number of images) over the whole test set, each image
     counted once across processes."""
     device = context.device
@@ -64,12 +74,15 @@ def test_pass(net, test, context, amp=False):
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")
         correct = (logits.argmax(dim=1) == labels).sum()
         totals += torch.stack([correct.double(), loss.double(), torch.tensor(len(labels), device=device).double()])
+        progress.batch_done()
     correct, loss_sum, count = all_reduce_sum(totals, context).tolist()
     return correct / max(count, 1), loss_sum / max(count, 1), int(count)
 
 
-def evaluate(model, method, data, context, step, amp=False, bn_statistics=True, test_batch_bn=False):
-    """One dict per grid point: level, alpha, accuracy, loss and the method's metrics.
+def evaluate(model, method, data, context, step, amp=False, bn_statistics=True, test_batch_bn=False,
+             progress=NoProgress()):
+    """One dict per grid point: level, alpha, accuracy, loss and the method's metrics; each
+    test batch and each finished point are told to `progress`.
 
     BN statistics of the evaluated network: re-estimated on `data.calibration` when there is
     one (the model's own are restored afterwards), each test batch's own with `test_batch_bn`,
@@ -91,7 +104,7 @@ def evaluate(model, method, data, context, step, amp=False, bn_statistics=True, 
                 metrics.update(extra)
                 statistics = BNStatistics(net) if bn_statistics else None
                 with own_batch_statistics(net) if test_batch_bn else contextlib.nullcontext():
-                    accuracy, loss, count = test_pass(net, data.test, context, amp)
+                    accuracy, loss, count = test_pass(net, data.test, context, amp, progress)
                 row = {"level": point.level, "alpha": point.alpha, "accuracy": accuracy, "loss": loss,
                        "num_images": count, **metrics, "bn_calibration_images": calibrated,
                        "lec_test_batch_statistics": test_batch_bn}
@@ -100,6 +113,7 @@ def evaluate(model, method, data, context, step, amp=False, bn_statistics=True, 
                 elif statistics is not None:
                     statistics.summary()
                 results.append(row)
+                progress.level_done(row)
     finally:
         model.train(was_training)
     return results

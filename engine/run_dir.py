@@ -56,7 +56,8 @@ def locate(config, options, source):
     `source` names where an explicit save_dir came from, for errors."""
     if config.save_dir is None:
         if options.eval_only:
-            config.save_dir = os.path.dirname(os.path.abspath(options.checkpoint))
+            # As the user wrote it (relative stays relative, as for training runs).
+            config.save_dir = os.path.dirname(options.checkpoint) or os.curdir
         else:
             config.save_dir, source = default_save_dir(config), "'save_root'"
     check_directory(config.save_dir, source)

@@ -101,6 +101,8 @@ class Run:
         self.save_dir = config.save_dir
         self.progress = Progress()
         self.rows = []
+        # How long each evaluation took, kept in checkpoints: a resumed run's estimate counts them.
+        self.evaluation_seconds = []
         seed_everything(config.seed)
         self.data = build_data(config, self.device, context.rank, context.world_size)
         budget = config.get("warmup_budget")
@@ -123,7 +125,8 @@ class Run:
         return ckpt.make_payload(kind, self.config, self.model, self.progress.epoch, self.progress.global_step,
                                  self.method.warmup_iterations, optimizer=self.optimizer,
                                  progress=asdict(self.progress) if training else None,
-                                 rng=ckpt.rng_state(self.generator) if training else None)
+                                 rng=ckpt.rng_state(self.generator) if training else None,
+                                 evaluation_seconds=self.evaluation_seconds)
 
     def save_checkpoint(self):
         check_finite_weights(self.model, self.progress, self.config)
@@ -155,6 +158,7 @@ class Run:
                               self.method.warmup_iterations)
         schema.check_optimizer(payload, path, self.optimizer)
         schema.check_rng(payload, path, self.generator)
+        evaluation_seconds = schema.evaluation_seconds(payload, path)
         self.load_model_state(payload, path)
         try:  # the schema was checked; this catches what it cannot foresee
             self.optimizer.load_state_dict(payload["optimizer"])
@@ -163,8 +167,11 @@ class Run:
             raise CheckpointError(f"{path}: its optimizer or random state cannot be restored "
                                   f"({one_line(error)[:160]})") from None
         self.progress = Progress(**payload["progress"])
+        self.evaluation_seconds = evaluation_seconds
         kept = [row for row in read_rows(os.path.join(self.save_dir, METRICS)) if self._keep_on_resume(row)]
         self.rows = kept
+        _log(self.context, resumed_message(self.progress, self.config.epochs, self.data.train.steps_per_epoch, path,
+                                           evaluation_seconds))
 
     def _keep_on_resume(self, row):
         """Rows recorded after the checkpoint are dropped: the resumed run records them again."""
@@ -177,13 +184,17 @@ class Run:
 
     # -- evaluation ---------------------------------------------------------------------
     def record_evaluation(self, final=False, eval_only=False, checkpoint=None):
-        results = evaluate(self.model, self.method, self.data, self.context, self.progress.global_step,
-                           amp=self.config.amp, test_batch_bn=bool(self.config.get("lec_test_batch_statistics")))
+        log = EvaluationLog(self.context, self.method.level_name, len(self.method.eval_points()), self.data,
+                            self.progress.epoch)
+        try:
+            results = evaluate(self.model, self.method, self.data, self.context, self.progress.global_step,
+                               amp=self.config.amp, test_batch_bn=bool(self.config.get("lec_test_batch_statistics")),
+                               progress=log)
+        finally:
+            log.close()
         index = max([row["evaluation"] for row in self.rows], default=-1) + 1
-        for row in evaluation_rows(results, index, self.progress.epoch, self.progress.global_step, self.config,
-                                   self.method.level_name, self.data.num_classes, final, eval_only, checkpoint):
-            self.rows.append(row)
-            _log(self.context, _describe(row))
+        self.rows += evaluation_rows(results, index, self.progress.epoch, self.progress.global_step, self.config,
+                                     self.method.level_name, self.data.num_classes, final, eval_only, checkpoint)
         self.progress.evaluations = index + 1
         if self.context.is_main:
             update_outputs(self.save_dir, self.rows)
@@ -212,7 +223,7 @@ class Run:
             _log(self.context, f"The run in {self.save_dir} has already finished ({config.epochs} epochs).")
             return 0
         step = TrainStep(self.model, self.method, self.optimizer, self.context, config)
-        self.clock = RunClock(config, self.data.train.steps_per_epoch)
+        self.clock = RunClock(config, self.data.train.steps_per_epoch, self.evaluation_seconds)
         _log(self.context, f"Training loss shown: {LOSS_LABEL}, the mean cross-entropy of the step's forward "
                            f"passes (one per compression level trained; regulariser included)")
         with StopFlag() as stop:
@@ -376,6 +387,20 @@ def _describe(row):
     return text
 
 
+def resumed_message(progress, epochs, steps_per_epoch, path, evaluation_seconds):
+    """Where a resumed run continues (epochs counted from 1, as on the progress lines)."""
+    if progress.finished:
+        where = f"the end of the run ({epochs} epochs)"
+    else:
+        where = f"epoch {progress.epoch + 1}/{epochs}, step {progress.step_in_epoch} of {steps_per_epoch}"
+    text = f"Resumed from {where}, checkpoint {path}"
+    timed = len(evaluation_seconds)
+    if timed:
+        text += (f" ({timed} evaluation{'s' if timed > 1 else ''} timed before, "
+                 f"{format_duration(sum(evaluation_seconds) / timed)} each on average: counted in the estimate)")
+    return text
+
+
 def interrupted_message(signum, progress, steps_per_epoch, config):
     script = METHODS[config.setting][config.method].script
     if progress.step_in_epoch:
@@ -463,11 +488,13 @@ class RunClock:
     run's duration (printed once after the first few steps, then kept on the progress line).
     The first measured step is left out: it warms up (memory, kernels)."""
 
-    def __init__(self, config, steps_per_epoch):
+    def __init__(self, config, steps_per_epoch, evaluation_s=None):
         self.config, self.steps_per_epoch = config, steps_per_epoch
         self.started = time.perf_counter()
         self.base = None            # (time, global step) of the first measurement
-        self.evaluation_s = []
+        # Durations of the evaluations timed so far, before an interruption too (the run's own
+        # list, saved in its checkpoints: evaluated() appends to it).
+        self.evaluation_s = [] if evaluation_s is None else evaluation_s
         self.evaluation_since_base_s = 0.0
         self.announced = False
 
@@ -547,6 +574,39 @@ class EpochLog:
         if self.enabled:
             print(f"epoch {self.epoch + 1}/{self.epochs} done in {time.perf_counter() - self.start:.1f} s",
                   flush=True)
+
+
+class EvaluationLog:
+    """The progress of one evaluation: a line saying what it evaluates as it starts, a tqdm bar
+    over its levels' test batches on a terminal, and each level's result as it finishes."""
+
+    def __init__(self, context, level_name, num_levels, data, epoch):
+        self.enabled, self.level_name, self.bar = context.is_main, level_name, None
+        if not self.enabled:
+            return
+        batches = data.test.num_batches
+        print(f"Evaluating {num_levels} level{'s' if num_levels > 1 else ''} ({level_name}) at epoch {epoch} on "
+              f"{data.num_test} test images", flush=True)
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=num_levels * batches, desc="evaluation", unit="batch", leave=False,
+                            dynamic_ncols=True)
+
+    def batch_done(self):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def level_done(self, result):
+        if self.enabled:
+            text = _describe({**result, "level_name": self.level_name})
+            if self.bar is not None:
+                self.bar.write(text)  # above the bar
+            else:
+                print(text, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def on_main_process(context, action, save_dir):

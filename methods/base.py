@@ -9,17 +9,18 @@ levels and how a level is exported. A setting (structured_sparsity, unstructured
 quantized) is a Method subclass that holds what its methods share; a method adds only what
 differs. Keys and flags are collected along the class hierarchy, so a mixin (e.g. the line
 of LCS+L) brings its own.
+
+The modules of methods/ import torch and models/ inside the functions that train, evaluate
+or export: the command line reads the classes' keys and flags, and checks a command and its
+YAML files, before torch is imported (which takes seconds).
 """
 
 import argparse
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-import torch.nn as nn
-
 from methods.config import COMMON_KEYS, Key
 from methods.levels import cosine_squared
-from models.layers import Level, set_level
 from utils.errors import ConfigError
 
 
@@ -234,6 +235,7 @@ class Method:
 
     def apply_levels(self, model, level):
         """Set a Level on the model before a forward pass."""
+        from models.layers import set_level
         set_level(model, level)
 
     def distinct_train_levels(self):
@@ -296,6 +298,8 @@ class LineMethod:
     regularize_norms = False
 
     def regularizer(self, model):
+        import torch.nn as nn
+
         pairs = []
         for module in model.modules():
             if getattr(module, "weight1", None) is None:

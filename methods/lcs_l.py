@@ -13,8 +13,6 @@ from methods.levels import (alpha_to_bits, alpha_to_width, bits_to_alpha, decaye
 from methods.quantized import MAX_BITS, MIN_BITS, BitRange, QuantizedMethod
 from methods.structured import StructuredMethod, WidthRange
 from methods.unstructured import SampledTopK, UnstructuredMethod
-from models.factory import LayerFactory
-from models.layers import Level
 
 # Widths recorded from a legacy alpha grid are rounded to this many digits: the alphas of the
 # original's grid (0.83333, ...) stand for round widths (0.875, ...).
@@ -47,9 +45,11 @@ class LcsLStructured(LineMethod, WidthRange, StructuredMethod):
         return 2 if config.width_factor_sampling_method == "sandwich" else 1
 
     def layer_factory(self):
+        from models.factory import LayerFactory
         return LayerFactory(norm_kind=self.config.norm, body="slim", line_norms=True)
 
     def _level(self, alpha):
+        from models.layers import Level
         low, high = self.config.width_factor_limits
         return Level(alpha=alpha, width_factor=alpha_to_width(alpha, low, high))
 
@@ -68,6 +68,7 @@ class LcsLStructured(LineMethod, WidthRange, StructuredMethod):
         return round(alpha_to_width(alpha, *values.get("width_factor_limits", [0.25, 1.0])), LEGACY_WIDTH_DIGITS)
 
     def eval_levels(self, point, step):
+        from models.layers import Level
         return Level(alpha=point.alpha, width_factor=point.level)
 
 
@@ -79,6 +80,7 @@ class LcsLUnstructured(LineMethod, SampledTopK, UnstructuredMethod):
     line = True
 
     def _level(self, alpha, step):
+        from models.layers import Level
         return Level(alpha=alpha, topk=decayed_topk(alpha, step, self.warmup_iterations))
 
     def train_levels(self, step, generator):
@@ -110,6 +112,7 @@ class LcsLQuantized(LineMethod, BitRange, QuantizedMethod):
         checks.require(isinstance(config.discrete_alpha_map, bool), "discrete_alpha_map", "must be true or false")
 
     def _level(self, alpha, step=None):
+        from models.layers import Level
         bits = alpha_to_bits(alpha, self.config.min_bits, self.config.max_bits)
         act_quant = self.activation_quant(step) if step is not None else None
         return Level(alpha=alpha, num_bits=bits, act_quant=act_quant)

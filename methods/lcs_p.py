@@ -1,12 +1,9 @@
 """LCS+P: one network trained with a random compression level per batch (SPEC 0.2, 3.2)."""
 
-import torch
-
 from methods.quantized import BitRange, QuantizedMethod
 from methods.levels import sandwich, uniform
 from methods.structured import StructuredMethod, WidthRange
 from methods.unstructured import SampledTopK, UnstructuredMethod
-from models.layers import Level, quant_layers
 
 
 class LcsPStructured(WidthRange, StructuredMethod):
@@ -15,6 +12,7 @@ class LcsPStructured(WidthRange, StructuredMethod):
     name = "lcs_p"
 
     def train_levels(self, step, generator):
+        from models.layers import Level
         low, high = self.config.width_factor_limits
         return [Level(width_factor=w) for w in sandwich(low, high, self.config.width_factor_samples, generator)]
 
@@ -26,6 +24,7 @@ class LcsPUnstructured(SampledTopK, UnstructuredMethod):
     name = "lcs_p"
 
     def train_levels(self, step, generator):
+        from models.layers import Level
         low, high = self.config.alpha_sampling[:2]
         if step < self.warmup_iterations:
             return [Level(topk=high)]
@@ -39,9 +38,13 @@ class LcsPQuantized(BitRange, QuantizedMethod):
     name = "lcs_p"
 
     def bind(self, model):
+        from models.layers import quant_layers
         self.num_layers = len(quant_layers(model))
 
     def train_levels(self, step, generator):
+        import torch
+
+        from models.layers import Level
         if not self.activation_quant(step):
             return [Level(num_bits=self.config.max_bits, act_quant=False)]
         bits = torch.randint(self.config.min_bits, self.config.max_bits + 1, (self.num_layers,),

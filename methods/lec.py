@@ -1,15 +1,9 @@
 """LEC (network slimming) baseline: L1 on norm gammas, global-threshold channel pruning and
 physical slimming at evaluation, no fine-tuning (SPEC 3.5)."""
 
-import torch
-
 from methods.base import Flag, LevelRange
 from methods.config import Key
 from methods.structured import StructuredMethod
-from models import count_parameters
-from models.factory import LayerFactory
-from models.layers import Level, Norm2d
-from models.slimming import LEC_PLANS, lec_slim
 
 
 class LEC(StructuredMethod):
@@ -39,6 +33,7 @@ class LEC(StructuredMethod):
     @classmethod
     def validate_setting(cls, config, checks):
         super().validate_setting(config, checks)
+        from models.slimming import LEC_PLANS  # the networks with a slimming plan (imports torch)
         models = " or ".join(LEC_PLANS)
         checks.require(config.model in LEC_PLANS, "model", f"lec runs on {models}, got {config.model}")
         checks.non_negative("bn_update_factor", config.bn_update_factor)
@@ -48,25 +43,33 @@ class LEC(StructuredMethod):
         return LevelRange(0, 1, "fractions of norm channels kept", low_open=True)
 
     def layer_factory(self):
+        from models.factory import LayerFactory
         return LayerFactory(norm_kind=self.config.norm, body="dense")
 
     def train_levels(self, step, generator):
+        from models.layers import Level
         return [Level()]
 
     def distinct_train_levels(self):
         return 1
 
-    @torch.no_grad()
     def after_backward(self, model):
         """Sub-gradient of s * sum |gamma| on every norm weight (biases untouched)."""
-        for module in model.modules():
-            if isinstance(module, Norm2d) and module.weight.grad is not None:
-                module.weight.grad.add_(self.config.bn_update_factor * torch.sign(module.weight))
+        import torch
+
+        from models.layers import Norm2d
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, Norm2d) and module.weight.grad is not None:
+                    module.weight.grad.add_(self.config.bn_update_factor * torch.sign(module.weight))
 
     def eval_levels(self, point, step):
+        from models.layers import Level
         return Level()
 
     def eval_model(self, model, point):
+        from models import count_parameters
+        from models.slimming import lec_slim
         slim, info = lec_slim(model, self.config.model, self.num_classes, point.level)
         full, kept = count_parameters(model), count_parameters(slim)
         return slim, {"sparsity": 1 - kept / full, "params": kept,
@@ -78,5 +81,7 @@ class LEC(StructuredMethod):
 
 def model_num_classes(model):
     """Output channels of the model's last conv (its classifier)."""
+    import torch
+
     last = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
     return last.out_channels

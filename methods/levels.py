@@ -1,12 +1,15 @@
-"""Pure functions for compression levels: samplers, maps and schedules (SPEC 3.2, 3.7)."""
+"""Pure functions for compression levels: samplers, maps and schedules (SPEC 3.2, 3.7).
+
+The samplers import torch when called: the maps and the classes of methods/ that use them are
+read by the command line before torch is imported (see methods/__init__.py)."""
 
 import math
-
-import torch
 
 
 def uniform(low, high, generator):
     """One draw of U(low, high) from a torch generator."""
+    import torch
+
     return low + (high - low) * torch.rand((), generator=generator).item()
 
 
@@ -18,6 +21,8 @@ def sandwich(low, high, num_samples, generator):
 
 def sample_alpha_biased(low, high, endpoint_probability, generator):
     """With probability p an endpoint (low or high, 50/50), otherwise U(low, high)."""
+    import torch
+
     if torch.rand((), generator=generator).item() < endpoint_probability:
         return low if torch.rand((), generator=generator).item() < 0.5 else high
     return uniform(low, high, generator)
@@ -61,6 +66,8 @@ def bits_to_alpha(num_bits, min_bits, max_bits):
 
 def discrete_alpha(min_bits, max_bits, generator):
     """alpha uniform over {1/n, 2/n, ..., 1} (alpha = 0 is never drawn)."""
+    import torch
+
     n = max_bits - min_bits + 1
     return int(torch.randint(1, n + 1, (), generator=generator)) / n
 

@@ -2,7 +2,6 @@
 
 from methods.config import Key
 from methods.structured import StructuredMethod
-from models.layers import Level
 
 
 class NS(StructuredMethod):
@@ -22,6 +21,7 @@ class NS(StructuredMethod):
             checks.in_range("width_factors_list", width, 0, 1, low_open=True, what="width factors")
 
     def train_levels(self, step, generator):
+        from models.layers import Level
         return [Level(width_factor=w) for w in self.config.width_factors_list]
 
     def distinct_train_levels(self):

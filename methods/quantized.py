@@ -2,8 +2,6 @@
 
 from methods.base import Flag, LevelRange, WarmupMethod
 from methods.config import Key
-from models.factory import LayerFactory
-from models.layers import Level, quant_layers
 from utils.errors import ConfigError, number_list
 
 # The bit widths this project trains and evaluates (SPEC 3.6).
@@ -42,6 +40,7 @@ class QuantizedMethod(WarmupMethod):
     )
 
     def layer_factory(self):
+        from models.factory import LayerFactory
         # With BN the norms (folded into the quantized convs) are never on the line.
         return LayerFactory(norm_kind=self.config.norm, body="quant", num_groups=self.config.num_groups,
                             line_convs=self.line, line_norms=self.line and self.config.norm != "BN")
@@ -62,9 +61,11 @@ class QuantizedMethod(WarmupMethod):
         return step >= self.warmup_iterations
 
     def eval_levels(self, point, step):
+        from models.layers import Level
         return Level(num_bits=int(point.level))
 
     def compression_metrics(self, model, input_size):
+        from models.layers import quant_layers
         layers = quant_layers(model)
         return {"num_bits": layers[0].num_bits if layers else None,
                 "act_quant": all(bool(layer.act_range_ready) for layer in layers)}

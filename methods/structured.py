@@ -4,9 +4,6 @@ import argparse
 
 from methods.base import Flag, LevelRange, Method
 from methods.config import Key
-from models import conv_macs, profile_convs
-from models.factory import LayerFactory
-from models.layers import Level
 from utils.errors import ConfigError, number_list
 
 
@@ -73,6 +70,7 @@ class StructuredMethod(Method):
                        f"(set it to 0)")
 
     def layer_factory(self):
+        from models.factory import LayerFactory
         return LayerFactory(norm_kind=self.config.norm, body="slim")
 
     @classmethod
@@ -80,6 +78,7 @@ class StructuredMethod(Method):
         return LevelRange(0, 1, "width factors", low_open=True)
 
     def eval_levels(self, point, step):
+        from models.layers import Level
         return Level(width_factor=point.level)
 
     def compression_metrics(self, model, input_size):
@@ -89,6 +88,8 @@ class StructuredMethod(Method):
 def structured_metrics(model, input_size):
     """SPEC 3.4: params = sum over convs of max(1, round(numel * C_in/C_in_max * C_out/C_out_max));
     sparsity = 1 - params / all conv weights. Norm parameters are not counted."""
+    from models import conv_macs, profile_convs
+
     records = profile_convs(model, input_size)
     total = sum(r["full_numel"] for r in records.values())
     params = sum(max(1, round(r["full_numel"] * r["c_in"] / r["c_in_max"] * r["c_out"] / r["c_out_max"]))

@@ -2,7 +2,6 @@
 
 from methods.config import Key
 from methods.quantized import MAX_BITS, MIN_BITS, QuantizedMethod
-from models.layers import Level
 
 
 class TargetBitWidth(QuantizedMethod):
@@ -18,6 +17,7 @@ class TargetBitWidth(QuantizedMethod):
                        f"bit width must be an integer in {MIN_BITS}..{MAX_BITS}, got {config.num_bits}")
 
     def train_levels(self, step, generator):
+        from models.layers import Level
         return [Level(num_bits=self.config.num_bits, act_quant=self.activation_quant(step))]
 
     def distinct_train_levels(self):

@@ -3,7 +3,6 @@
 from methods.config import Key
 from methods.levels import decayed_topk
 from methods.unstructured import UnstructuredMethod
-from models.layers import Level
 
 
 class TargetTopK(UnstructuredMethod):
@@ -19,7 +18,9 @@ class TargetTopK(UnstructuredMethod):
         checks.in_range("topk", config.topk, 0, 1, low_open=True, what="the TopK fraction")
 
     def train_levels(self, step, generator):
+        from models.layers import Level
         return [Level(topk=decayed_topk(self.config.topk, step, self.warmup_iterations))]
 
     def eval_levels(self, point, step):
+        from models.layers import Level
         return Level(topk=decayed_topk(point.level, step, self.warmup_iterations))

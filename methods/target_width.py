@@ -5,7 +5,6 @@ compared against)."""
 from methods.base import Flag, LevelRange
 from methods.config import Key
 from methods.structured import StructuredMethod
-from models.layers import Level
 
 
 class TargetWidth(StructuredMethod):
@@ -36,6 +35,7 @@ class TargetWidth(StructuredMethod):
         return LevelRange(0, config.width_factor, "width factors", low_open=True, note="at most the trained width_factor")
 
     def train_levels(self, step, generator):
+        from models.layers import Level
         return [Level(width_factor=self.config.width_factor)]
 
     def distinct_train_levels(self):

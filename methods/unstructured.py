@@ -1,12 +1,7 @@
 """The unstructured_sparsity setting: TopK convs whose level is the fraction of weights kept."""
 
-import torch
-import torch.nn as nn
-
 from methods.base import Flag, LevelRange, WarmupMethod
 from methods.config import Key
-from models.factory import LayerFactory
-from models.layers import Level, TopKConv2d
 from utils.errors import ConfigError, number_list
 
 
@@ -55,6 +50,7 @@ class UnstructuredMethod(WarmupMethod):
         return entries + [("alpha_sampling", [lower, upper, 0.5], "--topk_lower_bound/--topk_upper_bound")]
 
     def layer_factory(self):
+        from models.factory import LayerFactory
         return LayerFactory(norm_kind=self.config.norm, body="topk", num_groups=self.config.num_groups,
                             line_convs=self.line, line_norms=self.line)
 
@@ -63,9 +59,11 @@ class UnstructuredMethod(WarmupMethod):
         return LevelRange(0, 1, "TopK fractions", low_open=True)
 
     def eval_levels(self, point, step):
+        from models.layers import Level
         return Level(topk=point.level)
 
     def export_level(self, point):
+        from models.layers import Level
         # The level itself: an export is taken after the warmup's TopK decay.
         return Level(alpha=point.alpha, topk=point.level)
 
@@ -73,15 +71,20 @@ class UnstructuredMethod(WarmupMethod):
         return unstructured_metrics(model)
 
 
-@torch.no_grad()
 def unstructured_metrics(model):
     """SPEC 3.3 from the masks actually applied: zeros in the TopK masks over all conv
     weights (endpoint 0 counted once; norms ignored). Also the effective TopK of the body."""
+    import torch
+    import torch.nn as nn
+
+    from models.layers import TopKConv2d
+
     total = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
     pruned, topk = 0, None
     for module in model.modules():
         if isinstance(module, TopKConv2d):
-            mask = module.mask()
+            with torch.no_grad():
+                mask = module.mask()
             pruned += int(mask.numel() - mask.sum().item())
             topk = module.topk
     return {"sparsity": pruned / total, "nonzero_params": total - pruned, "effective_topk": topk}

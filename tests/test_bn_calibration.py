@@ -3,6 +3,8 @@ statistics on a hand-checked network, torch's update_bn as a cross-check, the sl
 the original's test-batch mode of LEC, and the model left as it was."""
 
 import copy
+import csv
+import os
 import signal
 from types import SimpleNamespace
 
@@ -24,6 +26,7 @@ from models.bn_calibration import bn_layers, calibrate_bn, own_batch_statistics,
 from models.layers import Norm2d, SlimConv2d
 from training_params import parse
 from engine import evaluate as evaluate_module
+from utils import metrics
 from utils.distributed import Context
 from engine.evaluate import evaluate
 from unit_support import single_thread  # noqa: F401 (single_thread: autouse fixture)
@@ -276,6 +279,38 @@ def test_us_with_and_without_calibration(tiny_cifar, tmp_path):
     assert final[0][1]["loss"] != pytest.approx(final[16][1]["loss"], rel=1e-4)
     inprocess.assert_same_tensors(inprocess.load_checkpoint(runs[0] / "model_final.pt")["model"],
                                   inprocess.load_checkpoint(runs[16] / "model_final.pt")["model"])
+    assert {row["data_dir"] for row in final[0]} == {os.path.abspath(tiny_cifar)}
+
+
+def test_eval_only_with_other_bn_statistics_is_a_series_of_its_own(tiny_cifar, tmp_path, monkeypatch):
+    """The issue's case: a us run (running statistics) evaluated again at 0.3 and 1.0 with
+    re-estimated statistics keeps its own width-1.0 row; results.csv holds both, the plot draws
+    two labelled series, and only 0.3 (outside the training grid) is marked as added. An
+    --eval_only the training's way at a level of its grid adds no series and no mark."""
+    save_dir = tmp_path / "us"
+    assert inprocess.run_script("structured_sparsity", "--method", "us", *RUN_FLAGS[2:], "--epochs", 1,
+                                "--eval_width_factors", "1.0,0.5", "--data_dir", tiny_cifar,
+                                "--save_dir", save_dir) == 0
+    figures, original = [], metrics.draw_runs
+
+    def draw_and_keep(*args, **kwargs):
+        figures.append(original(*args, **kwargs))
+        return figures[-1]
+
+    monkeypatch.setattr(metrics, "draw_runs", draw_and_keep)
+    checkpoint = save_dir / "model_final.pt"
+    assert inprocess.run_script("structured_sparsity", "--eval_only", "--checkpoint", checkpoint,
+                                "--eval_width_factors", "0.3,1.0", "--bn_calibration_images", 16) == 0
+    assert inprocess.run_script("structured_sparsity", "--eval_only", "--checkpoint", checkpoint,
+                                "--eval_width_factors", "1.0") == 0
+    with open(save_dir / "results.csv", newline="") as handle:
+        table = [(float(line["level"]), line["bn_calibration_images"], line["eval_only"])
+                 for line in csv.DictReader(handle)]
+    assert table == [(0.5, "0", "False"), (1.0, "0", "False"), (0.3, "16", "True"), (1.0, "16", "True")]
+    running, calibrated = "us: BN running statistics", "us: BN re-estimated on 16 training images"
+    lines = {line.get_label(): list(line.get_xdata()) for line in figures[-1].axes[0].get_lines()}
+    assert {label: x for label, x in lines.items() if not label.startswith("chance")} == \
+        {running: [0.5, 1.0], calibrated: [0.3, 1.0], f"{calibrated}: --eval_only": [0.3]}
 
 
 @pytest.mark.parametrize("script, args, flag", [

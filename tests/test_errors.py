@@ -22,6 +22,7 @@ import hashlib
 import importlib
 import json
 import os
+import pickle
 import resource
 import shlex
 import shutil
@@ -323,6 +324,11 @@ CASES = [
     # checkpoints that load but are wrong, and files that are not regular files
     Hostile("resume_pipe", "structured", "--save_dir {save} --resume {pipe}", "{pipe}: is not a regular file"),
     Hostile("eval_dev_zero", "structured", "--eval_only --checkpoint /dev/zero --save_dir {save}", "/dev/zero"),
+    # a pickle that is no checkpoint: torch warns about its protocol before refusing it; only our line shows
+    Hostile("eval_foreign_pickle", "structured", "--eval_only --checkpoint {foreign_pickle} --save_dir {save}",
+            "{foreign_pickle}: not a readable checkpoint"),
+    Hostile("export_foreign_pickle", "export", "--checkpoint {foreign_pickle} --level 1 --out {exports}/p.pt",
+            "{foreign_pickle}: not a readable checkpoint", watch="{exports}"),
     Hostile("resume_bad_rng", "structured", "--save_dir {save} --resume {ckpt_bad_rng}", "{ckpt_bad_rng}: rng.python"),
     Hostile("resume_no_optimizer", "structured", "--save_dir {save} --resume {ckpt_no_optimizer}",
             "{ckpt_no_optimizer}: optimizer is missing"),
@@ -344,6 +350,8 @@ CASES = [
             "{ckpt_other_model_name}: model_name is 'vgg19'"),
     Hostile("resume_nan_weights", "structured", "--save_dir {save} --resume {ckpt_nan}",
             "{ckpt_nan}: non-finite weights in"),
+    Hostile("resume_bad_timing", "structured", "--save_dir {save} --resume {ckpt_bad_timing}",
+            "{ckpt_bad_timing}: evaluation_seconds is [1.0, 'x'], expected a list of durations"),
     # non-finite weights are neither evaluated nor exported
     Hostile("eval_nan_weights", "structured", "--eval_only --checkpoint {ckpt_nan_final} --save_dir {save}",
             "{ckpt_nan_final}: non-finite weights in"),
@@ -474,6 +482,9 @@ def _hostile_files(root):
         handle.write(b"epochs: 1\nnorm: \xff\xfe\n")
     p["pipe"] = str(root / "pipe")
     os.mkfifo(p["pipe"])
+    p["foreign_pickle"] = str(root / "foreign.pt")
+    with open(p["foreign_pickle"], "wb") as handle:
+        pickle.dump({"model": [1, 2, 3]}, handle, protocol=4)
     p["exports"] = str(root / "exports")
     os.makedirs(p["exports"])
     return p
@@ -531,7 +542,8 @@ def _damaged_checkpoints(payload, root):
              "ckpt_global_step_huge": edit_global_step,
              "ckpt_wrong_type": lambda ckpt: ckpt["progress"].update(finished="no"),
              "ckpt_momentum_shape": edit_momentum, "ckpt_model_not_tensor": edit_model,
-             "ckpt_other_model_name": lambda ckpt: ckpt.update(model_name="vgg19"), "ckpt_nan": edit_nan}
+             "ckpt_other_model_name": lambda ckpt: ckpt.update(model_name="vgg19"), "ckpt_nan": edit_nan,
+             "ckpt_bad_timing": lambda ckpt: ckpt.update(evaluation_seconds=[1.0, "x"])}
     p = {}
     for name, edit in edits.items():
         damaged = copy.deepcopy(payload)

@@ -15,6 +15,7 @@ import torch
 import training_params
 from utils import checkpoint as ckpt
 from utils.errors import CheckpointError, DataError, TrainingError, one_line
+from engine import train
 from engine.train import Run, TrainStep
 
 # One TopK level, 16 training images in 2 steps per epoch, 10 test images: the smallest run
@@ -142,7 +143,7 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(fault, tiny_cifar, tm
 
     monkeypatch.setattr(Run, "save_checkpoint", save_checkpoint)
     if fault == "disk_full":
-        monkeypatch.setattr(ckpt.torch, "save", torch_save_until_disk_full)
+        monkeypatch.setattr(torch, "save", torch_save_until_disk_full)
     try:
         status, lines = run_main(["--data_dir", tiny_cifar, "--save_dir", str(save_dir), *TINY_RUN], capsys)
     finally:
@@ -220,7 +221,7 @@ def test_unexpected_os_errors_are_one_line(monkeypatch, capsys):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/x/results.csv")
 
     monkeypatch.setattr(training_params, "parse", lambda setting, argv: (None, None))
-    monkeypatch.setattr(training_params, "run", full_disk)
+    monkeypatch.setattr(train, "run", full_disk)  # main imports it once the command is checked
     status, lines = run_main([], capsys)
     assert status == 1
     assert lines == ["train_unstructured.py: error: /runs/x/results.csv: No space left on device"]

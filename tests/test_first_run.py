@@ -2,8 +2,10 @@
 results.csv's fixed columns, the start-of-run evaluation that can be skipped, the thread
 count, the duration estimate, the training loss shown, the plot and the compare table."""
 
+import io
 import os
 import shutil
+import sys
 import tarfile
 from types import SimpleNamespace
 
@@ -12,10 +14,11 @@ import torch
 import torch.nn.functional as F
 
 import training_params
-from cli_helpers import assert_ok, micro_cifar, read_metrics, run_script  # noqa: F401
+from cli_helpers import MICRO_CIFAR_TEST_IMAGES, assert_ok, micro_cifar, read_metrics, run_script  # noqa: F401
 from conftest import CIFAR_CLASSES, make_image_folder
 from data.cifar import load_cifar10
 import compare_runs as compare
+from engine import evaluate as evaluate_module
 from engine import train
 from utils import metrics
 from utils.distributed import Context, choose_threads
@@ -123,6 +126,10 @@ def test_default_data_dir_with_the_copy_one_level_down_fails_before_writing(plac
     (["--eval-only"], " (did you mean --eval_only?)"),
     (["--data-dir=x"], " (did you mean --data_dir?)"),
     (["--epoch", "1", "--seeds", "3"], " (--epoch: did you mean --epochs?; --seeds: did you mean --seed?)"),
+    # A flag of another setting names the script that takes it.
+    (["--eval_topk_grid", "0.5"], " (--eval_topk_grid is a flag of train_unstructured.py)"),
+    (["--epoch", "1", "--bit_width", "4"],
+     " (--epoch: did you mean --epochs?; --bit_width is a flag of train_quantized.py)"),
     (["--frobnicate"], ""),
 ])
 def test_unknown_flags_get_the_closest_valid_flag(argv, hint, capsys):
@@ -135,8 +142,8 @@ def test_unknown_flags_get_the_closest_valid_flag(argv, hint, capsys):
 # -- results.csv and the start-of-run evaluation -----------------------------------------
 # The documented column order (docs/outputs.md), whatever the setting, method or evaluation.
 COLUMNS = ["evaluation", "epoch", "step", "setting", "method", "model", "dataset", "norm", "num_classes",
-           "level_name", "level", "alpha", "accuracy", "loss", "num_images", "sparsity", "num_bits", "act_quant",
-           "conv_params", "macs", "nonzero_params", "effective_topk", "params", "channel_floor_applied",
+           "level_name", "level", "alpha", "accuracy", "loss", "num_images", "data_dir", "sparsity", "num_bits",
+           "act_quant", "conv_params", "macs", "nonzero_params", "effective_topk", "params", "channel_floor_applied",
            "bn_calibration_images", "lec_test_batch_statistics", "final", "eval_only", "checkpoint"]
 RUN_ARGS = ("--norm", "BN", "--epochs", 1, "--eval_width_factors", "1,0.25")
 
@@ -160,14 +167,17 @@ def read_table(path):
         return list(csv.reader(handle))
 
 
-def test_results_csv_columns_stay_put_after_eval_only(runs, tmp_path):
+def test_results_csv_columns_stay_put_after_eval_only(runs, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     shutil.copytree(runs[0] / "default", run_dir)
     before = read_table(run_dir / "results.csv")
     assert before[0] == COLUMNS and all(len(line) == len(COLUMNS) for line in before)
     assert [line[COLUMNS.index("level")] for line in before[1:]] == ["0.25", "1.0"]
-    assert_ok(run_script(SCRIPT, "--eval_only", "--checkpoint", run_dir / "model_final.pt",
-                         "--eval_width_factors", "0.3"))
+    monkeypatch.chdir(tmp_path)  # a relative checkpoint path: its files are named as given, as training does
+    result = run_script(SCRIPT, "--eval_only", "--checkpoint", os.path.join("run", "model_final.pt"),
+                        "--eval_width_factors", "0.3")
+    assert_ok(result)
+    assert "\nFiles in run:\n" in result.stdout
     after = read_table(run_dir / "results.csv")
     assert after[0] == COLUMNS and all(len(line) == len(COLUMNS) for line in after)
     column = {name: [line[COLUMNS.index(name)] for line in after[1:]] for name in COLUMNS}
@@ -187,12 +197,57 @@ def test_the_start_of_run_evaluation_can_be_skipped(runs):
     assert [(row["epoch"], row["final"]) for row in default] == [(0, False)] * 2 + [(1, True)] * 2
     assert [(row["epoch"], row["final"]) for row in skipped] == [(1, True)] * 2
     assert outputs["default"].index("Test (") < outputs["default"].index("epoch 1/1")
+    # The evaluation says what it does before its first level is done (on 10 test images).
+    assert outputs["default"].index(f"Evaluating 2 levels (width_factor) at epoch 0 on {MICRO_CIFAR_TEST_IMAGES} "
+                                    f"test images") < outputs["default"].index("Test (")
     assert outputs["skipped"].index("epoch 1/1") < outputs["skipped"].index("Test (")
     assert training_params.read_yaml(root / "skipped" / "config.yaml")["eval_at_start"] is False
     # Evaluating changes nothing of the training: the same model and final accuracies either way.
     models = [torch.load(root / name / "model_final.pt", weights_only=True)["model"] for name in ("default", "skipped")]
     assert all(torch.equal(models[0][key], models[1][key]) for key in models[0])
     assert [row["accuracy"] for row in skipped] == [row["accuracy"] for row in default[2:]]
+
+
+def test_each_level_is_printed_as_it_finishes(runs, tmp_path, monkeypatch):
+    """What was printed when each level's test pass began: the evaluation's first line, then
+    one line more per level finished."""
+    printed = []
+    original = evaluate_module.test_pass
+
+    def test_pass(*args, **kwargs):
+        printed.append(sys.stdout.getvalue())  # run_script prints into a StringIO
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "test_pass", test_pass)
+    result = run_script(SCRIPT, "--eval_only", "--checkpoint", runs[0] / "default" / "model_final.pt",
+                        "--eval_width_factors", "1,0.5,0.25", "--save_dir", tmp_path / "eval")
+    assert_ok(result)
+    assert len(printed) == 3 and printed[0].endswith(f"Evaluating 3 levels (width_factor) at epoch 1 on "
+                                                     f"{MICRO_CIFAR_TEST_IMAGES} test images\n")
+    assert [text.count("Test (") for text in printed] == [0, 1, 2]
+    assert "Test (width_factor = 1, alpha = 1): loss " in printed[1]
+
+
+def test_evaluation_bar_on_a_terminal(monkeypatch, capsys):
+    """On a terminal a bar counts the test batches of every level; the levels' lines go above it."""
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    data = SimpleNamespace(test=SimpleNamespace(num_batches=3), num_test=30)
+    log = train.EvaluationLog(Context(), "num_bits", 2, data, epoch=4)
+    for level in (3, 8):
+        for _ in range(3):
+            log.batch_done()
+        log.level_done({"level": level, "alpha": None, "loss": 2.0, "accuracy": 0.5})
+    assert log.bar.n == 6 and log.bar.total == 6
+    log.close()
+    assert capsys.readouterr().out == ("Evaluating 2 levels (num_bits) at epoch 4 on 30 test images\n"
+                                       "Test (num_bits = 3): loss 2.0000 | accuracy 50.00%\n"
+                                       "Test (num_bits = 8): loss 2.0000 | accuracy 50.00%\n")
+    assert "evaluation:" in terminal.getvalue() and "/6" in terminal.getvalue()
 
 
 def test_progress_lines_show_the_labelled_loss_per_pass(runs):
@@ -253,6 +308,25 @@ def test_run_clock_estimates_from_the_pace_after_the_first_step(monkeypatch):
     assert clock.seconds_left(SimpleNamespace(global_step=6, epoch=0), said.append) == pytest.approx(14 * 2 + 60)
     assert said == ["Estimated duration of the run: 2 min 13 s (2 epochs of 10 steps at 2 s per step, "
                     "2 more evaluations: 30 s each)"]
+
+
+def test_a_resumed_run_clock_counts_the_evaluations_timed_before(monkeypatch):
+    """Resumed after its epoch-0 evaluation (40 s, in the checkpoint), a run estimates its later
+    evaluations at that pace without timing one again."""
+    now = [100.0]
+    monkeypatch.setattr(train.time, "perf_counter", lambda: now[0])
+    timed = [40.0]
+    clock = train.RunClock(SimpleNamespace(epochs=2, test_freq=1), steps_per_epoch=10, evaluation_s=timed)
+    said = []
+    for step in range(3, 10):
+        clock.seconds_left(SimpleNamespace(global_step=step, epoch=0), said.append)
+        now[0] += 1.0
+    # Announced at step 8: 5 s since the first measured step (step 3), 12 steps left at 1 s and
+    # two evaluations at 40 s: 5 + 12 + 80 = 97 s.
+    assert said == ["Estimated duration of the run: 1 min 37 s (2 epochs of 10 steps at 1 s per step, "
+                    "2 more evaluations: 40 s each)"]
+    clock.evaluated(20.0)
+    assert timed == [40.0, 20.0]  # the run's list: saved with its next checkpoint
 
 
 # -- the plot and the compare table ----------------------------------------------------------

@@ -114,8 +114,9 @@ def mount_tmpfs(directory, size):
 
 
 def fill(directory):
-    """Write into `directory` until its file system is full (unbuffered: every byte that fits lands)."""
-    with open(directory / "filler", "wb", buffering=0) as handle:
+    """Write into `directory` until its file system is full (unbuffered: every byte that fits lands;
+    appending: a second call takes what was freed since)."""
+    with open(directory / "filler", "ab", buffering=0) as handle:
         for size in (65536, 1):
             try:
                 while True:
@@ -137,8 +138,8 @@ def torch_writer_failure(payload, handle, *args, **kwargs):
 @pytest.mark.slow
 @pytest.mark.parametrize("disk", ["tmpfs", "simulated"])
 def test_full_disk_is_one_line_and_keeps_the_previous_files(disk, micro_cifar, tmp_path, monkeypatch):
-    """The second checkpoint of a run, an export and a comparison are written to a full disk:
-    one line each, the previous checkpoint intact, no temporary file left."""
+    """The second checkpoint of a run, an export, a comparison and an --eval_only are written to
+    a full disk: one line each, the previous files intact, no temporary file left."""
     root = tmp_path / "disk"
     mounted = disk == "tmpfs" and mount_tmpfs(root, "8m")
     if disk == "tmpfs" and not mounted:
@@ -157,7 +158,7 @@ def test_full_disk_is_one_line_and_keeps_the_previous_files(disk, micro_cifar, t
                 if mounted:
                     fill(root)
                 else:
-                    monkeypatch.setattr(ckpt.torch, "save", torch_writer_failure)
+                    monkeypatch.setattr(torch, "save", torch_writer_failure)
             return original_save(self)
 
         monkeypatch.setattr(Run, "save_checkpoint", save_checkpoint)
@@ -179,6 +180,14 @@ def test_full_disk_is_one_line_and_keeps_the_previous_files(disk, micro_cifar, t
             status, line = tool_error(compare.main, [str(save_dir), "--out", str(root / "compare.png")])
             assert status == 1 and "compare.png: could not be written (No space left on device)" in line
             assert hidden_temporaries(root) == []
+            # --eval_only into the full run directory (its lock file cannot record the holder either)
+            rows = (save_dir / "metrics.jsonl").read_bytes()
+            fill(root)  # what the failed writes above gave back
+            result = run_script(SCRIPT, "--eval_only", "--checkpoint", save_dir / ckpt.LAST)
+            assert result.returncode == 1
+            one_error_line(result, f"{save_dir / 'metrics.jsonl'}: could not be written (No space left on device)")
+            assert (save_dir / "metrics.jsonl").read_bytes() == rows
+            assert hidden_temporaries(save_dir) == [] and not (save_dir / LOCK_FILE).exists()
     finally:
         if mounted:
             subprocess.run(["umount", str(root)], check=True)

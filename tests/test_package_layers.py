@@ -1,6 +1,7 @@
 """The package's layers: imports point one way and form no cycle.
 
-    entry scripts (train_*.py, compare_runs.py, benchmarks/)
+    experiments/ (reproduce.py, over the entry scripts)
+      -> entry scripts (train_*.py, compare_runs.py, benchmarks/)
       -> command line (training_params)
       -> engine/ (loop, evaluation, run directory)      deploy/ (export), beside it
       -> methods/ -> models/, and data/
@@ -12,11 +13,14 @@ cannot hide behind a function-local import.
 
 import ast
 import os
+import subprocess
+import sys
 
 from conftest import REPO
 
 # Top to bottom; a module may import from its own package or from a lower layer.
 LAYERS = [
+    {"experiments"},  # reproduce.py runs the entry scripts and compares their runs
     {"train_structured", "train_unstructured", "train_quantized", "compare_runs", "benchmarks"},
     {"training_params"},
     {"engine", "deploy"},
@@ -110,6 +114,40 @@ def test_no_import_cycle():
 
     for module in sorted(graph):
         visit(module)
+
+
+# In a fresh interpreter: a mistyped flag, a bad YAML value and a value out of range are
+# answered (exit status 2) without torch ever being imported (it takes seconds).
+TORCH_FREE_ANSWERS = """
+import sys
+import training_params
+for argv in (["--epoch", "3"], ["--config", sys.argv[1]], ["--epochs", "0"], ["--eval_topk_grid", "0.5"]):
+    try:
+        training_params.main("structured_sparsity", argv)
+    except SystemExit as stop:
+        assert stop.code == 2, (argv, stop.code)
+    else:
+        raise AssertionError(f"{argv} was accepted")
+print(sorted(name for name in ("torch", "numpy", "models", "data") if name in sys.modules))
+"""
+
+
+def test_flags_and_yaml_are_checked_before_torch_is_imported(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("weight_decay: 1e-4\n")
+    done = subprocess.run([sys.executable, "-c", TORCH_FREE_ANSWERS, str(bad_yaml)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    errors = done.stderr.splitlines()
+    assert len(errors) == 4 and "did you mean --epochs?" in errors[0] and "write 1.0e-4" in errors[1], errors
+    assert done.stdout.strip() == "[]"
+
+
+def test_the_command_lines_model_names_are_the_registrys():
+    import training_params
+    from models import MODELS
+
+    assert training_params.MODELS == sorted(MODELS)
 
 
 def test_the_check_finds_a_cycle_and_an_upward_import(tmp_path):

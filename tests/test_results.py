@@ -48,11 +48,34 @@ def test_latest_results_merges_levels_evaluated_later_on_the_same_model():
             row(1, 20, 1.0, 0.6, final=True), row(1, 20, 0.5, 0.4, final=True),
             row(2, 20, 0.033, 0.2, eval_only=True), row(3, 20, 0.5, 0.45, eval_only=True)]
     latest = latest_results(rows)
-    assert [(r["level"], r["accuracy"]) for r in latest] == [(0.033, 0.2), (0.5, 0.45), (1.0, 0.6)]
-    # An evaluation of another model state (an earlier step) or other test images stands alone.
+    # A level evaluated again the same way keeps its first row: nothing is replaced.
+    assert [(r["level"], r["accuracy"]) for r in latest] == [(0.033, 0.2), (0.5, 0.4), (1.0, 0.6)]
+    # An evaluation of another model state (an earlier step) stands alone.
     assert [r["level"] for r in latest_results(rows + [row(4, 10, 0.25, 0.3, eval_only=True)])] == [0.25]
-    assert [r["level"] for r in latest_results(rows + [row(4, 20, 0.25, 0.3, num_images=50)])] == [0.25]
     assert latest_results([]) == []
+
+
+@pytest.mark.parametrize("field, other", [("num_images", 50), ("data_dir", "/elsewhere"),
+                                          ("bn_calibration_images", 512), ("lec_test_batch_statistics", True)])
+def test_evaluations_made_differently_are_series_of_their_own(field, other):
+    """The same model evaluated another way (other test images, BN statistics) keeps every row,
+    as a second series labelled by what differs; a level of the training grid is not marked."""
+    way = {"data_dir": "/data", "bn_calibration_images": 0, "lec_test_batch_statistics": False}
+    rows = [row(1, 20, 0.5, 0.4, final=True, **way), row(1, 20, 1.0, 0.6, final=True, **way),
+            row(2, 20, 1.0, 0.7, eval_only=True, **{**way, field: other}),
+            row(2, 20, 0.25, 0.3, eval_only=True, **{**way, field: other})]
+    latest = latest_results(rows)
+    assert [(r["level"], r["accuracy"]) for r in latest] == [(0.5, 0.4), (1.0, 0.6), (0.25, 0.3), (1.0, 0.7)]
+    texts = {"num_images": ["100 test images", "50 test images"], "data_dir": ["data /data", "data /elsewhere"],
+             "bn_calibration_images": ["BN running statistics", "BN re-estimated on 512 training images"],
+             "lec_test_batch_statistics": ["BN running statistics", "BN statistics of each test batch"]}[field]
+    assert [(label, [r["level"] for r in rows]) for label, rows in metrics.labelled_series("us", latest)] == \
+        [(f"us: {texts[0]}", [0.5, 1.0]), (f"us: {texts[1]}", [0.25, 1.0])]
+    figure = metrics.draw_runs([("us", latest)])
+    lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
+    assert list(lines[f"us: {texts[1]}"].get_ydata()) == pytest.approx([30, 70])
+    assert list(lines[f"us: {texts[1]}: --eval_only"].get_xdata()) == [0.25]  # 1.0 was in the training grid
+    assert f"{texts[0]}:\n" in format_table(latest) and f"{texts[1]}:\n" in format_table(latest)
 
 
 def test_results_csv_and_plot_after_an_evaluation(tmp_path):
@@ -63,15 +86,16 @@ def test_results_csv_and_plot_after_an_evaluation(tmp_path):
     table = read_csv(tmp_path / metrics.RESULTS)
     # Every column of every setting, in a fixed order; empty where a metric does not apply.
     assert table[0] == ["evaluation", "epoch", "step", "setting", "method", "model", "dataset", "norm",
-                        "num_classes", "level_name", "level", "alpha", "accuracy", "loss", "num_images", "sparsity",
+                        "num_classes", "level_name", "level", "alpha", "accuracy", "loss", "num_images", "data_dir",
+                        "sparsity",
                         "num_bits", "act_quant", "conv_params", "macs", "nonzero_params", "effective_topk", "params",
                         "channel_floor_applied", "bn_calibration_images", "lec_test_batch_statistics", "final",
                         "eval_only", "checkpoint"]
     assert table[1:] == [
         ["1", "2", "20", "unstructured_sparsity", "lcs_l", "cpreresnet20", "cifar10", "GN", "", "topk", "0.05", "",
-         "0.25", "1.5", "100", "0.5", "", "", "", "", "", "0.05", "", "", "", "", "False", "False", ""],
+         "0.25", "1.5", "100", "", "0.5", "", "", "", "", "", "0.05", "", "", "", "", "False", "False", ""],
         ["1", "2", "20", "unstructured_sparsity", "lcs_l", "cpreresnet20", "cifar10", "GN", "", "topk", "1.0", "",
-         "0.75", "1.5", "100", "0.5", "", "", "", "", "", "1.0", "", "", "", "", "False", "False", ""]]
+         "0.75", "1.5", "100", "", "0.5", "", "", "", "", "", "1.0", "", "", "", "", "False", "False", ""]]
     plot = tmp_path / metrics.PLOT
     assert png_size(plot) == (640, 440)  # figsize 6.4 x 4.4 inches at 100 dpi
     assert 5_000 < os.path.getsize(plot) < 200_000
@@ -206,6 +230,20 @@ def test_compare_default_labels_tell_runs_apart(tmp_path):
     assert compare.default_labels(runs) == [f"us [{first}]", f"us [{second}]", "lcs_l"]
 
 
+def test_compare_gives_each_series_of_a_run_its_columns(tmp_path):
+    directory = tmp_path / "us"
+    os.makedirs(directory)
+    write_rows(str(directory / metrics.METRICS),
+               [row(0, 40, 1.0, 0.5, final=True, bn_calibration_images=0),
+                row(1, 40, 1.0, 0.6, eval_only=True, bn_calibration_images=64)])
+    out = tmp_path / "cmp.png"
+    compare.main([str(directory), "--out", str(out), "--labels", "us"])
+    table = read_csv(tmp_path / "cmp.csv")
+    assert table[0][3::2] == ["us: BN running statistics: accuracy", "us: BN re-estimated on 64 training images: "
+                                                                      "accuracy"]
+    assert table[1][3::2] == ["0.5", "0.6"]
+
+
 def test_compare_errors_are_one_line(tmp_path, capsys):
     good = synthetic_run(tmp_path / "good", "structured_sparsity", "width_factor", "us", [1.0])
     (tmp_path / "empty").mkdir()
@@ -215,6 +253,10 @@ def test_compare_errors_are_one_line(tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "metrics.jsonl").write_text('{not json\n')
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    (deep / "metrics.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    other = synthetic_run(tmp_path / "other", "structured_sparsity", "width_factor", "lcs_l", [1.0])
     out = str(tmp_path / "fig.png")
     cases = [
         ([str(tmp_path / "missing"), "--out", out], f"{tmp_path / 'missing'}: no such run directory"),
@@ -224,6 +266,13 @@ def test_compare_errors_are_one_line(tmp_path, capsys):
         ([good, "--out", str(tmp_path / "fig.pdf")], "must name a .png file"),
         ([good, "--out", str(tmp_path / "nowhere" / "fig.png")], "does not exist"),
         ([good, "--out", out, "--labels", "a,b"], "--labels: 2 labels for 1 run directories"),
+        ([str(deep), "--out", out], f"{deep / 'metrics.jsonl'}:1: nested too deeply to be a metrics row"),
+        ([good, other, "--out", out, "--labels", "a,a"], "--labels: 'a' is given twice"),
+        ([good, other, "--out", out, "--labels", "a, "], "--labels: label 2 of 2 is empty"),
+        ([good, other, "--out", out, "--labels", ","], "--labels: label 1 of 2 is empty"),
+        ([good, "--out", out, "--labels", ""], "--labels: label 1 of 1 is empty"),
+        ([good, other, good, "--out", out], f"{good}: given twice; give each run directory once"),
+        ([good, good + os.sep, "--out", out], f"{good + os.sep}: given twice (the same directory as {good})"),
         ([good], "the following arguments are required: --out"),
     ]
     for argv, message in cases:

@@ -109,6 +109,8 @@ def test_run_resumed_after_first_epoch_equals_uninterrupted_run(name, straight_r
     # A signal during the final evaluation lets the run finish.
     with signal_during_final_evaluation(signum):
         assert run_script(setting, *flags, "--resume") == 0
+    assert f"Resumed from epoch 2/2, step 0 of {STEPS_PER_EPOCH}, checkpoint {save_dir / ckpt.LAST} (1 evaluation " \
+           f"timed before, " in capsys.readouterr().out
     assert read_rows(save_dir) == straight_rows
     assert_same_tensors(load_checkpoint(save_dir / ckpt.FINAL)["model"],
                         load_checkpoint(straight / ckpt.FINAL)["model"])
@@ -125,15 +127,17 @@ def to_legacy_config(config):
     return config
 
 
-def test_run_directory_written_before_level_unit_grids_resumes(tiny_cifar, tmp_path):
-    """A run directory whose checkpoint and config.yaml hold an LCS+L grid in alpha (as
-    earlier versions wrote them) resumes, and ends as the uninterrupted run does."""
+def test_run_directory_written_before_level_unit_grids_resumes(tiny_cifar, tmp_path, capsys):
+    """A run directory whose checkpoint and config.yaml hold an LCS+L grid in alpha and no
+    evaluation timings (as earlier versions wrote them) resumes, says where, and ends as the
+    uninterrupted run does."""
     flags = (*COMMON, "--norm", "BN", "--eval_width_factors", "1,0.625,0.25", "--data_dir", tiny_cifar)
     straight, legacy = tmp_path / "straight", tmp_path / "legacy"
     assert run_script("structured_sparsity", *flags, "--save_dir", straight) == 0
     with signal_during_step(STEPS_PER_EPOCH + 1, signal.SIGTERM):
         assert run_script("structured_sparsity", *flags, "--save_dir", legacy) == 143
     payload = load_checkpoint(legacy / ckpt.LAST)
+    assert len(payload.pop("evaluation_seconds")) == 2  # epochs 0 and 1 were evaluated
     payload["config"] = to_legacy_config(payload["config"])
     assert payload["config"]["alpha_grid"] == [1.0, 0.5, 0.0]
     ckpt.save(str(legacy / ckpt.LAST), payload)
@@ -141,7 +145,11 @@ def test_run_directory_written_before_level_unit_grids_resumes(tiny_cifar, tmp_p
 
     config, _ = parse("structured_sparsity", ["--config", str(legacy / "config.yaml")])
     assert config.eval_param_grid == [1.0, 0.625, 0.25] and not config.has("alpha_grid")
+    capsys.readouterr()
     assert run_script("structured_sparsity", "--save_dir", legacy, "--resume") == 0
+    # Interrupted in the second step of epoch 2 (after the step, at 2 of 4).
+    assert f"Resumed from epoch 2/2, step 2 of {STEPS_PER_EPOCH}, checkpoint {legacy / ckpt.LAST}\n" in \
+        capsys.readouterr().out
     assert read_rows(legacy) == read_rows(straight)
     assert [row["alpha"] for row in read_rows(legacy)][:3] == [1.0, 0.5, 0.0]
     assert_same_tensors(load_checkpoint(legacy / ckpt.FINAL)["model"],

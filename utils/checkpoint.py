@@ -4,16 +4,19 @@ A checkpoint is a dict that `torch.load(path, weights_only=True)` reads back:
   format, kind ("training" or "model"), setting, method, model_name, config (plain dict),
   model (state dict, no `module.` prefix; BN statistics and quantizer ranges included),
   epoch, global_step, warmup_iterations and, for training checkpoints, optimizer,
-  progress (epoch, step_in_epoch, global_step, evaluated_epoch, evaluations, finished) and
-  rng (Python, NumPy, torch, CUDA, the level sampler's generator).
+  progress (epoch, step_in_epoch, global_step, evaluated_epoch, evaluations, finished),
+  rng (Python, NumPy, torch, CUDA, the level sampler's generator) and evaluation_seconds
+  (how long each evaluation timed so far took; absent from older checkpoints).
+
+torch and NumPy are imported by the functions that read or write tensors: the command line
+imports this module (through the run directory's rules) before torch, to check a command in
+well under a second.
 """
 
 import os
 import random
 import stat
-
-import numpy as np
-import torch
+import warnings
 
 from utils.atomic import atomic_write  # noqa: F401  (callers write through this module)
 from utils.errors import CheckpointError
@@ -24,14 +27,16 @@ FINAL = "model_final.pt"
 
 
 def make_payload(kind, config, model, epoch, global_step, warmup_iterations, optimizer=None, progress=None,
-                 rng=None):
+                 rng=None, evaluation_seconds=()):
     """The checkpoint dict (see the module docstring) of a Config, a model and where the run
-    stands; `kind` "training" adds the optimiser, progress and RNG states."""
+    stands; `kind` "training" adds the optimiser, progress and RNG states and the durations of
+    the evaluations timed so far."""
     payload = {"format": FORMAT, "kind": kind, "setting": config.setting, "method": config.method,
                "model_name": config.model, "config": config.to_dict(), "model": model.state_dict(),
                "epoch": epoch, "global_step": global_step, "warmup_iterations": warmup_iterations}
     if kind == "training":
-        payload.update({"optimizer": optimizer.state_dict(), "progress": progress, "rng": rng})
+        payload.update({"optimizer": optimizer.state_dict(), "progress": progress, "rng": rng,
+                        "evaluation_seconds": list(evaluation_seconds)})
     return payload
 
 
@@ -40,6 +45,8 @@ def save(path, payload):
 
 
 def _write_payload(path, payload):
+    import torch
+
     # Through a Python file: torch's zip writer turns a failed write (ENOSPC, EIO) into a
     # RuntimeError whose context is the file's OSError, which atomic_write reports.
     with open(path, "wb") as handle:
@@ -58,13 +65,24 @@ def load(path, map_location="cpu"):
     """The checkpoint dict, or CheckpointError saying what is wrong with the file."""
     require_regular_file(path, "checkpoint")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = load_plain_data(path, map_location)
     except Exception as error:  # a foreign or damaged file fails deep inside torch.load in many ways
         first = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or damaged? {first[:160]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or not isinstance(payload.get("model"), dict):
         raise CheckpointError(f"{path}: not a checkpoint of this project (no format-{FORMAT} header)")
     return payload
+
+
+def load_plain_data(path, map_location="cpu"):
+    """torch.load(path, weights_only=True) without torch's UserWarnings about the file (a
+    foreign pickle gets "Detected pickle protocol 4 ..." before failing): a file that fails is
+    reported by the caller in one line, and one that loads needs no note."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def require_regular_file(path, what):
@@ -102,6 +120,9 @@ def state_mismatch(expected, found):
 
 # -- RNG state as plain data -------------------------------------------------------------
 def rng_state(generator):
+    import numpy as np
+    import torch
+
     kind, keys, position, has_gauss, cached = np.random.get_state()
     version, python_state, gauss = random.getstate()
     state = {
@@ -117,6 +138,9 @@ def rng_state(generator):
 
 
 def restore_rng_state(state, generator):
+    import numpy as np
+    import torch
+
     version, python_state, gauss = state["python"]
     random.setstate((version, tuple(python_state), gauss))
     numpy_state = state["numpy"]

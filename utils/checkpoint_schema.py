@@ -80,6 +80,20 @@ def check_counters(payload, path, epochs):
         require_int(path, "warmup_iterations", warmup, 0, 2**62)
 
 
+# More evaluations than any run makes (at most one per epoch, and 100,000 epochs).
+MAX_TIMED_EVALUATIONS = 100_001
+
+
+def evaluation_seconds(payload, path):
+    """evaluation_seconds: how long each evaluation timed before this checkpoint took, for the
+    estimate of a resumed run's duration; [] for checkpoints written before it was stored."""
+    seconds = payload.get("evaluation_seconds", [])
+    if not isinstance(seconds, list) or len(seconds) > MAX_TIMED_EVALUATIONS or not all(
+            isinstance(s, numbers.Real) and not isinstance(s, bool) and math.isfinite(s) and s >= 0 for s in seconds):
+        _fail(path, "evaluation_seconds", f"is {shown(seconds)}, expected a list of durations (seconds >= 0)")
+    return [float(s) for s in seconds]
+
+
 def check_progress(payload, path, epochs, steps_per_epoch, warmup_iterations):
     """progress: the position in training, consistent with the epoch count and the data."""
     progress = payload.get("progress")

@@ -56,7 +56,12 @@ def one_line(error):
 
 class UsageParser(argparse.ArgumentParser):
     """An argument parser whose usage errors are one line on stderr with exit status 2
-    (argparse's default prints the whole usage block first)."""
+    (argparse's default prints the whole usage block first). `elsewhere`: {flag: the other
+    commands that take it}, named when one of those flags is given here."""
+
+    def __init__(self, *args, elsewhere=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.elsewhere = elsewhere or {}
 
     def error(self, message):
         if len(message) > MAX_MESSAGE:  # e.g. an "invalid int value" of 5,000 digits
@@ -66,7 +71,7 @@ class UsageParser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         parsed, unknown = self.parse_known_args(args, namespace)
         if unknown:
-            self.error(unrecognized_message(unknown, self.flag_names()))
+            self.error(unrecognized_message(unknown, self.flag_names(), self.elsewhere))
         return parsed
 
     def flag_names(self):
@@ -91,15 +96,24 @@ def closest_flag(given, flags):
     return spelled[matches[0]] if matches else None
 
 
-def unrecognized_message(unknown, flags):
-    """argparse's "unrecognized arguments" line, with a suggestion for each mistyped flag."""
-    hints = [(token.split("=", 1)[0], closest_flag(token, flags)) for token in unknown if token.startswith("--")]
-    hints = [(token, suggestion) for token, suggestion in hints if suggestion]
+def unrecognized_message(unknown, flags, elsewhere=None):
+    """argparse's "unrecognized arguments" line, with a hint for each flag: the command that
+    takes it (a flag of another command in `elsewhere`), else the closest valid flag."""
+    elsewhere = elsewhere or {}
+    hints = []  # (the hint alone, the hint among others)
+    for token in unknown:
+        name = token.split("=", 1)[0]
+        if name in elsewhere:
+            text = f"{name} is a flag of {' and '.join(elsewhere[name])}"
+            hints.append((text, text))
+        elif token.startswith("--") and closest_flag(token, flags):
+            text = f"did you mean {closest_flag(token, flags)}?"
+            hints.append((text, f"{name}: {text}"))
     message = f"unrecognized arguments: {' '.join(unknown)}"
     if len(hints) == 1:
-        return f"{message} (did you mean {hints[0][1]}?)"
+        return f"{message} ({hints[0][0]})"
     if hints:
-        return f"{message} ({'; '.join(f'{token}: did you mean {suggestion}?' for token, suggestion in hints)})"
+        return f"{message} ({'; '.join(among for _, among in hints)})"
     return message
 
 

@@ -1,5 +1,6 @@
 """Run outputs: metrics.jsonl (every evaluation), results.csv and the plot (the latest
-results, see latest_results), and the summary table printed at the end of training."""
+results, see latest_results: one series per way of evaluating), and the summary table printed
+at the end of training."""
 
 import csv
 import io
@@ -17,8 +18,8 @@ PLOT = "accuracy_vs_compression.png"
 # (a cell is empty where a metric does not apply); docs/outputs.md describes them. Every
 # scalar a metrics row holds must have its column here (write_results_csv checks).
 RESULT_COLUMNS = ("evaluation", "epoch", "step", "setting", "method", "model", "dataset", "norm", "num_classes",
-                  "level_name", "level", "alpha", "accuracy", "loss", "num_images", "sparsity", "num_bits",
-                  "act_quant", "conv_params", "macs", "nonzero_params", "effective_topk", "params",
+                  "level_name", "level", "alpha", "accuracy", "loss", "num_images", "data_dir", "sparsity",
+                  "num_bits", "act_quant", "conv_params", "macs", "nonzero_params", "effective_topk", "params",
                   "channel_floor_applied", "bn_calibration_images", "lec_test_batch_statistics", "final",
                   "eval_only", "checkpoint")
 # alpha is rounded in results.csv (metrics.jsonl keeps full precision).
@@ -27,10 +28,13 @@ CSV_DIGITS = {"alpha": 4}
 ROW_TYPES = {"evaluation": (int,), "epoch": (int,), "step": (int,), "setting": (str,), "method": (str,),
              "model": (str,), "dataset": (str,), "norm": (str,), "level_name": (str,), "level": (float,),
              "accuracy": (float,), "num_images": (int,), "final": (bool,), "loss": (float, None),
-             "alpha": (float, None), "sparsity": (float, None)}
-ROW_KEYS = set(ROW_TYPES) - {"loss", "alpha", "sparsity"}
-# Rows that agree on these describe the same model evaluated on the same test images.
-MODEL_STATE_KEYS = ("step", "setting", "method", "model", "dataset", "norm", "num_images")
+             "alpha": (float, None), "sparsity": (float, None),
+             # how the evaluation was made (PROTOCOL); absent from rows written before each was recorded
+             "data_dir": (str, None), "bn_calibration_images": (int, None), "lec_test_batch_statistics": (bool, None)}
+ROW_KEYS = set(ROW_TYPES) - {"loss", "alpha", "sparsity", "data_dir", "bn_calibration_images",
+                             "lec_test_batch_statistics"}
+# Rows that agree on these describe the same model.
+MODEL_STATE_KEYS = ("step", "setting", "method", "model", "dataset", "norm")
 AXIS_LABELS = {"width_factor": "width factor", "topk": "TopK fraction kept (log scale)", "num_bits": "bit width"}
 # TopK grids crowd the low end (0.025 ... 0.2 of 14 points); a log axis spreads them.
 AXIS_SCALES = {"topk": "log"}
@@ -40,13 +44,14 @@ LOG_TICKS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 def evaluation_rows(results, index, epoch, step, config, level_name, num_classes, final=False, eval_only=False,
                     checkpoint=None):
     """The metrics rows of one evaluation (one per level): where the run stood, what was
-    trained, then the evaluation's results."""
+    trained, then the evaluation's results and the test images' directory."""
+    data_dir = os.path.abspath(config.imagenet_dir if config.dataset == "imagenet" else config.data_dir)
     rows = []
     for result in results:
         row = {"evaluation": index, "epoch": epoch, "step": step, "setting": config.setting,
                "method": config.method, "model": config.model, "dataset": config.dataset, "norm": config.norm,
-               "num_classes": num_classes, "level_name": level_name, **result, "final": final,
-               "eval_only": eval_only}
+               "num_classes": num_classes, "level_name": level_name, **result, "data_dir": data_dir,
+               "final": final, "eval_only": eval_only}
         if eval_only:
             row["checkpoint"] = os.path.abspath(checkpoint)
         row.setdefault("sparsity", None)
@@ -77,6 +82,8 @@ def _parse_row(path, number, line):
         row = json.loads(line)
     except json.JSONDecodeError as error:
         raise DataError(f"{path}:{number}: not a JSON line ({error.msg})") from None
+    except RecursionError:  # a hostile line such as [[[[...]]]] nested 100,000 deep
+        raise DataError(f"{path}:{number}: nested too deeply to be a metrics row of this project") from None
     if not isinstance(row, dict) or not ROW_KEYS <= set(row):
         raise DataError(f"{path}:{number}: not a metrics row of this project")
     for key, kinds in ROW_TYPES.items():
@@ -132,18 +139,67 @@ def write_rows(path, rows):
     write_text(path, "".join(json.dumps(strict_row(row), allow_nan=False) + "\n" for row in rows))
 
 
+def bn_statistics_text(row):
+    if row.get("lec_test_batch_statistics"):
+        return "BN statistics of each test batch"
+    images = row.get("bn_calibration_images")
+    if images is None:  # rows written before it was recorded
+        return "BN statistics not recorded"
+    return f"BN re-estimated on {images} training images" if images else "BN running statistics"
+
+
+# How an evaluation was made, beyond which model: rows that differ in one of these aspects
+# were measured differently and form another series, never merged with or replacing the
+# others. {aspect: (its value in a row, its description)}; a row without a field (written
+# before it was recorded) has None there.
+PROTOCOL = {
+    "bn": (lambda row: (row.get("bn_calibration_images"), row.get("lec_test_batch_statistics")),
+           bn_statistics_text),
+    "data_dir": (lambda row: row.get("data_dir"), lambda row: f"data {row.get('data_dir') or 'not recorded'}"),
+    "num_images": (lambda row: row["num_images"], lambda row: f"{row['num_images']} test images"),
+}
+
+
+def protocol(row):
+    return tuple(value(row) for value, _ in PROTOCOL.values())
+
+
+def series(rows):
+    """The rows of one model split by how they were evaluated (PROTOCOL): a list of series, in
+    the order each first appears, each one row per level sorted by level. Within a series a
+    level keeps its first row: a later one is the same measurement again (e.g. --eval_only at a
+    level of the training grid)."""
+    groups = {}
+    for row in rows:
+        groups.setdefault(protocol(row), {}).setdefault(row["level"], row)
+    return [sorted(by_level.values(), key=lambda row: row["level"]) for by_level in groups.values()]
+
+
+def series_texts(groups):
+    """What tells each series of `groups` apart from the others ('' when there is one)."""
+    varying = [index for index in range(len(PROTOCOL)) if len({protocol(rows[0])[index] for rows in groups}) > 1]
+    describe = [text for _, text in PROTOCOL.values()]
+    return [", ".join(describe[index](rows[0]) for index in varying) for rows in groups]
+
+
+def labelled_series(label, rows):
+    """[(label, rows)] of each series of `rows` (one model), the label extended by what
+    differs where there are several."""
+    groups = series(rows)
+    if len(groups) == 1:
+        return [(label, groups[0])]
+    return [(f"{label}: {text}" if label else text, group) for text, group in zip(series_texts(groups), groups)]
+
+
 def latest_results(rows):
-    """One row per level for the model of the most recent evaluation, sorted by level: that
-    evaluation's rows, plus levels that earlier evaluations of the same model added (e.g.
-    --eval_only at new levels after the final evaluation). For each level the most recent row."""
+    """The results of the model of the most recent evaluation: that evaluation's rows, plus the
+    levels that other evaluations of the same model added (e.g. --eval_only at new levels after
+    the final evaluation), as series (see `series`) one after the other."""
     if not rows:
         return []
     state = [rows[-1].get(key) for key in MODEL_STATE_KEYS]
-    by_level = {}
-    for row in rows:
-        if [row.get(key) for key in MODEL_STATE_KEYS] == state:
-            by_level[row["level"]] = row
-    return sorted(by_level.values(), key=lambda row: row["level"])
+    same_model = [row for row in rows if [row.get(key) for key in MODEL_STATE_KEYS] == state]
+    return [row for group in series(same_model) for row in group]
 
 
 def csv_cell(key, value):
@@ -180,9 +236,11 @@ def plot_runs(path, runs, title=None):
 
 
 def draw_runs(runs, title=None):
-    """Accuracy against level, one line per run: runs = [(label, rows, one per level)], with
-    levels added by --eval_only as hollow markers and chance accuracy dashed. Runs of
-    different settings (width factor / TopK / bit width) get side-by-side axes."""
+    """Accuracy against level, one line per run and series: runs = [(label, rows of one model,
+    e.g. latest_results)]; a run evaluated in several ways (see `series`) gets a line per way,
+    labelled by what differs. Levels outside the grid evaluated in training (added by
+    --eval_only) are hollow markers, chance accuracy is dashed. Runs of different settings
+    (width factor / TopK / bit width) get side-by-side axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,15 +256,10 @@ def draw_runs(runs, title=None):
     for axes, level_name in zip(all_axes[0], level_names):
         shown = [(label, [row for row in rows if row["level_name"] == level_name]) for label, rows in runs]
         shown = [(label, rows) for label, rows in shown if rows]
-        for label, rows in shown:
-            rows = sorted(rows, key=lambda row: row["level"])
-            line, = axes.plot([row["level"] for row in rows], [100 * row["accuracy"] for row in rows], marker="o",
-                              markersize=4, label=label)
-            added = [row for row in rows if row.get("eval_only")]
-            if added:  # levels evaluated later with --eval_only: hollow markers
-                axes.plot([row["level"] for row in added], [100 * row["accuracy"] for row in added], linestyle="",
-                          marker="o", markersize=8, markerfacecolor="white", markeredgecolor=line.get_color(),
-                          label=f"{label}: --eval_only" if label else "--eval_only")
+        for run_label, run_rows in shown:
+            trained = {row["level"] for row in run_rows if not row.get("eval_only")}
+            for label, rows in labelled_series(run_label, run_rows):
+                _draw_series(axes, label, rows, trained)
         chances = sorted({chance for _, rows in shown for chance in [chance_accuracy(rows[0])] if chance})
         for chance in chances:
             axes.axhline(100 * chance, color="gray", linestyle="--", linewidth=1,
@@ -225,6 +278,18 @@ def draw_runs(runs, title=None):
         figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     return figure
+
+
+def _draw_series(axes, label, rows, trained):
+    """One series as a line; its levels outside the `trained` grid (added by --eval_only) as
+    hollow markers."""
+    line, = axes.plot([row["level"] for row in rows], [100 * row["accuracy"] for row in rows], marker="o",
+                      markersize=4, label=label)
+    added = [row for row in rows if row.get("eval_only") and row["level"] not in trained]
+    if added:
+        axes.plot([row["level"] for row in added], [100 * row["accuracy"] for row in added], linestyle="",
+                  marker="o", markersize=8, markerfacecolor="white", markeredgecolor=line.get_color(),
+                  label=f"{label}: --eval_only" if label else "--eval_only")
 
 
 def _log_axis(axes, levels):
@@ -287,9 +352,17 @@ def _format(value, digits=4):
 
 def format_table(rows):
     """A compact text table of one model's results: level, (alpha,) accuracy, loss, and
-    sparsity or whether activations were quantized."""
+    sparsity or whether activations were quantized; one per series, each under what tells it
+    apart, where the model was evaluated in several ways."""
     if not rows:
         return ""
+    groups = series(rows)
+    if len(groups) > 1:
+        return "\n\n".join(f"{text}:\n{_series_table(group)}" for text, group in zip(series_texts(groups), groups))
+    return _series_table(rows)
+
+
+def _series_table(rows):
     # Sparsity for the sparsity settings; for quantized models, whether activations were quantized.
     extra = "act_quant" if rows[0].get("act_quant") is not None else "sparsity"
     has_alpha = any(row.get("alpha") is not None for row in rows)

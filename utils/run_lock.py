@@ -73,13 +73,14 @@ class RunDirLock:
         command = " ".join(os.path.basename(arg) if index == 0 else arg for index, arg in enumerate(sys.argv))
         text = (f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                 f"{command}")[:400]
+        # Unbuffered: a write that fails (a full disk) leaves nothing pending that closing the
+        # handle would try again and fail on. The lock holds all the same; the message then
+        # names no holder.
         try:
-            self.handle.seek(0)
-            self.handle.truncate()
-            self.handle.write(text + "\n")
-            self.handle.flush()
+            os.ftruncate(self.handle.fileno(), 0)
+            os.write(self.handle.fileno(), (text + "\n").encode())
         except OSError:
-            pass  # a full disk: the lock holds all the same, the message names no holder
+            pass
 
     def release(self):
         """Remove the lock file, then unlock (the reverse order would let a newcomer lock a
