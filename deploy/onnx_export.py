@@ -167,6 +167,7 @@ def integer_convs(model, num_bits):
     upper end moves from the float input to the uint8 codes. Weight codes are stored as uint8
     (signed code + 128), whose ConvInteger kernel is the fast one in ONNX Runtime. A conv whose
     input is not quantized (no recorded range) keeps a float conv of its dequantized int8 codes."""
+    import onnx
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -212,10 +213,14 @@ def integer_convs(model, num_bits):
         w_zero = add_constant(np.uint8(int(w_zero_point) + UINT8_SHIFT), stem + "_zero_point")
         scale = add_constant(np.float32(x_scale * w_scale), conv.name + "_scale")
         out = conv.name + "_out"
+        # Cast and Mul, not an int32 DequantizeLinear: ONNX Runtime's QDQ propagation moves a
+        # DequantizeLinear past the Reshape of a following GroupNorm and scrambles its output
+        # (onnxruntime 1.32: 26 % identical predictions on a GroupNorm network at 8 bits).
         nodes = [helper.make_node("ConvInteger", [x_codes, w_codes, x_zero_point, w_zero], [out + "_int32"],
                                   name=conv.name, **{a.name: helper.get_attribute_value(a) for a in conv.attribute}),
-                 helper.make_node("DequantizeLinear", [out + "_int32", scale], [out + "_scaled"],
-                                  name=conv.name + "_scale")]
+                 helper.make_node("Cast", [out + "_int32"], [out + "_float"], name=conv.name + "_cast",
+                                  to=onnx.TensorProto.FLOAT),
+                 helper.make_node("Mul", [out + "_float", scale], [out + "_scaled"], name=conv.name + "_scale")]
         if len(conv.input) > 2 and conv.input[2]:
             bias = add_constant(constant(conv.input[2]).reshape(1, -1, 1, 1).astype(np.float32), conv.name + "_bias")
             nodes.append(helper.make_node("Add", [out + "_scaled", bias], [out + "_biased"], name=conv.name + "_add"))
