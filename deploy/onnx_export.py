@@ -78,8 +78,10 @@ class QDQConv2d(nn.Module):
     likewise): QuantizeLinear's saturation at 0 is the grid's lower end, and below 8 bits a
     Clip before it holds the upper end (integer_convs moves it after QuantizeLinear)."""
 
-    def __init__(self, layer, num_bits, codes=None):
+    def __init__(self, layer, num_bits, codes=None, integer=False):
         super().__init__()
+        self.integer = integer  # the graph's integer arithmetic (a reference for the check), not QDQ
+        self.top_code = 2 ** num_bits - 1
         self.stride, self.padding = layer.stride, layer.padding
         self.norm = None if layer.folds_bn else layer.norm
         with torch.no_grad():
@@ -103,7 +105,24 @@ class QDQConv2d(nn.Module):
                 top = 2 ** num_bits - 1
                 self.act = (a_scale, a_zero_point, None if num_bits == 8 else (top - a_zero_point) * a_scale)
 
+    def integer_arithmetic(self, x):
+        """What the rewritten graph (integer_convs) computes, in torch: input codes by division
+        (as QuantizeLinear, where torch's fake-quant multiplies by the reciprocal), the integer
+        sum exact (float64 holds it), scaled once in float32, the bias added in float32."""
+        scale, zero_point, top = self.act
+        codes = torch.clamp(torch.round(x / torch.tensor(scale)) + zero_point, 0, 255)
+        if top is not None:
+            codes = torch.clamp(codes, max=self.top_code)
+        weight_codes = torch.round(self.weight / torch.tensor(self.w_scale, dtype=self.weight.dtype))
+        sums = F.conv2d((codes - zero_point).double(), weight_codes.double(), None, self.stride, self.padding)
+        out = sums.float() * (torch.tensor(scale) * torch.tensor(self.w_scale))
+        if self.bias is not None:
+            out = out + self.bias.reshape(1, -1, 1, 1)
+        return self.norm(out) if self.norm is not None else out
+
     def forward(self, x):
+        if self.integer and self.act is not None:
+            return self.integer_arithmetic(x)
         weight = self.weight
         if self.act is not None:
             scale, zero_point, top = self.act
@@ -125,10 +144,12 @@ def without_activation_quantization(model):
     return model
 
 
-def traceable(model, content):
-    """The exported network with each quantized conv replaced by its QDQ form (a copy)."""
+def traceable(model, content, integer=False):
+    """The exported network with each quantized conv replaced by its QDQ form (a copy); with
+    `integer`, by the integer arithmetic of the rewritten graph instead (not traceable: the
+    reference the check compares ONNX Runtime with)."""
     codes = weight_codes(content)
-    replacements = {name: QDQConv2d(module, content["num_bits"], codes.get(name))
+    replacements = {name: QDQConv2d(module, content["num_bits"], codes.get(name), integer)
                     for name, module in model.named_modules() if isinstance(module, QuantConv2d)}
     if not replacements:
         return model
@@ -280,43 +301,74 @@ def run_session(onnx_session, images):
     return torch.from_numpy(onnx_session.run(None, {INPUT_NAME: images.numpy()})[0])
 
 
-# What an ONNX Runtime model must reproduce. Float graphs differ from torch only in the order of
-# float operations. In quantized graphs an activation that lands on the other side of a rounding
-# boundary (ONNX Runtime divides by the scale, torch multiplies by its reciprocal; torch sums in
-# float, ConvInteger in int32) moves by one quantization step, and that change propagates: rare
-# but amplified by barely trained networks (a 1-epoch cPreResNet20 run, 1,000 CIFAR-10 test
-# images: logits within 0.2-4.4 % of the largest at 8..3 bits, 99.0-100 % identical predictions).
-FLOAT_TOLERANCE = 1e-4      # max |logit difference| / max |logit|
-QDQ_TOLERANCE = 0.1
-MIN_AGREEMENT = 0.99        # fraction of identical predictions (QDQ graphs)
+# How ONNX Runtime's logits are judged against torch's. Differences are measured in units of the
+# spread of the torch logits (the root mean square over images of their standard deviation over
+# classes), a scale that does not collapse when a near-chance network's logits are nearly equal
+# (its largest logit then measures their common offset, and its predictions noise). Float graphs
+# differ from torch only in the order of float operations: every image must agree to
+# FLOAT_TOLERANCE. A quantized graph computes in integers where the torch model sums dequantized
+# values in float and multiplies by the reciprocal of a scale where QuantizeLinear divides: now
+# and then an activation lands one quantization step away, and the step propagates through the
+# layers, in a barely trained GroupNorm network at 3 bits by a sixth of the spread on the median
+# image. So a quantized graph is judged against a torch reference of its own integer arithmetic
+# (QDQConv2d.integer_arithmetic), which it reproduces to float rounding: the median image within
+# QDQ_TOLERANCE (a wrong graph, with the codes of a neighbouring bit width, activations on another
+# grid or unquantized, moves it by 0.2 to 5 spreads); and against the torch model within
+# MODEL_TOLERANCE, a guard against a mistake the reference and the graph would share. Identical
+# predictions with the torch model are reported beside, never judged.
+FLOAT_TOLERANCE = 1e-3      # float graphs: max over images of max |logit difference|, in spreads
+QDQ_TOLERANCE = 0.03        # quantized: median over images of max |logit difference| to the reference
+MODEL_TOLERANCE = 0.5       # quantized: the same to the torch model
 
 
 @torch.no_grad()
 def compare(onnx_session, model, images, batch_size=256):
-    """Max |logit difference| relative to the largest |logit|, and the fraction of identical
-    predictions, of ONNX Runtime against the torch model on `images`."""
-    differences, scales, agreements = [], [], []
+    """ONNX Runtime against the torch model on `images`: the largest and the median per-image
+    max |logit difference| in units of the spread of the torch logits, that spread, and the
+    fraction of identical predictions."""
+    differences, expected_all, agreements = [], [], []
     for batch in images.split(batch_size):
         expected, actual = model(batch), run_session(onnx_session, batch)
-        differences.append(float((expected - actual).abs().max()))
-        scales.append(float(expected.abs().max()))
+        differences.append((expected - actual).abs().amax(1))
+        expected_all.append(expected)
         agreements.append((expected.argmax(1) == actual.argmax(1)).float())
-    return {"relative_difference": max(differences) / max(max(scales), 1e-12),
-            "agreement": float(torch.cat(agreements).mean()), "images": len(images)}
+    expected = torch.cat(expected_all)
+    spread = max(float(expected.std(1).pow(2).mean().sqrt()) if expected.shape[1] > 1 else 0.0, 1e-12)
+    per_image = torch.cat(differences) / spread
+    return {"max_difference": float(per_image.max()), "typical_difference": float(per_image.median()),
+            "spread": spread, "agreement": float(torch.cat(agreements).mean()), "images": len(images)}
 
 
 def validate(path, model, content, images, name=None):
-    """Check an ONNX file against the torch model at its level; the comparison, or a DeployError
-    naming `name` (default: the path)."""
+    """Check an ONNX file against the torch model at its level (see the tolerances above): the
+    comparison with the model, with "reference" the one with the integer reference (quantized
+    graphs), or a DeployError naming `name` (default: the path)."""
     quantized = bool(content.get("quantized") and content["quantized"]["names"])
-    tolerance = QDQ_TOLERANCE if quantized else FLOAT_TOLERANCE
-    result = compare(session(path), model, images)
-    result.update(tolerance=tolerance, min_agreement=MIN_AGREEMENT if quantized else 1.0)
-    if result["relative_difference"] > tolerance or result["agreement"] < result["min_agreement"]:
-        raise DeployError(f"{name or path}: ONNX Runtime does not reproduce the model (logits differ by "
-                          f"{result['relative_difference']:.2e} of the largest, tolerance {tolerance:g}; "
-                          f"{100 * result['agreement']:.1f} % identical predictions)")
+    onnx_session = session(path)
+    result = compare(onnx_session, model, images)
+    if quantized:
+        result["reference"] = compare(onnx_session, traceable(model, content, integer=True), images)
+        failed = not (result["reference"]["typical_difference"] <= QDQ_TOLERANCE
+                      and result["typical_difference"] <= MODEL_TOLERANCE)  # also refuses NaN
+    else:
+        failed = not result["max_difference"] <= FLOAT_TOLERANCE
+    if failed:
+        raise DeployError(f"{name or path}: ONNX Runtime does not reproduce the model ({describe_agreement(result)})")
     return result
+
+
+def describe_agreement(result):
+    """The comparison in words: the figures judged, their tolerances, identical predictions."""
+    model = (f"the torch model: median image {result['typical_difference']:.2g}, largest {result['max_difference']:.2g}"
+             f" spreads of its logits ({result['spread']:.3g})")
+    if "reference" in result:
+        reference = result["reference"]
+        text = (f"logits within {reference['typical_difference']:.2g} spreads of the integer reference on the median "
+                f"image (tolerance {QDQ_TOLERANCE:g}; largest {reference['max_difference']:.2g}); against {model}, "
+                f"tolerance {MODEL_TOLERANCE:g} for the median")
+    else:
+        text = f"logits against {model}, tolerance {FLOAT_TOLERANCE:g} for the largest"
+    return f"{text}; {100 * result['agreement']:.1f} % identical predictions on {result['images']} images"
 
 
 def conv_kernels(path, optimized_path):
@@ -385,8 +437,7 @@ def write_checked(content, path, data_dir=None, count=256):
         for leftover in (scratch, scratch + ".optimized"):
             if os.path.exists(leftover):
                 os.remove(leftover)
-    lines = [f"ONNX Runtime on {source}: logits within {result['relative_difference']:.1e} of the largest "
-             f"(tolerance {result['tolerance']:g}), {100 * result['agreement']:.2f} % identical predictions"]
+    lines = [f"ONNX Runtime on {source}: {describe_agreement(result)}"]
     if kernels:
         counts = {kind: sum(1 for value in kernels.values() if value == kind) for kind in ("integer", "qdq-float")}
         lines.append(f"quantized convs: {counts['integer']} run as integer convolutions (ConvInteger), "
