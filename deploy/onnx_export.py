@@ -21,6 +21,7 @@ onnx and onnxruntime are imported here only, when a function needs them
 
 import copy
 import math
+import os
 
 import numpy as np
 import torch
@@ -29,7 +30,8 @@ import torch.nn.functional as F
 
 from models.layers import QuantConv2d
 from models.quant import affine_params, grid_limits
-from utils.errors import UserError
+from utils.atomic import atomic_write, remove_stale_temporaries, temporary_path
+from utils.errors import OutputError, UserError
 from deploy.compressed import build_exported
 from deploy.packing import unpack_bits
 
@@ -37,6 +39,7 @@ OPSET = 17
 # uint8 weight codes = int8 codes + this (ONNX Runtime's u8 x u8 ConvInteger is its fast one).
 UINT8_SHIFT = 128
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
+OPTIMIZED = ".optimized"  # suffix of the optimised graph ONNX Runtime writes while checking
 
 
 class DeployError(UserError):
@@ -413,30 +416,34 @@ def check_images(content, data_dir, count, seed=0):
     return torch.randn(count, 3, size, size, generator=generator), f"{count} random images"
 
 
-def write_checked(content, path, data_dir=None, count=256):
+def write_checked(content, path, data_dir=None, count=256, name=None):
     """Export `content` (a per-level export) to ONNX at `path`, check it with ONNX Runtime, and
-    return lines describing it; nothing is left at `path` when export or check fails."""
-    import os
-    import tempfile
-
-
+    return lines describing it. The file is written through utils.atomic (a temporary file
+    renamed once the check has passed): a failed write is an OutputError of one line, a failed
+    check keeps its own DeployError (naming `name`, default the path), and neither leaves
+    anything at `path` or beside it."""
     require_onnx()
-    directory = os.path.dirname(os.path.abspath(path))
     model = build_exported(content, path)
     if content.get("quantized") and not content["quantized"]["names"]:
         without_activation_quantization(model)
     images, source = check_images(content, data_dir, count)
-    handle, scratch = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
-    os.close(handle)
-    try:
-        export_onnx(model, content, scratch)
-        result = validate(scratch, model, content, images, name=path)
-        kernels = conv_kernels(scratch, scratch + ".optimized") if content.get("quantized") else {}
-        os.replace(scratch, path)
-    finally:
-        for leftover in (scratch, scratch + ".optimized"):
-            if os.path.exists(leftover):
-                os.remove(leftover)
+    checked = {}
+
+    def write(temporary):
+        export_onnx(model, content, temporary)
+        checked["result"] = validate(temporary, model, content, images, name=name or path)
+        if content.get("quantized"):
+            # ONNX Runtime writes its optimised graph to a file: a temporary of the same pattern.
+            optimized = temporary_path(path + OPTIMIZED)
+            try:
+                checked["kernels"] = conv_kernels(temporary, optimized)
+            finally:
+                if os.path.exists(optimized):
+                    os.remove(optimized)
+
+    remove_stale_temporaries(os.path.dirname(os.path.abspath(path)), name=os.path.basename(path) + OPTIMIZED)
+    atomic_write(path, write, failure=OutputError)
+    result, kernels = checked["result"], checked.get("kernels", {})
     lines = [f"ONNX Runtime on {source}: {describe_agreement(result)}"]
     if kernels:
         counts = {kind: sum(1 for value in kernels.values() if value == kind) for kind in ("integer", "qdq-float")}

@@ -291,3 +291,142 @@ def test_the_int32_dequantize_linear_form_is_refused_after_a_group_norm(tmp_path
     with pytest.raises(DeployError, match="does not reproduce"):
         validate(out, model, content, CHECK_IMAGES)
 
+
+# -- ONNX and subspace writes: one line, exit status 2, nothing left behind -----------------
+def export_argv(path, out, kind):
+    if kind == "onnx":
+        return ["--checkpoint", path, "--level", "0.5", "--format", "onnx", "--out", str(out), "--check_images", "8"]
+    return ["--checkpoint", path, "--subspace", "--out", str(out)]
+
+
+def one_line_error(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("deploy.export: error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path):
+    """A directory this process cannot create files in: read-only by its mode, or, for root (whom
+    modes do not stop), sysfs, which refuses new files to everyone."""
+    directory = tmp_path / "read_only"
+    directory.mkdir()
+    directory.chmod(0o555)
+    try:
+        (directory / "probe").touch()
+    except OSError:
+        yield directory
+    else:
+        (directory / "probe").unlink()
+        with pytest.raises(OSError):  # else there is no directory to test with
+            open("/sys/lcs_probe", "w").close()
+        yield "/sys"
+    directory.chmod(0o755)
+
+
+@pytest.mark.parametrize("kind", ["onnx", "subspace"])
+def test_write_to_an_unwritable_directory_is_one_line(tmp_path, capsys, unwritable_dir, kind):
+    path, *_ = make_checkpoint(tmp_path, "structured_sparsity", "us")
+    before = sorted(os.listdir(unwritable_dir))
+    err = one_line_error(capsys, export_argv(path, os.path.join(str(unwritable_dir), "model.out"), kind))
+    assert "model.out: could not be written (" in err
+    assert sorted(os.listdir(unwritable_dir)) == before
+
+
+@pytest.mark.parametrize("kind", ["onnx", "subspace"])
+def test_full_disk_is_one_line_and_keeps_the_previous_file(tmp_path, capsys, monkeypatch, kind):
+    """ENOSPC halfway through the file (simulated: the writer writes some bytes, then fails as a
+    full file system does)."""
+    import errno
+
+    import deploy.onnx_export
+    from utils import checkpoint
+
+    def fill_then_fail(*args):
+        with open(args[-1] if kind == "onnx" else args[0], "wb") as handle:
+            handle.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    path, *_ = make_checkpoint(tmp_path, "structured_sparsity", "us")
+    out = tmp_path / "out" / "model.out"
+    out.parent.mkdir()
+    out.write_bytes(b"previous")
+    if kind == "onnx":
+        monkeypatch.setattr(deploy.onnx_export, "export_onnx", fill_then_fail)
+    else:
+        monkeypatch.setattr(checkpoint, "_write_payload", fill_then_fail)
+    err = one_line_error(capsys, export_argv(path, out, kind))
+    assert f"{out}: could not be written (No space left on device); the previous version, if any, is intact" in err
+    assert os.listdir(out.parent) == ["model.out"] and out.read_bytes() == b"previous"
+
+
+@pytest.mark.parametrize("kind", ["onnx", "subspace", "pt"])
+def test_a_directory_as_out_is_one_line(tmp_path, capsys, kind):
+    path, *_ = make_checkpoint(tmp_path, "structured_sparsity", "us")
+    target = tmp_path / "target"
+    target.mkdir()
+    argv = (export_argv(path, target, kind) if kind != "pt"
+            else ["--checkpoint", path, "--level", "0.5", "--out", str(target)])
+    err = one_line_error(capsys, argv)
+    assert f"--out {target}: is a directory; give the name of the file to write" in err
+    assert os.listdir(target) == []
+
+
+def test_onnx_and_pt_exports_get_the_same_file_mode(tmp_path):
+    path, *_ = make_checkpoint(tmp_path, "structured_sparsity", "us")
+    main(["--checkpoint", path, "--level", "0.5", "--out", str(tmp_path / "m.pt")])
+    main(export_argv(path, tmp_path / "m.onnx", "onnx"))
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {name: os.stat(tmp_path / name).st_mode & 0o777 for name in ("m.pt", "m.onnx")}
+    assert modes == {"m.pt": 0o666 & ~umask, "m.onnx": 0o666 & ~umask}
+
+
+@pytest.mark.slow
+def test_a_killed_onnx_export_leaves_a_temporary_the_next_write_removes(tmp_path):
+    """SIGKILL while the ONNX file is being checked (a temporary beside --out): the temporary's
+    name is the one utils.atomic removes, and the next export to that file removes it."""
+    import signal
+    import time
+
+    from utils.atomic import TEMPORARY
+
+    path, *_ = make_checkpoint(tmp_path, "structured_sparsity", "us")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    argv = export_argv(path, out_dir / "model.onnx", "onnx")
+    argv[-1] = "10000"  # a long check: time to see the temporary
+    process = subprocess.Popen([sys.executable, "-m", "deploy.export", *argv], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, seen = time.monotonic() + 600, []
+    while not seen and process.poll() is None and time.monotonic() < deadline:
+        seen = [name for name in os.listdir(out_dir) if TEMPORARY.match(name)]
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert seen and TEMPORARY.match(seen[0])["name"] == "model.onnx", os.listdir(out_dir)
+    assert not (out_dir / "model.onnx").exists()
+    main(export_argv(path, out_dir / "model.onnx", "onnx"))
+    assert os.listdir(out_dir) == ["model.onnx"]
+
+
+def test_benchmark_check_errors_name_the_checkpoint_and_level(tmp_path, monkeypatch):
+    """benchmarks/deploy.py exports into a temporary directory: a refused check names the
+    checkpoint and the level, not that directory's file."""
+    import deploy.onnx_export
+    from deploy.measure import onnx_runners
+
+    path, payload, *_ = make_checkpoint(tmp_path, "structured_sparsity", "us")
+    content = export_model(ckpt.load(path), 0.5)
+    real_compare = deploy.onnx_export.compare
+
+    def far_off(*args, **kwargs):
+        return dict(real_compare(*args, **kwargs), max_difference=1.0)
+    monkeypatch.setattr(deploy.onnx_export, "compare", far_off)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with pytest.raises(DeployError) as error:
+        onnx_runners([("0.5", None, 0, content)], str(scratch), 1, path)
+    assert str(error.value).startswith(f"{path} (level 0.5): ONNX Runtime does not reproduce the model")
+    assert str(scratch) not in str(error.value) and os.listdir(scratch) == []
