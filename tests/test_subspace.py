@@ -229,3 +229,36 @@ def test_check_images_with_a_pt_export_is_refused(tmp_path, capsys):
         assert "--check_images 100: checks ONNX exports only; give it with --format onnx" in err
     assert not (tmp_path / "x.pt").exists()
 
+
+@pytest.mark.slow
+def test_load_subspace_works_outside_the_repository_after_pip_install_e(tmp_path, stored_subspace):
+    """The documented way, `pip install -e .`, then `from deploy import load_subspace` in an
+    application's own folder: a fresh virtual environment that sees this Python's packages (torch
+    is not installed again: --no-deps), a fresh process in a folder outside the repository,
+    PYTHONPATH unset. Before the install the import fails there, as it did for users."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    venv, app = tmp_path / "venv", tmp_path / "app"
+    app.mkdir()
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True,
+                   timeout=300, env=env)
+    python = str(venv / "bin" / "python")
+    code = ("import deploy, torch\nfrom deploy import load_subspace\n"
+            f"model = load_subspace({stored_subspace[0]!r}).at(0.5)\n"
+            "print(tuple(model(torch.zeros(1, 3, 32, 32)).shape), deploy.__file__)\n")
+
+    def application():
+        return subprocess.run([python, "-c", code], cwd=app, capture_output=True, text=True, timeout=300, env=env)
+    before = application()
+    assert before.returncode != 0 and "No module named 'deploy'" in before.stderr, before.stderr
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-deps",
+                              "--no-build-isolation", "--no-index", "-e", repo],
+                             capture_output=True, text=True, timeout=600, env=env)
+    assert install.returncode == 0, install.stderr
+    after = application()
+    assert after.returncode == 0, after.stderr
+    assert after.stdout.split()[:2] == ["(1,", "10)"]
+    assert after.stdout.split()[2] == os.path.join(repo, "deploy", "__init__.py")
