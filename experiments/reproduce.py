@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,7 +38,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from utils.atomic import atomic_write  # noqa: E402
+from utils.checkpoint import write_text  # noqa: E402
 from utils.errors import ConfigError, UsageParser, UserError, one_line  # noqa: E402
 from utils.metrics import METRICS, latest_results, read_rows  # noqa: E402
 from utils.yaml_io import read_yaml  # noqa: E402
@@ -273,7 +274,7 @@ def read_record(run_dir):
 
 def write_record(run_dir, record):
     text = json.dumps(record, indent=1, sort_keys=True) + "\n"
-    atomic_write(os.path.join(run_dir, RECORD), lambda path: open(path, "w", encoding="utf-8").write(text))
+    write_text(os.path.join(run_dir, RECORD), text)
 
 
 def last_log_line(path):
@@ -303,7 +304,7 @@ def machine(gpus):
     """The GPU name(s) for GPU runs, else the CPU model and its usable cores."""
     if gpus:
         result = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                                capture_output=True, text=True) if _which("nvidia-smi") else None
+                                capture_output=True, text=True) if shutil.which("nvidia-smi") else None
         names = result.stdout.split("\n") if result and result.returncode == 0 else []
         names = [names[int(index)].strip() for index in gpus if int(index) < len(names)]
         if names:
@@ -320,10 +321,6 @@ def machine(gpus):
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{model}, {cores} cores (CPU only)"
-
-
-def _which(name):
-    return any(os.access(os.path.join(folder, name), os.X_OK) for folder in os.environ.get("PATH", "").split(":"))
 
 
 class Tee(threading.Thread):
@@ -554,7 +551,7 @@ def summarise(recipe, args, runs, commit, machine_name):
             print(text)
     text = summary_text(recipe, args, runs, commit, machine_name)
     path = os.path.join(args.out, SUMMARY)
-    atomic_write(path, lambda temporary: open(temporary, "w", encoding="utf-8").write(text))
+    write_text(path, text)
     print(f"Summary: {path}")
 
 
