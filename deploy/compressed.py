@@ -51,7 +51,7 @@ from models.slimming import lec_slim
 from utils import checkpoint as ckpt
 from utils import checkpoint_schema as schema
 from utils.atomic import refuse_overwrite
-from utils.errors import CheckpointError, ConfigError
+from utils.errors import CheckpointError, ConfigError, OutputError
 
 FORMAT = "lcs-export"
 VERSION = 1
@@ -320,14 +320,23 @@ def export_at(model, method, num_classes, level, round_to=None, float_weights=Fa
     return header
 
 
-def save_export(path, content, inputs=(), flag="--out"):
-    """Write an export to `path`; ConfigError where that would replace one of `inputs` (the
-    checkpoint) or a run directory's own files."""
+def check_output(path, inputs=(), flag="--out"):
+    """ConfigError unless `path` names a file that may be written: in an existing directory,
+    not a directory itself, not one of `inputs` (the checkpoint) nor a run directory's own files."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise ConfigError(f"{flag} {path}: directory {directory} does not exist")
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {path}: is a directory; give the name of the file to write")
     refuse_overwrite(flag, path, inputs)
-    ckpt.save(path, content)
+
+
+def save_export(path, content, inputs=(), flag="--out"):
+    """Write an export (or a subspace) to `path` atomically, after check_output; a failed write
+    is an OutputError of one line. Files get the mode of every other file this project writes
+    (0644 under the usual umask)."""
+    check_output(path, inputs, flag)
+    ckpt.save(path, content, failure=OutputError)
 
 
 # -- load -------------------------------------------------------------------------------

@@ -13,16 +13,17 @@ artefact and deploy/onnx_export.py the ONNX file.
 import os
 import sys
 
-from deploy.compressed import (EXPORTERS, build_exported, checkpoint_method, export_model,  # noqa: F401
-                               load_exported, resolve_level, save_export, training_model, uncompressed_level)
+from deploy.compressed import (EXPORTERS, build_exported, check_output, checkpoint_method,  # noqa: F401
+                               export_model, load_exported, resolve_level, save_export, training_model,
+                               uncompressed_level)
 from deploy.onnx_export import write_checked
 from deploy.subspace import describe as describe_subspace
 from deploy.subspace import make_subspace, save_subspace
 from utils import checkpoint as ckpt
-from utils.atomic import refuse_overwrite
 from utils.errors import ConfigError, UsageParser, UserError, one_line
 
 MAX_CHECK_IMAGES = 10_000  # the CIFAR-10 test split
+DEFAULT_CHECK_IMAGES = 256
 
 
 def describe(content, size_bytes):
@@ -71,7 +72,8 @@ def build_parser():
                                            "re-estimate BN statistics when the run's evaluations did (lec by "
                                            "default); onnx: its CIFAR-10 test images check the export "
                                            "(default: random images)")
-    parser.add_argument("--check_images", type=int, default=256, help="onnx: images to check the export on")
+    parser.add_argument("--check_images", type=int, help=f"onnx: images to check the export on (default "
+                                                         f"{DEFAULT_CHECK_IMAGES})")
     return parser
 
 
@@ -82,10 +84,13 @@ def main(argv=None):
         parser.error("give either --level LEVEL (one level) or --subspace (every level)")
     if args.subspace and (args.format != "pt" or args.round_to):
         parser.error("--subspace writes a pt file of the trained widths; --format onnx and --round_to take --level")
+    if args.check_images is not None and args.format != "onnx":
+        parser.error(f"--check_images {args.check_images}: checks ONNX exports only; give it with --format onnx "
+                     f"and --level")
     try:
-        if not 1 <= args.check_images <= MAX_CHECK_IMAGES:
+        if args.check_images is not None and not 1 <= args.check_images <= MAX_CHECK_IMAGES:
             raise ConfigError(f"--check_images {args.check_images}: must be in 1..{MAX_CHECK_IMAGES}")
-        refuse_overwrite("--out", args.out, [args.checkpoint])  # before the work of exporting
+        check_output(args.out, [args.checkpoint])  # before the work of exporting
         payload = ckpt.load(args.checkpoint)
         if args.subspace:
             content = make_subspace(payload, path=args.checkpoint, data_dir=args.data_dir)
@@ -108,9 +113,7 @@ def _write_pt(args, content):
 
 
 def _write_onnx(args, content):
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        raise ConfigError(f"--out {args.out}: directory {os.path.dirname(os.path.abspath(args.out))} does not exist")
-    lines = write_checked(content, args.out, args.data_dir, args.check_images)
+    lines = write_checked(content, args.out, args.data_dir, args.check_images or DEFAULT_CHECK_IMAGES)
     # The .pt storage lines (bitmasks, packed codes) do not describe the ONNX file.
     summary = [line for line in describe(content, os.path.getsize(args.out)).splitlines()
                if " stored as " not in line]

@@ -59,15 +59,17 @@ class OnnxRunner:
         return self.session.run(None, {self.input_name: images.numpy()})[0]
 
 
-def onnx_runners(exported, out_dir, threads):
+def onnx_runners(exported, out_dir, threads, checkpoint):
     """[(runner, ONNX file size, (integer convs, convs of int8 weights) or None)] for benchmark rows
-    [(label, model, size, content)]; every file is checked with ONNX Runtime first."""
+    [(label, model, size, content)] of `checkpoint`; every file is checked with ONNX Runtime
+    first, and a failed check names the checkpoint and the level (not the file, which may be a
+    temporary one)."""
     from deploy.onnx_export import conv_kernels, write_checked
 
     runners = []
     for index, (label, model, _, content) in enumerate(exported):
         file = os.path.join(out_dir, f"model_{index}.onnx")
-        write_checked(content, file, count=64)
+        write_checked(content, file, count=64, name=f"{checkpoint} (level {label})")
         integer = None
         if content.get("quantized") and content["quantized"]["names"]:
             kernels = conv_kernels(file, file + ".optimized")

@@ -21,6 +21,7 @@ onnx and onnxruntime are imported here only, when a function needs them
 
 import copy
 import math
+import os
 import warnings
 
 import numpy as np
@@ -30,7 +31,8 @@ import torch.nn.functional as F
 
 from models.layers import QuantConv2d
 from models.quant import affine_params, grid_limits
-from utils.errors import UserError
+from utils.atomic import atomic_write, remove_stale_temporaries, temporary_path
+from utils.errors import OutputError, UserError
 from deploy.compressed import build_exported
 from deploy.packing import unpack_bits
 
@@ -38,6 +40,7 @@ OPSET = 17
 # uint8 weight codes = int8 codes + this (ONNX Runtime's u8 x u8 ConvInteger is its fast one).
 UINT8_SHIFT = 128
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
+OPTIMIZED = ".optimized"  # suffix of the optimised graph ONNX Runtime writes while checking
 
 
 class DeployError(UserError):
@@ -79,8 +82,10 @@ class QDQConv2d(nn.Module):
     likewise): QuantizeLinear's saturation at 0 is the grid's lower end, and below 8 bits a
     Clip before it holds the upper end (integer_convs moves it after QuantizeLinear)."""
 
-    def __init__(self, layer, num_bits, codes=None):
+    def __init__(self, layer, num_bits, codes=None, integer=False):
         super().__init__()
+        self.integer = integer  # the graph's integer arithmetic (a reference for the check), not QDQ
+        self.top_code = 2 ** num_bits - 1
         self.stride, self.padding = layer.stride, layer.padding
         self.norm = None if layer.folds_bn else layer.norm
         with torch.no_grad():
@@ -104,7 +109,24 @@ class QDQConv2d(nn.Module):
                 top = 2 ** num_bits - 1
                 self.act = (a_scale, a_zero_point, None if num_bits == 8 else (top - a_zero_point) * a_scale)
 
+    def integer_arithmetic(self, x):
+        """What the rewritten graph (integer_convs) computes, in torch: input codes by division
+        (as QuantizeLinear, where torch's fake-quant multiplies by the reciprocal), the integer
+        sum exact (float64 holds it), scaled once in float32, the bias added in float32."""
+        scale, zero_point, top = self.act
+        codes = torch.clamp(torch.round(x / torch.tensor(scale)) + zero_point, 0, 255)
+        if top is not None:
+            codes = torch.clamp(codes, max=self.top_code)
+        weight_codes = torch.round(self.weight / torch.tensor(self.w_scale, dtype=self.weight.dtype))
+        sums = F.conv2d((codes - zero_point).double(), weight_codes.double(), None, self.stride, self.padding)
+        out = sums.float() * (torch.tensor(scale) * torch.tensor(self.w_scale))
+        if self.bias is not None:
+            out = out + self.bias.reshape(1, -1, 1, 1)
+        return self.norm(out) if self.norm is not None else out
+
     def forward(self, x):
+        if self.integer and self.act is not None:
+            return self.integer_arithmetic(x)
         weight = self.weight
         if self.act is not None:
             scale, zero_point, top = self.act
@@ -126,10 +148,12 @@ def without_activation_quantization(model):
     return model
 
 
-def traceable(model, content):
-    """The exported network with each quantized conv replaced by its QDQ form (a copy)."""
+def traceable(model, content, integer=False):
+    """The exported network with each quantized conv replaced by its QDQ form (a copy); with
+    `integer`, by the integer arithmetic of the rewritten graph instead (not traceable: the
+    reference the check compares ONNX Runtime with)."""
     codes = weight_codes(content)
-    replacements = {name: QDQConv2d(module, content["num_bits"], codes.get(name))
+    replacements = {name: QDQConv2d(module, content["num_bits"], codes.get(name), integer)
                     for name, module in model.named_modules() if isinstance(module, QuantConv2d)}
     if not replacements:
         return model
@@ -172,6 +196,7 @@ def integer_convs(model, num_bits):
     upper end moves from the float input to the uint8 codes. Weight codes are stored as uint8
     (signed code + 128), whose ConvInteger kernel is the fast one in ONNX Runtime. A conv whose
     input is not quantized (no recorded range) keeps a float conv of its dequantized int8 codes."""
+    import onnx
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -217,10 +242,14 @@ def integer_convs(model, num_bits):
         w_zero = add_constant(np.uint8(int(w_zero_point) + UINT8_SHIFT), stem + "_zero_point")
         scale = add_constant(np.float32(x_scale * w_scale), conv.name + "_scale")
         out = conv.name + "_out"
+        # Cast and Mul, not an int32 DequantizeLinear: ONNX Runtime's QDQ propagation moves a
+        # DequantizeLinear past the Reshape of a following GroupNorm and scrambles its output
+        # (onnxruntime 1.32: 26 % identical predictions on a GroupNorm network at 8 bits).
         nodes = [helper.make_node("ConvInteger", [x_codes, w_codes, x_zero_point, w_zero], [out + "_int32"],
                                   name=conv.name, **{a.name: helper.get_attribute_value(a) for a in conv.attribute}),
-                 helper.make_node("DequantizeLinear", [out + "_int32", scale], [out + "_scaled"],
-                                  name=conv.name + "_scale")]
+                 helper.make_node("Cast", [out + "_int32"], [out + "_float"], name=conv.name + "_cast",
+                                  to=onnx.TensorProto.FLOAT),
+                 helper.make_node("Mul", [out + "_float", scale], [out + "_scaled"], name=conv.name + "_scale")]
         if len(conv.input) > 2 and conv.input[2]:
             bias = add_constant(constant(conv.input[2]).reshape(1, -1, 1, 1).astype(np.float32), conv.name + "_bias")
             nodes.append(helper.make_node("Add", [out + "_scaled", bias], [out + "_biased"], name=conv.name + "_add"))
@@ -280,43 +309,74 @@ def run_session(onnx_session, images):
     return torch.from_numpy(onnx_session.run(None, {INPUT_NAME: images.numpy()})[0])
 
 
-# What an ONNX Runtime model must reproduce. Float graphs differ from torch only in the order of
-# float operations. In quantized graphs an activation that lands on the other side of a rounding
-# boundary (ONNX Runtime divides by the scale, torch multiplies by its reciprocal; torch sums in
-# float, ConvInteger in int32) moves by one quantization step, and that change propagates: rare
-# but amplified by barely trained networks (a 1-epoch cPreResNet20 run, 1,000 CIFAR-10 test
-# images: logits within 0.2-4.4 % of the largest at 8..3 bits, 99.0-100 % identical predictions).
-FLOAT_TOLERANCE = 1e-4      # max |logit difference| / max |logit|
-QDQ_TOLERANCE = 0.1
-MIN_AGREEMENT = 0.99        # fraction of identical predictions (QDQ graphs)
+# How ONNX Runtime's logits are judged against torch's. Differences are measured in units of the
+# spread of the torch logits (the root mean square over images of their standard deviation over
+# classes), a scale that does not collapse when a near-chance network's logits are nearly equal
+# (its largest logit then measures their common offset, and its predictions noise). Float graphs
+# differ from torch only in the order of float operations: every image must agree to
+# FLOAT_TOLERANCE. A quantized graph computes in integers where the torch model sums dequantized
+# values in float and multiplies by the reciprocal of a scale where QuantizeLinear divides: now
+# and then an activation lands one quantization step away, and the step propagates through the
+# layers, in a barely trained GroupNorm network at 3 bits by a sixth of the spread on the median
+# image. So a quantized graph is judged against a torch reference of its own integer arithmetic
+# (QDQConv2d.integer_arithmetic), which it reproduces to float rounding: the median image within
+# QDQ_TOLERANCE (a wrong graph, with the codes of a neighbouring bit width, activations on another
+# grid or unquantized, moves it by 0.2 to 5 spreads); and against the torch model within
+# MODEL_TOLERANCE, a guard against a mistake the reference and the graph would share. Identical
+# predictions with the torch model are reported beside, never judged.
+FLOAT_TOLERANCE = 1e-3      # float graphs: max over images of max |logit difference|, in spreads
+QDQ_TOLERANCE = 0.03        # quantized: median over images of max |logit difference| to the reference
+MODEL_TOLERANCE = 0.5       # quantized: the same to the torch model
 
 
 @torch.no_grad()
 def compare(onnx_session, model, images, batch_size=256):
-    """Max |logit difference| relative to the largest |logit|, and the fraction of identical
-    predictions, of ONNX Runtime against the torch model on `images`."""
-    differences, scales, agreements = [], [], []
+    """ONNX Runtime against the torch model on `images`: the largest and the median per-image
+    max |logit difference| in units of the spread of the torch logits, that spread, and the
+    fraction of identical predictions."""
+    differences, expected_all, agreements = [], [], []
     for batch in images.split(batch_size):
         expected, actual = model(batch), run_session(onnx_session, batch)
-        differences.append(float((expected - actual).abs().max()))
-        scales.append(float(expected.abs().max()))
+        differences.append((expected - actual).abs().amax(1))
+        expected_all.append(expected)
         agreements.append((expected.argmax(1) == actual.argmax(1)).float())
-    return {"relative_difference": max(differences) / max(max(scales), 1e-12),
-            "agreement": float(torch.cat(agreements).mean()), "images": len(images)}
+    expected = torch.cat(expected_all)
+    spread = max(float(expected.std(1).pow(2).mean().sqrt()) if expected.shape[1] > 1 else 0.0, 1e-12)
+    per_image = torch.cat(differences) / spread
+    return {"max_difference": float(per_image.max()), "typical_difference": float(per_image.median()),
+            "spread": spread, "agreement": float(torch.cat(agreements).mean()), "images": len(images)}
 
 
 def validate(path, model, content, images, name=None):
-    """Check an ONNX file against the torch model at its level; the comparison, or a DeployError
-    naming `name` (default: the path)."""
+    """Check an ONNX file against the torch model at its level (see the tolerances above): the
+    comparison with the model, with "reference" the one with the integer reference (quantized
+    graphs), or a DeployError naming `name` (default: the path)."""
     quantized = bool(content.get("quantized") and content["quantized"]["names"])
-    tolerance = QDQ_TOLERANCE if quantized else FLOAT_TOLERANCE
-    result = compare(session(path), model, images)
-    result.update(tolerance=tolerance, min_agreement=MIN_AGREEMENT if quantized else 1.0)
-    if result["relative_difference"] > tolerance or result["agreement"] < result["min_agreement"]:
-        raise DeployError(f"{name or path}: ONNX Runtime does not reproduce the model (logits differ by "
-                          f"{result['relative_difference']:.2e} of the largest, tolerance {tolerance:g}; "
-                          f"{100 * result['agreement']:.1f} % identical predictions)")
+    onnx_session = session(path)
+    result = compare(onnx_session, model, images)
+    if quantized:
+        result["reference"] = compare(onnx_session, traceable(model, content, integer=True), images)
+        failed = not (result["reference"]["typical_difference"] <= QDQ_TOLERANCE
+                      and result["typical_difference"] <= MODEL_TOLERANCE)  # also refuses NaN
+    else:
+        failed = not result["max_difference"] <= FLOAT_TOLERANCE
+    if failed:
+        raise DeployError(f"{name or path}: ONNX Runtime does not reproduce the model ({describe_agreement(result)})")
     return result
+
+
+def describe_agreement(result):
+    """The comparison in words: the figures judged, their tolerances, identical predictions."""
+    model = (f"the torch model: median image {result['typical_difference']:.2g}, largest {result['max_difference']:.2g}"
+             f" spreads of its logits ({result['spread']:.3g})")
+    if "reference" in result:
+        reference = result["reference"]
+        text = (f"logits within {reference['typical_difference']:.2g} spreads of the integer reference on the median "
+                f"image (tolerance {QDQ_TOLERANCE:g}; largest {reference['max_difference']:.2g}); against {model}, "
+                f"tolerance {MODEL_TOLERANCE:g} for the median")
+    else:
+        text = f"logits against {model}, tolerance {FLOAT_TOLERANCE:g} for the largest"
+    return f"{text}; {100 * result['agreement']:.1f} % identical predictions on {result['images']} images"
 
 
 def conv_kernels(path, optimized_path):
@@ -361,32 +421,35 @@ def check_images(content, data_dir, count, seed=0):
     return torch.randn(count, 3, size, size, generator=generator), f"{count} random images"
 
 
-def write_checked(content, path, data_dir=None, count=256):
+def write_checked(content, path, data_dir=None, count=256, name=None):
     """Export `content` (a per-level export) to ONNX at `path`, check it with ONNX Runtime, and
-    return lines describing it; nothing is left at `path` when export or check fails."""
-    import os
-    import tempfile
-
-
+    return lines describing it. The file is written through utils.atomic (a temporary file
+    renamed once the check has passed): a failed write is an OutputError of one line, a failed
+    check keeps its own DeployError (naming `name`, default the path), and neither leaves
+    anything at `path` or beside it."""
     require_onnx()
-    directory = os.path.dirname(os.path.abspath(path))
     model = build_exported(content, path)
     if content.get("quantized") and not content["quantized"]["names"]:
         without_activation_quantization(model)
     images, source = check_images(content, data_dir, count)
-    handle, scratch = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
-    os.close(handle)
-    try:
-        export_onnx(model, content, scratch)
-        result = validate(scratch, model, content, images, name=path)
-        kernels = conv_kernels(scratch, scratch + ".optimized") if content.get("quantized") else {}
-        os.replace(scratch, path)
-    finally:
-        for leftover in (scratch, scratch + ".optimized"):
-            if os.path.exists(leftover):
-                os.remove(leftover)
-    lines = [f"ONNX Runtime on {source}: logits within {result['relative_difference']:.1e} of the largest "
-             f"(tolerance {result['tolerance']:g}), {100 * result['agreement']:.2f} % identical predictions"]
+    checked = {}
+
+    def write(temporary):
+        export_onnx(model, content, temporary)
+        checked["result"] = validate(temporary, model, content, images, name=name or path)
+        if content.get("quantized"):
+            # ONNX Runtime writes its optimised graph to a file: a temporary of the same pattern.
+            optimized = temporary_path(path + OPTIMIZED)
+            try:
+                checked["kernels"] = conv_kernels(temporary, optimized)
+            finally:
+                if os.path.exists(optimized):
+                    os.remove(optimized)
+
+    remove_stale_temporaries(os.path.dirname(os.path.abspath(path)), name=os.path.basename(path) + OPTIMIZED)
+    atomic_write(path, write, failure=OutputError)
+    result, kernels = checked["result"], checked.get("kernels", {})
+    lines = [f"ONNX Runtime on {source}: {describe_agreement(result)}"]
     if kernels:
         counts = {kind: sum(1 for value in kernels.values() if value == kind) for kind in ("integer", "qdq-float")}
         lines.append(f"quantized convs: {counts['integer']} run as integer convolutions (ConvInteger), "

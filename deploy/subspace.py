@@ -31,6 +31,7 @@ Either way the logits equal those of the training-time model at that level. With
 statistics `at` builds the level's network and loads that level's statistics into it.
 """
 
+import torch
 import torch.nn as nn
 
 from deploy.compressed import (build_exported, export_at, level_range, num_classes_of, read_export, resolve_level,
@@ -39,7 +40,7 @@ from deploy.packing import pack_tensors, unpack_tensors
 from methods import METHODS, config_from_dict
 from models import build_model
 from models.layers import QuantConv2d, SlimConv2d, set_level
-from utils.errors import CheckpointError, ConfigError
+from utils.errors import CheckpointError, ConfigError, one_line, shown
 
 BN_STATISTICS = ("running_mean", "running_var")
 
@@ -108,10 +109,69 @@ def save_subspace(path, content):
     save_export(path, content)
 
 
+def _packed(value):
+    """Tensors as pack_tensors stores them: names, shapes and one flat buffer."""
+    return (isinstance(value, dict) and isinstance(value.get("names"), list) and isinstance(value.get("shapes"), list)
+            and isinstance(value.get("values"), torch.Tensor) and len(value["names"]) == len(value["shapes"]))
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_CODES = ("names", "shapes", "codes", "scales", "zero_points")
+
+# What a subspace file stores: key -> (valid(value), what it must be).
+STORED = {
+    "config": (lambda value: isinstance(value, dict) and isinstance(value.get("setting"), str)
+               and isinstance(value.get("method"), str), "the run's config (a mapping with setting and method)"),
+    "num_classes": (lambda value: isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                    "a positive number of classes"),
+    "levels": (lambda value: isinstance(value, list) and bool(value) and all(_number(level) for level in value),
+               "a non-empty list of levels"),
+    "weights": (_packed, "packed tensors (names, shapes, values)"),
+    "codes": (lambda value: value is None or (isinstance(value, dict) and all(
+        isinstance(group, dict) and all(key in group for key in _CODES) for group in value.values())),
+        "None or integer codes per bit width"),
+    "bn_statistics": (lambda value: value is None or (isinstance(value, list) and all(_packed(group) for group in value)),
+                      "None or packed BN statistics per level"),
+}
+
+
+def check_content(content, path):
+    """CheckpointError of one line naming `path` and the first stored key that is missing or
+    not what this code reads (a damaged file, or one of another program)."""
+    for key, (valid, expected) in STORED.items():
+        if key not in content:
+            raise CheckpointError(f"{path}: damaged subspace artefact: {key} is missing, expected {expected}")
+        if not valid(content[key]):
+            raise CheckpointError(f"{path}: damaged subspace artefact: {key} is {shown(content[key])}, "
+                                  f"expected {expected}")
+    config = content["config"]
+    methods = METHODS.get(config["setting"])
+    if methods is None:
+        raise CheckpointError(f"{path}: its config names setting {shown(config['setting'])}; this project has "
+                              f"{', '.join(METHODS)}")
+    if config["method"] not in methods:
+        raise CheckpointError(f"{path}: its config names method {shown(config['method'])} of setting "
+                              f"{config['setting']}; this project has {', '.join(methods)}")
+
+
 class Subspace:
     """A loaded subspace artefact: `levels`, `level_range` and `at(level)`."""
 
     def __init__(self, content, path):
+        check_content(content, path)
+        try:
+            self._build(content, path)
+        except CheckpointError:
+            raise
+        except (ConfigError, KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+            # Keys of the right type whose values do not fit together (a damaged or edited file).
+            raise CheckpointError(f"{path}: damaged subspace artefact ({type(error).__name__}: "
+                                  f"{one_line(error)[:200]})") from None
+
+    def _build(self, content, path):
         self.path = path
         self.config = config_from_dict(content["config"])
         method = self.method = METHODS[self.config.setting][self.config.method](self.config, None)

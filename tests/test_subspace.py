@@ -12,6 +12,7 @@ import torch
 from deploy import load_subspace, make_subspace, save_subspace
 from models.layers import QuantConv2d
 from utils import checkpoint as ckpt
+from utils.errors import CheckpointError
 from deploy.export import build_exported, export_model, main
 from test_export import CASES, inputs, make_checkpoint, training_time_logits
 
@@ -162,3 +163,102 @@ def test_training_and_subspaces_need_no_onnx(tmp_path):
     assert result.returncode == 2 and "torch.Size([1, 10])" in result.stdout
     assert result.stderr.count("\n") == 1 and "requirements-deploy.txt" in result.stderr, result.stderr
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.fixture(scope="module")
+def stored_subspace(tmp_path_factory):
+    """(path, content) of a structured us subspace artefact, for damaging copies of it."""
+    tmp_path = tmp_path_factory.mktemp("damaged")
+    path, *_ = make_checkpoint(tmp_path, "structured_sparsity", "us")
+    out = str(tmp_path / "model.lcs.pt")
+    save_subspace(out, make_subspace(ckpt.load(path), path))
+    return out, torch.load(out, weights_only=True)
+
+
+def damaged(content, key, value):
+    """A copy of `content` with `key` set to `value`, or without `key` when `value` is DELETE."""
+    copy = dict(content)
+    if value is DELETE:
+        del copy[key]
+    else:
+        copy[key] = value
+    return copy
+
+
+DELETE = object()
+STORED_KEYS = ("config", "num_classes", "levels", "weights", "codes", "bn_statistics")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    *[(key, DELETE, f"{key} is missing, expected") for key in STORED_KEYS],
+    *[(key, "text", f"{key} is 'text', expected") for key in STORED_KEYS],
+    ("num_classes", 0, "num_classes is 0, expected a positive number of classes"),
+    ("levels", [], "levels is [], expected a non-empty list of levels"),
+    ("config", {"setting": "quantized", "method": "magic"}, "its config names method 'magic' of setting quantized; "
+                                                            "this project has lcs_l, lcs_p, target_bit_width"),
+    ("config", {"setting": "pruned", "method": "us"}, "its config names setting 'pruned'; this project has"),
+    ("num_classes", 7, "damaged subspace artefact (RuntimeError: "),
+])
+def test_a_damaged_subspace_is_one_line_naming_the_file(tmp_path, stored_subspace, key, value, message):
+    _, content = stored_subspace
+    path = str(tmp_path / "damaged.lcs.pt")
+    torch.save(damaged(content, key, value), path)
+    with pytest.raises(CheckpointError) as error:
+        load_subspace(path)
+    text = str(error.value)
+    assert text.startswith(f"{path}: ") and message in text and "\n" not in text, text
+
+
+def test_a_subspace_of_another_shape_is_one_line(tmp_path, stored_subspace):
+    """Keys of the right types whose values do not fit together: weights cut short."""
+    _, content = stored_subspace
+    weights = dict(content["weights"], values=content["weights"]["values"][:100])
+    path = str(tmp_path / "short.lcs.pt")
+    torch.save(damaged(content, "weights", weights), path)
+    with pytest.raises(CheckpointError, match=r"short\.lcs\.pt: damaged subspace artefact \(RuntimeError: "):
+        load_subspace(path)
+
+
+def test_check_images_with_a_pt_export_is_refused(tmp_path, capsys):
+    path, *_ = make_checkpoint(tmp_path, "structured_sparsity", "us")
+    for argv in (["--level", "0.5"], ["--subspace"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--checkpoint", path, "--out", str(tmp_path / "x.pt"), "--check_images", "100", *argv])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1
+        assert "--check_images 100: checks ONNX exports only; give it with --format onnx" in err
+    assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.slow
+def test_load_subspace_works_outside_the_repository_after_pip_install_e(tmp_path, stored_subspace):
+    """The documented way, `pip install -e .`, then `from deploy import load_subspace` in an
+    application's own folder: a fresh virtual environment that sees this Python's packages (torch
+    is not installed again: --no-deps), a fresh process in a folder outside the repository,
+    PYTHONPATH unset. Before the install the import fails there, as it did for users."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    venv, app = tmp_path / "venv", tmp_path / "app"
+    app.mkdir()
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True,
+                   timeout=300, env=env)
+    python = str(venv / "bin" / "python")
+    code = ("import deploy, torch\nfrom deploy import load_subspace\n"
+            f"model = load_subspace({stored_subspace[0]!r}).at(0.5)\n"
+            "print(tuple(model(torch.zeros(1, 3, 32, 32)).shape), deploy.__file__)\n")
+
+    def application():
+        return subprocess.run([python, "-c", code], cwd=app, capture_output=True, text=True, timeout=300, env=env)
+    before = application()
+    assert before.returncode != 0 and "No module named 'deploy'" in before.stderr, before.stderr
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-deps",
+                              "--no-build-isolation", "--no-index", "-e", repo],
+                             capture_output=True, text=True, timeout=600, env=env)
+    assert install.returncode == 0, install.stderr
+    after = application()
+    assert after.returncode == 0, after.stderr
+    assert after.stdout.split()[:2] == ["(1,", "10)"]
+    assert after.stdout.split()[2] == os.path.join(repo, "deploy", "__init__.py")

@@ -5,7 +5,7 @@ a tool refused where they would replace its inputs or a run directory's own file
 import os
 import re
 
-from utils.errors import ConfigError, TrainingError
+from utils.errors import ConfigError, TrainingError, UserError
 
 # Temporary files of atomic_write: ".<name>.tmp<pid>" beside the file they become.
 TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp(?P<pid>\d+)$")
@@ -20,11 +20,13 @@ def temporary_path(path):
     return os.path.join(directory, f".{name}.tmp{os.getpid()}")
 
 
-def atomic_write(path, write):
+def atomic_write(path, write, failure=TrainingError):
     """Call write(temporary path), flush it to disk, then rename it over `path`: a reader
     never sees a partial file, and a failed or interrupted write leaves the previous file
     intact (and no temporary file behind). Any failure of the write (an OSError, or the
-    RuntimeError torch's zip writer makes of one) is a TrainingError of one line."""
+    RuntimeError torch's zip writer makes of one) is a `failure` of one line (training: a
+    TrainingError; tools: an OutputError); a UserError raised by `write` itself (a check of
+    what was written) keeps its own message."""
     remove_stale_temporaries(os.path.dirname(os.path.abspath(path)), name=os.path.basename(path))
     temporary = temporary_path(path)
     try:
@@ -34,8 +36,10 @@ def atomic_write(path, write):
         os.replace(temporary, path)
     except BaseException as error:
         _remove(temporary)
+        if isinstance(error, UserError):
+            raise
         if isinstance(error, Exception):
-            raise TrainingError(f"{path}: could not be written ({write_failure(error)}); "
+            raise failure(f"{path}: could not be written ({write_failure(error)}); "
                                 f"the previous version, if any, is intact") from None
         raise  # KeyboardInterrupt, SystemExit: the caller reports those
 

@@ -19,7 +19,7 @@ import stat
 import warnings
 
 from utils.atomic import atomic_write  # noqa: F401  (callers write through this module)
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, TrainingError
 
 FORMAT = 1
 LAST = "checkpoint_last.pt"
@@ -40,8 +40,9 @@ def make_payload(kind, config, model, epoch, global_step, warmup_iterations, opt
     return payload
 
 
-def save(path, payload):
-    atomic_write(path, lambda temporary: _write_payload(temporary, payload))
+def save(path, payload, failure=TrainingError):
+    """Write `payload` to `path` atomically; a failed write is a `failure` of one line."""
+    atomic_write(path, lambda temporary: _write_payload(temporary, payload), failure=failure)
 
 
 def _write_payload(path, payload):

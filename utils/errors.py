@@ -22,6 +22,11 @@ class CheckpointError(UserError):
     """A checkpoint that is missing, damaged or belongs to another run."""
 
 
+class OutputError(UserError):
+    """A file a tool (export, benchmark) was asked to write could not be written: an unwritable
+    or full file system. Nothing was written."""
+
+
 class TrainingError(UserError):
     """A fault during training (non-finite loss, a failed save); the last good checkpoint stays."""
 
