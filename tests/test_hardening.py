@@ -173,7 +173,7 @@ def test_full_disk_is_one_line_and_keeps_the_previous_files(disk, micro_cifar, t
         out = root / "model.pt"
         status, line = tool_error(export.main, ["--checkpoint", str(save_dir / ckpt.LAST), "--level", "1",
                                                 "--out", str(out)])
-        assert status == 1 and line == (f"deploy.export: error: {out}: could not be written (No space left on "
+        assert status == 2 and line == (f"deploy.export: error: {out}: could not be written (No space left on "
                                          f"device); the previous version, if any, is intact")
         assert not out.exists() and hidden_temporaries(root) == []
         if mounted:  # matplotlib's writer, through the same atomic write
