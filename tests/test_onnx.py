@@ -14,7 +14,7 @@ import torch.nn.functional as F
 onnx = pytest.importorskip("onnx", reason="ONNX export needs onnx (pip install -r requirements-deploy.txt)")
 pytest.importorskip("onnxruntime", reason="ONNX checks need onnxruntime (pip install -r requirements-deploy.txt)")
 
-from deploy.onnx_export import (DeployError, QDQ_TOLERANCE, conv_kernels, export_onnx, session,  # noqa: E402
+from deploy.onnx_export import (DeployError, conv_kernels, export_onnx, session,  # noqa: E402
                                 sort_topologically, validate, write_checked)
 from methods import METHODS  # noqa: E402
 from models import build_model  # noqa: E402
@@ -65,7 +65,7 @@ def test_onnx_runtime_reproduces_the_model(tmp_path, setting, method, flags, lev
         # Other images than the check's: the judgement of validate holds on them too.
         result = validate(out, model, content, inputs(count=32, size=32, seed=7))
         quantized = setting == "quantized"
-        assert "identical predictions" in lines[0] and ("integer reference" in lines[0]) == quantized, lines
+        assert "identical predictions" in lines[0] and ("reproduce their integer arithmetic exactly" in lines[0]) == quantized, lines
         graph = onnx.load(out).graph
         ops = {node.op_type for node in graph.node}
         assert ("QuantizeLinear" in ops) == quantized
@@ -153,11 +153,14 @@ def class_batch(count, seed):
 @torch.no_grad()
 def fit_classifier(model, method):
     """The classifier fitted by least squares on the features at 8 bits: confident logits (a
-    few units apart, mostly right) in a second instead of hundreds of training steps."""
+    few units apart, mostly right) in a second instead of hundreds of training steps. The check
+    images are among the fitted ones: after two steps an InstanceNorm network's features vary
+    by 4 % between images, too little for a classifier fitted on others to be right on them."""
     set_level(model, resolve_level(method, 8)[0])
     features = []
     hook = model.fc.register_forward_pre_hook(lambda module, args: features.append(args[0].flatten(1)))
     labels, images = class_batch(200, seed=2)
+    labels, images = torch.cat([labels, CHECK_LABELS]), torch.cat([images, CHECK_IMAGES])
     model(images)
     hook.remove()
     weight = torch.linalg.lstsq(features[0], 8.0 * F.one_hot(labels, 10).float(), driver="gelsd").solution.T
@@ -231,7 +234,9 @@ def test_every_correct_quantized_graph_is_accepted(tmp_path, tiny_quantized, met
                     accuracy = float((model(CHECK_IMAGES).argmax(1) == CHECK_LABELS).float().mean())
                 assert accuracy >= 0.8 if trained else accuracy <= 0.4, (trained, accuracy)
             result = validate(exported_graph(tmp_path, content), model, content, CHECK_IMAGES)
-            assert result["reference"]["typical_difference"] <= QDQ_TOLERANCE and 0 <= result["agreement"] <= 1
+            layers = result["layers"]
+            assert layers["first"] is None and layers["missing"] == [] and layers["layers"] == 21, layers
+            assert 0 <= layers["ties"] <= 1e-4 * layers["codes"] and 0 <= result["agreement"] <= 1, result
 
 
 def without_clips(path):
