@@ -239,6 +239,22 @@ def test_every_correct_quantized_graph_is_accepted(tmp_path, tiny_quantized, met
             assert 0 <= layers["ties"] <= 1e-4 * layers["codes"] and 0 <= result["agreement"] <= 1, result
 
 
+def test_a_shared_quantizer_clips_the_codes_of_every_conv_that_reads_them(tmp_path, tiny_quantized):
+    """A block's first conv and its shortcut quantize the same input on the same grid, and the
+    exporter shares one QuantizeLinear between them: below 8 bits both read clipped codes (the
+    shortcut once read the unclipped ones, up to 7 codes off at 3 bits)."""
+    content = export_model(tiny_quantized("lcs_l", "BN", False), 3)
+    graph = onnx.load(exported_graph(tmp_path, content)).graph
+    producers = {output: node for node in graph.node for output in node.output}
+    convs = [node for node in graph.node if node.op_type == "ConvInteger"]
+    readers = {}
+    for conv in convs:
+        readers.setdefault(conv.input[0], []).append(conv.name)
+    assert len(convs) == 21 and any(len(names) > 1 for names in readers.values()), readers
+    assert all(producers[conv.input[0]].op_type == "Clip" for conv in convs)
+    validate(exported_graph(tmp_path, content), build_exported(content), content, CHECK_IMAGES)
+
+
 def without_clips(path):
     """The graph with its codes no longer clipped to the b-bit grid (activations on 8 bits)."""
     graph = onnx.load(path)
