@@ -43,7 +43,9 @@ from models import build_model  # noqa: E402
 from training_params import parse  # noqa: E402
 from utils.distributed import Context, pick_device  # noqa: E402
 from utils.errors import UsageParser, UserError  # noqa: E402
-from engine.train import Run, RunClock, StopFlag, TrainStep, configure_backends  # noqa: E402
+from engine.progress import RunClock  # noqa: E402
+from engine.step import TrainStep, configure_backends  # noqa: E402
+from engine.train import Run, StopFlag  # noqa: E402
 
 SETTINGS = ("structured_sparsity", "unstructured_sparsity", "quantized")
 METHOD = "lcs_l"

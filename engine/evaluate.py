@@ -53,7 +53,7 @@ def autocast(device, enabled):
 
 
 class NoProgress:
-    """What evaluate() tells a progress display (engine.train.EvaluationLog); here, nothing."""
+    """What evaluate() tells a progress display (engine.progress.EvaluationLog); here, nothing."""
 
     def batch_done(self):
         pass

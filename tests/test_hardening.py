@@ -215,7 +215,7 @@ SECOND_CTRL_C = """
 import os, runpy, signal, sys
 sys.path.insert(0, {repo!r})
 from utils import checkpoint as ckpt
-from engine.train import TrainStep
+from engine.step import TrainStep
 steps = [0]
 original_step, original_write = TrainStep.__call__, ckpt._write_payload
 def step(self, *args):
