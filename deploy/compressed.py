@@ -163,14 +163,15 @@ def _leading(tensor, shape):
     return tensor[tuple(slice(0, size) for size in shape)]
 
 
-def _export_slimmed_channels(model, config, num_classes, level, round_to):
+def _export_slimmed_channels(model, method, num_classes, level, round_to):
     """LEC: the network slimmed at a fraction of norm channels kept."""
-    slim, info = lec_slim(model, config.model, num_classes, level)
+    slim, info = lec_slim(model, method.config.model, num_classes, level)
     return slim, effective_state(slim), {"widths": info["widths"], "selected": info["selected"]}
 
 
-def _export_channels(model, config, num_classes, level, round_to):
+def _export_channels(model, method, num_classes, level, round_to):
     """Slimmable networks: the leading channels each layer keeps at the width, as a dense network."""
+    config = method.config
     widths = channel_spec(model, input_size_of(config))
     if round_to:
         full = {name: module.out_channels for name, module in model.named_modules() if name in widths}
@@ -181,8 +182,9 @@ def _export_channels(model, config, num_classes, level, round_to):
     return dense, state, {"widths": widths, "selected": None}
 
 
-def _export_topk(model, config, num_classes, level, round_to):
-    dense = build_model(config.model, dense_factory(config.norm, config.get("num_groups") or 32), num_classes)
+def _export_topk(model, method, num_classes, level, round_to):
+    config = method.config
+    dense = build_model(config.model, dense_factory(config.norm, method.norm_groups(config)), num_classes)
     state = effective_state(model)
     names, shapes, masks, values = [], [], [], []
     for name, module in model.named_modules():
@@ -203,9 +205,9 @@ def _export_topk(model, config, num_classes, level, round_to):
     return dense, state, {"sparse": sparse}
 
 
-def _export_int_codes(model, config, num_classes, level, round_to, float_weights=False):
-    num_bits = int(level)
-    frozen = build_model(config.model, frozen_quant_factory(config.norm, num_bits, config.get("num_groups") or 32),
+def _export_int_codes(model, method, num_classes, level, round_to, float_weights=False):
+    num_bits, config = int(level), method.config
+    frozen = build_model(config.model, frozen_quant_factory(config.norm, num_bits, method.norm_groups(config)),
                          num_classes)
     state = effective_state(model)
     q_min, _ = grid_limits(num_bits)
@@ -239,7 +241,7 @@ def _export_int_codes(model, config, num_classes, level, round_to, float_weights
 
 @dataclass(frozen=True)
 class Exporter:
-    """How one export format is written: export(model, config, num_classes, level, round_to)
+    """How one export format is written: export(model, method, num_classes, level, round_to)
     -> (network, state, header entries)."""
 
     export: Callable
@@ -256,19 +258,19 @@ EXPORTERS = {
 }
 
 
-def calibration_batches(config, data_dir):
-    """The run's calibration images (same subset, transform and batches as its evaluations)
-    from `data_dir`; ConfigError naming --data_dir when it is not given."""
+def calibration_batches(config, images, data_dir):
+    """The run's `images` calibration images (same subset, transform and batches as its
+    evaluations) from `data_dir`; ConfigError naming --data_dir when it is not given."""
     if data_dir is None:
         raise ConfigError(f"--data_dir: this {config.setting}/{config.method} run evaluated with BN statistics "
-                          f"re-estimated on {config.bn_calibration_images} training images; the export re-estimates "
+                          f"re-estimated on {images} training images; the export re-estimates "
                           f"them the same way and needs the run's training images (its --data_dir, or "
                           f"--imagenet_dir for ImageNet)")
     key = "imagenet_dir" if config.dataset == "imagenet" else "data_dir"
     if not os.path.isdir(data_dir):
         raise ConfigError(f"--data_dir {data_dir}: no such directory")
     config = config.replaced(**{key: data_dir}, device="cpu")
-    return build_data(config, torch.device("cpu")).calibration.batches()
+    return build_data(config, torch.device("cpu"), calibration_images=images).calibration.batches()
 
 
 def calibrated_state(network, state, batches):
@@ -290,8 +292,11 @@ def export_model(payload, level, path="checkpoint", round_to=None, float_weights
     return export_at(model, method, num_classes_of(payload["model"]), level, round_to, float_weights, data_dir)
 
 
-def export_at(model, method, num_classes, level, round_to=None, float_weights=False, data_dir=None):
-    """export_model for a training-time model already built (its level is changed)."""
+def export_at(model, method, num_classes, level, round_to=None, float_weights=False, data_dir=None,
+              bn_statistics=None):
+    """export_model for a training-time model already built (its level is changed).
+    `bn_statistics`: the BN running statistics of the level ({state key: tensor}), when known,
+    instead of making them as the method's evaluations did."""
     config = method.config
     exporter = EXPORTERS[method.export_format]
     if round_to is not None and not exporter.takes_round_to:
@@ -305,15 +310,19 @@ def export_at(model, method, num_classes, level, round_to=None, float_weights=Fa
     level = method.level_type(level)
     set_level(model, levels)
     extra_args = {"float_weights": float_weights} if float_weights else {}
-    target, state, extra = exporter.export(model, config, num_classes, level, round_to, **extra_args)
-    if config.get("bn_calibration_images"):  # the evaluations re-estimated BN statistics: so does the export
-        state = calibrated_state(target, state, calibration_batches(config, data_dir))
+    target, state, extra = exporter.export(model, method, num_classes, level, round_to, **extra_args)
+    if bn_statistics is not None:  # given (a subspace stores those of its levels)
+        state.update(bn_statistics)
+    else:  # as the evaluations made them: re-estimated on training images when they were
+        images = method.bn_at_evaluation(config).calibration_images
+        if images:
+            state = calibrated_state(target, state, calibration_batches(config, images, data_dir))
     for key in implied_keys(target):
         state.pop(key, None)
     header = {"format": FORMAT, "version": VERSION, "setting": config.setting, "method": config.method,
               "model_name": config.model, "level_name": method.level_name, "level": level, "alpha": alpha,
               "num_classes": num_classes, "input_size": input_size_of(config), "norm": config.norm,
-              "num_groups": config.get("num_groups") or 32, "widths": None, "selected": None,
+              "num_groups": method.norm_groups(config), "widths": None, "selected": None,
               "round_to": round_to, "num_bits": None}
     header.update(extra)
     header["dense"] = pack_tensors(state)

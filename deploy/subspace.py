@@ -75,9 +75,9 @@ def _quantized_codes(model, method, num_classes, state):
 CODE_STORAGE = {"int_codes": _quantized_codes}
 
 
-def calibrated(config):
-    """Whether the per-level export of `config`'s run re-estimates BN statistics."""
-    return bool(config.get("bn_calibration_images"))
+def calibrated(method):
+    """Whether the per-level export of the method's run re-estimates BN statistics."""
+    return method.bn_at_evaluation(method.config).calibration_images > 0
 
 
 def _bn_statistics(model, method, num_classes, levels, data_dir):
@@ -99,7 +99,7 @@ def make_subspace(payload, path="checkpoint", data_dir=None):
     store_codes = CODE_STORAGE.get(method.export_format)
     codes = store_codes(model, method, num_classes, state) if store_codes else None
     levels = [point.level for point in method.eval_points()]
-    statistics = (_bn_statistics(model, method, num_classes, levels, data_dir) if calibrated(method.config)
+    statistics = (_bn_statistics(model, method, num_classes, levels, data_dir) if calibrated(method)
                   else None)
     return {"format": FORMAT, "version": VERSION, "config": method.config.to_dict(), "num_classes": num_classes,
             "levels": levels, "weights": pack_tensors(state), "codes": codes, "bn_statistics": statistics}
@@ -205,21 +205,13 @@ class Subspace:
     def content_at(self, level):
         """The per-level export content (as deploy.export writes it) of `level`; with stored BN
         statistics, those of the level (the re-estimation itself needs training images)."""
-        method = self.method
-        if self.bn_statistics:
-            index = self.stored_level(level)
-            method = METHODS[self.config.setting][self.config.method](
-                self.config.replaced(bn_calibration_images=0), None)
+        statistics = unpack_tensors(self.bn_statistics[self.stored_level(level)]) if self.bn_statistics else None
         try:
-            content = export_at(self.model, method, self.num_classes, level)
+            content = export_at(self.model, self.method, self.num_classes, level, bn_statistics=statistics)
         except ConfigError as error:
             raise ConfigError(f"{self.path}: {error}") from None
         if self.codes:
             content["quantized"] = self.codes[int(level)]
-        if self.bn_statistics:
-            state = unpack_tensors(content["dense"])
-            state.update(unpack_tensors(self.bn_statistics[index]))
-            content["dense"] = pack_tensors(state)
         return content
 
     def at(self, level):

@@ -30,7 +30,7 @@ from engine.evaluate import evaluate
 from engine.progress import LOSS_LABEL, EpochLog, EvaluationLog, RunClock, resumed_message
 from engine.step import LossMonitor, TrainStep, check_compile_support, check_finite_weights, configure_backends
 from methods import METHODS
-from methods.levels import cosine_lr, warmup_iterations
+from methods.levels import cosine_lr
 from models import build_model
 from utils import checkpoint as ckpt
 from utils import checkpoint_schema as schema
@@ -105,10 +105,12 @@ class Run:
         # How long each evaluation took, kept in checkpoints: a resumed run's estimate counts them.
         self.evaluation_seconds = []
         seed_everything(config.seed)
-        self.data = build_data(config, self.device, context.rank, context.world_size)
-        budget = config.get("warmup_budget")
-        warmup = warmup_iterations(budget, config.epochs, self.data.num_train, config.batch_size) if budget else None
-        self.method = METHODS[config.setting][config.method](config, warmup)
+        method_class = METHODS[config.setting][config.method]
+        self.bn_at_evaluation = method_class.bn_at_evaluation(config)
+        self.data = build_data(config, self.device, context.rank, context.world_size,
+                               calibration_images=self.bn_at_evaluation.calibration_images)
+        warmup = method_class.warmup_iterations_for(config, self.data.num_train)
+        self.method = method_class(config, warmup)
         if config.compile:
             check_compile_support(self.method, config)
         self.model = build_model(config.model, self.method.layer_factory(), self.data.num_classes)
@@ -189,7 +191,7 @@ class Run:
                             self.progress.epoch)
         try:
             results = evaluate(self.model, self.method, self.data, self.context, self.progress.global_step,
-                               amp=self.config.amp, test_batch_bn=bool(self.config.get("lec_test_batch_statistics")),
+                               amp=self.config.amp, test_batch_bn=self.bn_at_evaluation.test_batch,
                                progress=log)
         finally:
             log.close()

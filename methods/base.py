@@ -20,8 +20,32 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from methods.config import COMMON_KEYS, Key
-from methods.levels import cosine_squared
+from methods.levels import cosine_squared, warmup_iterations
 from utils.errors import ConfigError
+
+# Where the BN statistics of an evaluated network come from (BNAtEvaluation.source).
+RUNNING = "running"            # the running statistics the network holds
+CALIBRATED = "calibrated"      # re-estimated on a fixed, seeded subset of training images
+TEST_BATCH = "test_batch"      # each test batch's own (the original LEC's evaluation; transductive)
+
+
+@dataclass(frozen=True)
+class BNAtEvaluation:
+    """How the BN statistics of an evaluated (and exported) network are made, as the method
+    answers it (Method.bn_at_evaluation): the engine, the export and the subspace follow the
+    answer, and data/ provides `calibration_images` training images when there are any."""
+
+    source: str = RUNNING
+    calibration_images: int = 0
+
+    def __post_init__(self):
+        assert self.source in (RUNNING, CALIBRATED, TEST_BATCH), f"unknown BN statistics source {self.source!r}"
+        assert (self.source == CALIBRATED) == (self.calibration_images > 0), \
+            f"{self.source}: calibration images {self.calibration_images}"
+
+    @property
+    def test_batch(self) -> bool:
+        return self.source == TEST_BATCH
 
 
 @dataclass(frozen=True)
@@ -196,6 +220,21 @@ class Method:
         raise NotImplementedError
 
     @classmethod
+    def bn_at_evaluation(cls, config) -> BNAtEvaluation:
+        """How the BN statistics of an evaluated network are made (default: running statistics)."""
+        return BNAtEvaluation()
+
+    @classmethod
+    def warmup_iterations_for(cls, config, num_train: int) -> Optional[int]:
+        """The warmup in training steps for `num_train` training images (None: no warmup)."""
+        return None
+
+    @classmethod
+    def norm_groups(cls, config) -> int:
+        """GroupNorm groups of the networks this method builds (32 where GN is not used)."""
+        return 32
+
+    @classmethod
     def validate(cls, config, checks):
         """Every check of this setting and method; ConfigError (via `checks`) on the first failure."""
         for key, spec in collect(cls, "own_keys").items():
@@ -352,6 +391,15 @@ class WarmupMethod(Method):
         super().complete(config)
         if config.norm == "GN" and config.num_groups is None:
             config.num_groups = 32
+
+    @classmethod
+    def warmup_iterations_for(cls, config, num_train):
+        budget = config.warmup_budget
+        return warmup_iterations(budget, config.epochs, num_train, config.batch_size) if budget else None
+
+    @classmethod
+    def norm_groups(cls, config):
+        return config.num_groups or 32
 
     @classmethod
     def validate_setting(cls, config, checks):

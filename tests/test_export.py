@@ -218,7 +218,7 @@ def test_export_holds_the_statistics_the_evaluation_re_estimated(tmp_path, tiny_
     point = EvalPoint(level=level)
     trainer.apply_levels(model, trainer.eval_levels(point, STEP))
     net, _ = trainer.eval_model(model, point)
-    calibration = build_data(trainer.config, torch.device("cpu")).calibration
+    calibration = build_data(trainer.config, torch.device("cpu"), calibration_images=24).calibration
     assert calibrate_bn(net, calibration.batches()) == 24
     x = inputs()
     with torch.no_grad():
