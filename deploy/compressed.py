@@ -6,7 +6,7 @@ it, the subspace artefact (deploy/subspace.py) and ONNX export (deploy/onnx_expo
     python -m deploy.export --checkpoint RUN/model_final.pt --level 0.5 --out model.pt [--round_to 8]
         [--data_dir DIR]
 
-The level is in the unit of the checkpoint's method (Method.level_name): a width factor
+The level is in the unit of the checkpoint's method (Method.level_unit): a width factor
 (structured), the fraction of norm channels kept (structured lec), a TopK fraction
 (unstructured) or a bit width (quantized); the method checks its range and maps it to the
 layers' Level (LCS+L models take their alpha from it). The method's `export_format` picks how
@@ -122,7 +122,7 @@ def level_range(method):
 
 def uncompressed_level(method):
     """The least compressed level a checkpoint's method exports (the benchmark's baseline)."""
-    return method.level_type(method.level_range(method.config).high)
+    return method.level_unit.type(method.level_range(method.config).high)
 
 
 # -- export -----------------------------------------------------------------------------
@@ -307,7 +307,7 @@ def export_at(model, method, num_classes, level, round_to=None, float_weights=Fa
     if round_to is not None and not 1 <= round_to <= MAX_ROUND_TO:
         raise ConfigError(f"--round_to {round_to}: must be a number of channels in 1..{MAX_ROUND_TO}")
     levels, alpha = resolve_level(method, level)
-    level = method.level_type(level)
+    level = method.level_unit.type(level)
     set_level(model, levels)
     extra_args = {"float_weights": float_weights} if float_weights else {}
     target, state, extra = exporter.export(model, method, num_classes, level, round_to, **extra_args)
@@ -320,7 +320,7 @@ def export_at(model, method, num_classes, level, round_to=None, float_weights=Fa
     for key in implied_keys(target):
         state.pop(key, None)
     header = {"format": FORMAT, "version": VERSION, "setting": config.setting, "method": config.method,
-              "model_name": config.model, "level_name": method.level_name, "level": level, "alpha": alpha,
+              "model_name": config.model, "level_name": method.level_unit.name, "level": level, "alpha": alpha,
               "num_classes": num_classes, "input_size": input_size_of(config), "norm": config.norm,
               "num_groups": method.norm_groups(config), "widths": None, "selected": None,
               "round_to": round_to, "num_bits": None}

@@ -19,6 +19,7 @@ from deploy.compressed import (EXPORTERS, build_exported, check_output, checkpoi
 from deploy.onnx_export import write_checked
 from deploy.subspace import describe as describe_subspace
 from deploy.subspace import make_subspace, save_subspace
+from methods import METHODS, SETTINGS
 from utils import checkpoint as ckpt
 from utils.errors import ConfigError, UsageParser, UserError, one_line
 
@@ -52,14 +53,23 @@ def describe(content, size_bytes):
 
 
 
+def level_units_text():
+    """What --level means, from the registry: each setting's unit, then the methods with their own
+    ("width factor (structured_sparsity), fraction of norm channels kept (structured_sparsity lec), ...")."""
+    parts = []
+    for setting, cls in SETTINGS.items():
+        parts.append(f"{cls.level_unit.label} ({setting})")
+        parts += [f"{method.level_unit.label} ({setting} {name})" for name, method in METHODS[setting].items()
+                  if method.level_unit != cls.level_unit]
+    return ", ".join(parts[:-1]) + " or " + parts[-1]
+
+
 def build_parser():
     parser = UsageParser(
         prog="python -m deploy.export",
         description="Write a standalone compressed model at one level of a trained checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="model_final.pt or checkpoint_last.pt of a run")
-    parser.add_argument("--level", type=float,
-                        help="width factor (structured), fraction of channels kept (lec), TopK fraction "
-                             "(unstructured) or bit width (quantized)")
+    parser.add_argument("--level", type=float, help=f"the level in the unit of the checkpoint's method: {level_units_text()}")
     parser.add_argument("--subspace", action="store_true",
                         help="write the whole trained subspace instead of one level (load it with "
                              "deploy.load_subspace and pick the level at run time)")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from engine import run_dir
 from engine.evaluate import autocast
+from methods import compilable_methods
 from utils.errors import ConfigError, TrainingError
 
 def configure_backends(method, device):
@@ -25,8 +26,7 @@ def check_compile_support(method, config):
     if method.distinct_train_levels() is None:
         raise ConfigError(f"--compile: {config.setting}/{config.method} draws a new compression level at "
                           f"almost every step, so torch.compile would rebuild its graph every step; it is for "
-                          f"methods with a few fixed levels (structured ns and lec, quantized target_bit_width, "
-                          f"quantized lcs_l with discrete_alpha_map); run without --compile")
+                          f"methods with a few fixed levels ({compilable_methods()}); run without --compile")
 
 
 def compile_network(network, method):

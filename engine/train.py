@@ -29,7 +29,7 @@ from engine import run_dir
 from engine.evaluate import evaluate
 from engine.progress import LOSS_LABEL, EpochLog, EvaluationLog, RunClock, resumed_message
 from engine.step import LossMonitor, TrainStep, check_compile_support, check_finite_weights, configure_backends
-from methods import METHODS
+from methods import METHODS, in_current_units
 from methods.levels import cosine_lr
 from models import build_model
 from utils import checkpoint as ckpt
@@ -171,10 +171,14 @@ class Run:
                                   f"({one_line(error)[:160]})") from None
         self.progress = Progress(**payload["progress"])
         self.evaluation_seconds = evaluation_seconds
-        kept = [row for row in read_rows(os.path.join(self.save_dir, METRICS)) if self._keep_on_resume(row)]
+        kept = [row for row in self.read_rows() if self._keep_on_resume(row)]
         self.rows = kept
         _log(self.context, resumed_message(self.progress, self.config.epochs, self.data.train.steps_per_epoch, path,
                                            evaluation_seconds))
+
+    def read_rows(self):
+        """The run directory's metrics rows, level names of earlier versions in today's units."""
+        return in_current_units(read_rows(os.path.join(self.save_dir, METRICS)))
 
     def _keep_on_resume(self, row):
         """Rows recorded after the checkpoint are dropped: the resumed run records them again."""
@@ -187,7 +191,8 @@ class Run:
 
     # -- evaluation ---------------------------------------------------------------------
     def record_evaluation(self, final=False, eval_only=False, checkpoint=None):
-        log = EvaluationLog(self.context, self.method.level_name, len(self.method.eval_points()), self.data,
+        unit = self.method.level_unit
+        log = EvaluationLog(self.context, unit.name, len(self.method.eval_points()), self.data,
                             self.progress.epoch)
         try:
             results = evaluate(self.model, self.method, self.data, self.context, self.progress.global_step,
@@ -197,10 +202,10 @@ class Run:
             log.close()
         index = max([row["evaluation"] for row in self.rows], default=-1) + 1
         self.rows += evaluation_rows(results, index, self.progress.epoch, self.progress.global_step, self.config,
-                                     self.method.level_name, self.data.num_classes, final, eval_only, checkpoint)
+                                     unit.name, self.data.num_classes, final, eval_only, checkpoint)
         self.progress.evaluations = index + 1
         if self.context.is_main:
-            update_outputs(self.save_dir, self.rows)
+            update_outputs(self.save_dir, self.rows, {unit.name: unit})
 
     def evaluate_only(self, path):
         payload = ckpt.load(path, map_location=self.device)
@@ -214,7 +219,7 @@ class Run:
             self.method.warmup_iterations = payload["warmup_iterations"]
         if self.context.is_main:
             os.makedirs(self.save_dir, exist_ok=True)
-        self.rows = read_rows(os.path.join(self.save_dir, METRICS))
+        self.rows = self.read_rows()
         self.record_evaluation(eval_only=True, checkpoint=path)
         self.print_summary("Evaluation")
         return 0

@@ -49,6 +49,27 @@ class BNAtEvaluation:
 
 
 @dataclass(frozen=True)
+class LevelUnit:
+    """The unit of a method's levels, wherever a user or a file sees one: `name` in metrics rows,
+    results.csv and exports, `label` on plot axes and in the meaning of --level, `scale` of the
+    plot axis, `type` of a level (int for bit widths). `legacy_names`: names runs of earlier
+    versions recorded for this unit (read as `name`)."""
+
+    name: str
+    label: str
+    scale: str = "linear"         # "linear" or "log"
+    type: type = float
+    legacy_names: tuple = ()
+
+    def __post_init__(self):
+        assert self.scale in ("linear", "log"), f"{self.name}: axis scale {self.scale!r}"
+
+    @property
+    def axis_label(self) -> str:
+        return self.label + (" (log scale)" if self.scale == "log" else "")
+
+
+@dataclass(frozen=True)
 class EvalPoint:
     """One point of the evaluation grid: the level in the setting's unit, and alpha for LCS+L."""
 
@@ -132,8 +153,7 @@ MAX_GRID_POINTS = 256
 class Method:
     setting = None           # the setting's name (its registry key)
     name = None              # the method's name (--method)
-    level_name = None        # the unit of its levels in metrics and exports
-    level_type = float       # int for bit widths
+    level_unit: LevelUnit = None  # the unit of its levels (metrics, plots, exports, --level)
     script = None            # the setting's training script
     description = ""         # the setting's --help description
     own_keys = {}            # config keys this class adds: {name: Key}
@@ -142,7 +162,10 @@ class Method:
     legacy_keys = {}         # keys of configs written by earlier versions, converted by upgrade()
     refused_flags = {}       # {flag name: why this method refuses it}
     norms = ("IN", "BN", "GN")
-    export_format = None     # how deploy/ stores an export (a key of deploy.export.EXPORTERS)
+    export_format = None     # how deploy/ stores an export (a key of deploy.compressed.EXPORTERS)
+    # When --compile may be used (training draws few distinct levels; see distinct_train_levels):
+    # None never, "" always, else the condition ("with discrete_alpha_map").
+    compiles_when: Optional[str] = None
     deploy_levels = ()       # levels the deploy benchmark compares by default
     # cuDNN autotuning times every kernel for each new input shape; off where almost every
     # step meets new shapes (slimmable widths, LEC's slimmed networks).
@@ -295,8 +318,8 @@ class Method:
         return None
 
     def eval_points(self):
-        return [EvalPoint(level=self.level_type(v), alpha=self.alpha_of(self.level_type(v)))
-                for v in self.config.eval_param_grid]
+        unit = self.level_unit.type
+        return [EvalPoint(level=unit(v), alpha=self.alpha_of(unit(v))) for v in self.config.eval_param_grid]
 
     def eval_levels(self, point, step):
         """The Level of the layers for an evaluation point at training step `step`."""
@@ -316,7 +339,7 @@ class Method:
         levels = self.level_range(self.config)
         if level not in levels:
             raise ConfigError(f"--level {level:g}: {self.setting}/{self.name} checkpoints export {levels.describe()}")
-        level = self.level_type(level)
+        level = self.level_unit.type(level)
         return EvalPoint(level=level, alpha=self.alpha_of(level))
 
     def export_level(self, point):

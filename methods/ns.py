@@ -9,6 +9,7 @@ class NS(StructuredMethod):
     As in the original's shipped config, one BatchNorm is shared by all widths."""
 
     name = "ns"
+    compiles_when = ""
     norms = ("BN",)
     own_keys = {"width_factors_list": Key("floats?", None, "NS widths")}
 

@@ -2,7 +2,7 @@
 
 import argparse
 
-from methods.base import CALIBRATED, BNAtEvaluation, Flag, LevelRange, Method
+from methods.base import CALIBRATED, BNAtEvaluation, Flag, LevelRange, LevelUnit, Method
 from methods.config import Key
 from utils.errors import ConfigError, number_list
 
@@ -11,7 +11,7 @@ class StructuredMethod(Method):
     setting = "structured_sparsity"
     script = "train_structured.py"
     description = "Train a network whose channel width can be chosen at inference time."
-    level_name = "width_factor"
+    level_unit = LevelUnit("width_factor", "width factor")
     norms = ("IN", "BN")  # slimmable layers take IN or BN
     export_format = "channels"
     deploy_levels = (0.75, 0.5, 0.25)

@@ -84,3 +84,40 @@ def test_the_checks_find_what_they_look_for():
     assert key_reads(tree, own_keys()) == [(1, "bn_calibration_images"), (2, "warmup_budget"),
                                            (4, "bn_calibration_images")]
     assert name_lists(tree, names()) == [(3, ["structured_sparsity", "quantized"])]
+
+
+# -- level units: the method's, asked by everyone else -----------------------------------------
+def test_every_method_has_a_level_unit_and_says_when_it_compiles():
+    from test_method_registry import default_method
+
+    for setting, methods in METHODS.items():
+        for name, cls in methods.items():
+            unit = cls.level_unit
+            assert unit.name and unit.label and unit.scale in ("linear", "log"), (setting, name)
+            distinct = default_method(setting, name).distinct_train_levels()
+            if cls.compiles_when == "":
+                assert distinct is not None, (setting, name)
+            elif cls.compiles_when is None:
+                assert distinct is None, (setting, name)
+
+
+def test_lec_has_its_own_unit_and_its_old_rows_read_in_it():
+    from methods import in_current_units, level_units
+
+    lec, topk = METHODS["structured_sparsity"]["lec"].level_unit, METHODS["unstructured_sparsity"]["lcs_l"].level_unit
+    assert lec.name != topk.name and "channels kept" in lec.label and lec.scale == "log"
+    assert level_units()[lec.name] is lec and topk.axis_label == "TopK fraction kept (log scale)"
+    rows = [{"setting": "structured_sparsity", "method": "lec", "level_name": "topk"},
+            {"setting": "unstructured_sparsity", "method": "lcs_l", "level_name": "topk"},
+            {"setting": "no_such_setting", "method": "lec", "level_name": "topk"}]
+    assert [row["level_name"] for row in in_current_units(rows)] == [lec.name, "topk", "topk"]
+
+
+def test_quantized_lcs_l_keeps_the_bit_width_it_is_given():
+    from test_method_registry import default_method
+
+    method = default_method("quantized", "lcs_l")
+    for point in method.eval_points():
+        level = method.eval_levels(point, None)
+        assert (level.num_bits, level.alpha) == (point.level, method.alpha_of(point.level))
+        assert level == method._level(point.alpha)  # what the round trip through alpha gave
