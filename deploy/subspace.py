@@ -36,43 +36,17 @@ import torch.nn as nn
 
 from deploy.compressed import (build_exported, export_at, level_range, num_classes_of, read_export, resolve_level,
                                save_export, training_model)
+from deploy.formats import FORMATS
 from deploy.packing import pack_tensors, unpack_tensors
 from methods import METHODS, config_from_dict
 from models import build_model
-from models.layers import QuantConv2d, SlimConv2d, set_level
+from models.layers import SlimConv2d, set_level
 from utils.errors import CheckpointError, ConfigError, one_line, shown
 
 BN_STATISTICS = ("running_mean", "running_var")
 
 FORMAT = "lcs-subspace"
 VERSION = 1
-FLOAT_BITS = 32
-
-
-def stored_levels(method):
-    """Every level a quantized subspace can be asked for (integer bit widths)."""
-    low, high = level_range(method)
-    return list(range(int(low), int(high) + 1))
-
-
-def _quantized_codes(model, method, num_classes, state):
-    """Per bit width, the quantized convs' codes (as the per-level export stores them), when
-    they take fewer bits than the float weights; the stored float weights are then dropped."""
-    endpoints = 2 if any(layer.on_line for layer in model.modules() if isinstance(layer, QuantConv2d)) else 1
-    bit_widths = stored_levels(method)
-    if sum(bit_widths) >= FLOAT_BITS * endpoints:
-        return None
-    codes = {bits: export_at(model, method, num_classes, bits)["quantized"] for bits in bit_widths}
-    for name, module in model.named_modules():
-        if isinstance(module, QuantConv2d):
-            state.pop(f"{name}.weight")
-            state.pop(f"{name}.weight1", None)
-    return codes
-
-
-# Per export format (Method.export_format), the levels stored as codes instead of float weights
-# (formats absent: none).
-CODE_STORAGE = {"int_codes": _quantized_codes}
 
 
 def calibrated(method):
@@ -96,7 +70,7 @@ def make_subspace(payload, path="checkpoint", data_dir=None):
     model, method = training_model(payload, path)
     num_classes = num_classes_of(payload["model"])
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
-    store_codes = CODE_STORAGE.get(method.export_format)
+    store_codes = FORMATS[method.export_format].subspace_codes
     codes = store_codes(model, method, num_classes, state) if store_codes else None
     levels = [point.level for point in method.eval_points()]
     statistics = (_bn_statistics(model, method, num_classes, levels, data_dir) if calibrated(method)
@@ -133,7 +107,8 @@ STORED = {
     "codes": (lambda value: value is None or (isinstance(value, dict) and all(
         isinstance(group, dict) and all(key in group for key in _CODES) for group in value.values())),
         "None or integer codes per bit width"),
-    "bn_statistics": (lambda value: value is None or (isinstance(value, list) and all(_packed(group) for group in value)),
+    "bn_statistics": (lambda value: value is None or (isinstance(value, list)
+                                                      and all(_packed(group) for group in value)),
                       "None or packed BN statistics per level"),
 }
 
@@ -211,7 +186,7 @@ class Subspace:
         except ConfigError as error:
             raise ConfigError(f"{self.path}: {error}") from None
         if self.codes:
-            content["quantized"] = self.codes[int(level)]
+            content.update(FORMATS[self.method.export_format].subspace_entries(self.codes[int(level)]))
         return content
 
     def at(self, level):

@@ -162,7 +162,7 @@ class Method:
     legacy_keys = {}         # keys of configs written by earlier versions, converted by upgrade()
     refused_flags = {}       # {flag name: why this method refuses it}
     norms = ("IN", "BN", "GN")
-    export_format = None     # how deploy/ stores an export (a key of deploy.compressed.EXPORTERS)
+    export_format = None     # how deploy/ stores an export (a key of deploy.formats.FORMATS)
     # When --compile may be used (training draws few distinct levels; see distinct_train_levels):
     # None never, "" always, else the condition ("with discrete_alpha_map").
     compiles_when: Optional[str] = None

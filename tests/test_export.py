@@ -22,7 +22,8 @@ from models.factory import dense_factory
 from models.layers import ChannelSelection, Norm2d, QuantConv2d
 from training_params import parse
 from utils import checkpoint as ckpt
-from deploy.compressed import export_model, load_exported, round_up_widths, save_export
+from deploy.compressed import export_model, load_exported, save_export
+from deploy.formats.channels import round_up_widths
 from deploy.export import main
 from deploy.packing import pack_bits, unpack_bits
 

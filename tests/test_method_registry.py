@@ -11,7 +11,7 @@ import yaml
 import training_params
 from cli_helpers import micro_cifar  # noqa: F401 (a fixture)
 from cli_helpers import assert_ok, read_metrics, run_script
-from deploy.export import export_model, resolve_level, uncompressed_level
+from deploy.compressed import export_model, resolve_level, uncompressed_level
 from methods import METHODS, SETTINGS
 from methods.base import Flag, LevelRange
 from methods.config import Key
