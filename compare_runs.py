@@ -65,7 +65,8 @@ def comparison_table(labelled):
             header.append(f"{label}: sparsity")
     lines = []
     for setting, level_name in settings:
-        runs = [(label, {row["level"]: row for row in rows if (row["setting"], row["level_name"]) == (setting, level_name)})
+        runs = [(label, {row["level"]: row for row in rows
+                         if (row["setting"], row["level_name"]) == (setting, level_name)})
                 for label, rows in labelled]
         for level in sorted({level for _, by_level in runs for level in by_level}):
             line = [setting, level_name, level]

@@ -227,7 +227,8 @@ def run(args):
                               args.data_dir)
         subspace = subspace_report(payload, args.checkpoint, out_dir, exported[0][2], args.switches,
                                    [content["level"] for _, _, _, content in exported])
-        runners = onnx_runners(exported, out_dir, args.threads, args.checkpoint) if args.runtime == "onnxruntime" else None
+        runners = (onnx_runners(exported, out_dir, args.threads, args.checkpoint) if args.runtime == "onnxruntime"
+                   else None)
     models = [runner for runner, _, _ in runners] if runners else [model for _, model, _, _ in exported]
     input_size = exported[0][3]["input_size"]
     timings = [timed_batch(models, batch, input_size, device, args) for batch in args.batch_sizes]

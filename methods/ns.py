@@ -17,7 +17,8 @@ class NS(StructuredMethod):
     def validate_setting(cls, config, checks):
         super().validate_setting(config, checks)
         widths = config.width_factors_list
-        checks.require(isinstance(widths, list) and len(widths) > 0, "width_factors_list", "the list of widths is empty")
+        checks.require(isinstance(widths, list) and len(widths) > 0, "width_factors_list",
+                       "the list of widths is empty")
         for width in widths:
             checks.in_range("width_factors_list", width, 0, 1, low_open=True, what="width factors")
 

@@ -33,7 +33,8 @@ class TargetWidth(StructuredMethod):
 
     @classmethod
     def level_range(cls, config):
-        return LevelRange(0, config.width_factor, "width factors", low_open=True, note="at most the trained width_factor")
+        return LevelRange(0, config.width_factor, "width factors", low_open=True,
+                          note="at most the trained width_factor")
 
     def train_levels(self, step, generator):
         from models.layers import Level

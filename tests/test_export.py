@@ -319,7 +319,7 @@ def test_cli_export_and_benchmark_table(tmp_path):
     lines = result.stdout.splitlines()
     header = next(line for line in lines if line.startswith("| level"))
     assert "nonzero params" in header and "MACs" in header and "file KiB" in header and "b2 ms" in header
-    rows = [line.split(" | ") for line in lines if line.startswith("| uncompressed") or line.startswith("| 0.")]
+    rows = [line.split(" | ") for line in lines if line.startswith(("| uncompressed", "| 0."))]
     assert [row[0] for row in rows] == ["| uncompressed", "| 0.5", "| 0.25"]
     assert rows[0][3] == "1.00x"
     # Width 0.25 of cPreResNet20 has about 15x fewer MACs than the full network.
