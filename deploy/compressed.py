@@ -36,17 +36,22 @@ eval mode; its outputs equal those of the training-time model evaluated at that 
 """
 
 import os
+from typing import Optional
 
 import torch
+import torch.nn as nn
 
 from data import build_data
 from deploy.formats import FORMATS
+from deploy.formats.base import ExportFormat
 from deploy.state import implied_keys
 from deploy.packing import pack_tensors, unpack_tensors
 from methods import METHODS, config_from_dict
+from methods.base import Method
+from methods.config import Config
 from models import build_model
 from models.bn_calibration import calibrate_bn
-from models.layers import set_level
+from models.layers import Level, set_level
 from utils import checkpoint as ckpt
 from utils import checkpoint_schema as schema
 from utils.atomic import refuse_overwrite
@@ -58,13 +63,13 @@ MAX_ROUND_TO = 1024  # no layer of the three networks is wider
 
 
 # -- the training-time model ------------------------------------------------------------
-def num_classes_of(state):
+def num_classes_of(state: dict) -> int:
     """Output channels of the last conv weight of a state dict (every model's classifier)."""
     convs = [key for key, value in state.items() if key.endswith("weight") and value.dim() == 4]
     return state[convs[-1]].shape[0]
 
 
-def checkpoint_config(payload, path):
+def checkpoint_config(payload: dict, path: str) -> Config:
     """The Config stored in a checkpoint payload (configs of earlier versions converted)."""
     try:
         return config_from_dict(payload["config"])
@@ -72,13 +77,13 @@ def checkpoint_config(payload, path):
         raise CheckpointError(f"{path}: its config is not one this project reads ({error})") from None
 
 
-def checkpoint_method(payload, path):
+def checkpoint_method(payload: dict, path: str) -> Method:
     """The method object of a checkpoint (no warmup: exports are taken after it)."""
     config = checkpoint_config(payload, path)
     return METHODS[config.setting][config.method](config, None)
 
 
-def training_model(payload, path):
+def training_model(payload: dict, path: str) -> tuple[nn.Module, Method]:
     """The model as trained (method layers, both endpoints), in eval mode, and its method."""
     method = checkpoint_method(payload, path)
     config = method.config
@@ -99,20 +104,20 @@ def input_size_of(config):
 
 
 # -- levels -----------------------------------------------------------------------------
-def resolve_level(method, level):
+def resolve_level(method: Method, level: float) -> tuple[Level, Optional[float]]:
     """(Level of the training-time model, alpha) at an export level; ConfigError naming
     --level when the level is outside what the checkpoint's method can export."""
     point = method.export_point(float(level))
     return method.export_level(point), point.alpha
 
 
-def level_range(method):
+def level_range(method: Method) -> tuple[float, float]:
     """(lowest, highest) level a checkpoint's method exports, in its level unit."""
     levels = method.level_range(method.config)
     return levels.low, levels.high
 
 
-def uncompressed_level(method):
+def uncompressed_level(method: Method) -> float:
     """The least compressed level a checkpoint's method exports (the benchmark's baseline)."""
     return method.level_unit.type(method.level_range(method.config).high)
 
@@ -141,7 +146,8 @@ def calibrated_state(network, state, batches):
     return {key: fresh[key].detach() for key in state}
 
 
-def export_model(payload, level, path="checkpoint", round_to=None, float_weights=False, data_dir=None):
+def export_model(payload: dict, level: float, path: str = "checkpoint", round_to: Optional[int] = None,
+                 float_weights: bool = False, data_dir: Optional[str] = None) -> dict:
     """The export (a dict of plain data) of a checkpoint payload at `level`.
 
     `float_weights` (quantized only) stores the quantized weights as float32 values instead of
@@ -152,8 +158,9 @@ def export_model(payload, level, path="checkpoint", round_to=None, float_weights
     return export_at(model, method, num_classes_of(payload["model"]), level, round_to, float_weights, data_dir)
 
 
-def export_at(model, method, num_classes, level, round_to=None, float_weights=False, data_dir=None,
-              bn_statistics=None):
+def export_at(model: nn.Module, method: Method, num_classes: int, level: float, round_to: Optional[int] = None,
+              float_weights: bool = False, data_dir: Optional[str] = None,
+              bn_statistics: Optional[dict] = None) -> dict:
     """export_model for a training-time model already built (its level is changed).
     `bn_statistics`: the BN running statistics of the level ({state key: tensor}), when known,
     instead of making them as the method's evaluations did."""
@@ -200,7 +207,7 @@ def check_output(path, inputs=(), flag="--out"):
     refuse_overwrite(flag, path, inputs)
 
 
-def save_export(path, content, inputs=(), flag="--out"):
+def save_export(path: str, content: dict, inputs=(), flag: str = "--out") -> None:
     """Write an export (or a subspace) to `path` atomically, after check_output; a failed write
     is an OutputError of one line. Files get the mode of every other file this project writes
     (0644 under the usual umask)."""
@@ -224,7 +231,7 @@ def read_export(path, file_format=FORMAT, version=VERSION, kind="exported model"
     return content
 
 
-def format_of(content, path="export"):
+def format_of(content: dict, path: str = "export") -> ExportFormat:
     """The ExportFormat of an export's content: its method's (Method.export_format)."""
     try:
         return FORMATS[METHODS[content["setting"]][content["method"]].export_format]
@@ -233,12 +240,12 @@ def format_of(content, path="export"):
                               f"project does not have") from None
 
 
-def load_exported(path, map_location="cpu"):
+def load_exported(path: str, map_location="cpu") -> nn.Module:
     """The exported network as a standard nn.Module in eval mode."""
     return build_exported(read_export(path), path, map_location)
 
 
-def build_exported(content, path="export", map_location="cpu"):
+def build_exported(content: dict, path: str = "export", map_location="cpu") -> nn.Module:
     """The network of an export's content (a dict as export_model returns it)."""
     export_format = format_of(content, path)
     model = build_model(content["model_name"], export_format.factory(content), content["num_classes"],

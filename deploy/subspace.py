@@ -31,6 +31,8 @@ Either way the logits equal those of the training-time model at that level. With
 statistics `at` builds the level's network and loads that level's statistics into it.
 """
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
@@ -64,7 +66,7 @@ def _bn_statistics(model, method, num_classes, levels, data_dir):
     return statistics
 
 
-def make_subspace(payload, path="checkpoint", data_dir=None):
+def make_subspace(payload: dict, path: str = "checkpoint", data_dir: Optional[str] = None) -> dict:
     """The subspace artefact (a dict of plain data) of a checkpoint payload. A run that
     re-estimated BN statistics at evaluation needs its training images in `data_dir`."""
     model, method = training_model(payload, path)
@@ -79,7 +81,7 @@ def make_subspace(payload, path="checkpoint", data_dir=None):
             "levels": levels, "weights": pack_tensors(state), "codes": codes, "bn_statistics": statistics}
 
 
-def save_subspace(path, content):
+def save_subspace(path: str, content: dict) -> None:
     save_export(path, content)
 
 
@@ -135,7 +137,7 @@ def check_content(content, path):
 class Subspace:
     """A loaded subspace artefact: `levels`, `level_range` and `at(level)`."""
 
-    def __init__(self, content, path):
+    def __init__(self, content: dict, path: str):
         check_content(content, path)
         try:
             self._build(content, path)
@@ -167,7 +169,7 @@ class Subspace:
         self.model.eval()
         self.in_place = any(isinstance(module, SlimConv2d) for module in self.model.modules())
 
-    def stored_level(self, level):
+    def stored_level(self, level: float) -> int:
         """The index of `level` among the levels whose BN statistics are stored; ConfigError
         naming those levels for any other."""
         for index, stored in enumerate(self.levels):
@@ -177,7 +179,7 @@ class Subspace:
                           f"re-estimated per level, and the subspace holds them for levels "
                           f"{', '.join(f'{stored:g}' for stored in self.levels)} only")
 
-    def content_at(self, level):
+    def content_at(self, level: float) -> dict:
         """The per-level export content (as deploy.export writes it) of `level`; with stored BN
         statistics, those of the level (the re-estimation itself needs training images)."""
         statistics = unpack_tensors(self.bn_statistics[self.stored_level(level)]) if self.bn_statistics else None
@@ -189,7 +191,7 @@ class Subspace:
             content.update(FORMATS[self.method.export_format].subspace_entries(self.codes[int(level)]))
         return content
 
-    def at(self, level):
+    def at(self, level: float) -> nn.Module:
         """The network at `level`, an nn.Module in eval mode. A slimmable network (structured
         width factors) is shared by all levels: the module returned sets its level before each
         forward, so a switch copies nothing. Other methods get the level's compressed network
@@ -217,12 +219,12 @@ class LevelView(nn.Module):
         return self.network(x)
 
 
-def load_subspace(path):
+def load_subspace(path: str) -> "Subspace":
     content = read_export(path, FORMAT, VERSION, "subspace artefact", "python -m deploy.export --subspace")
     return Subspace(content, path)
 
 
-def describe(content, size_bytes):
+def describe(content: dict, size_bytes: int) -> str:
     config = content["config"]
     stored = f"codes for {len(content['codes'])} bit widths" if content["codes"] else "float weights"
     if content.get("bn_statistics"):

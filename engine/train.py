@@ -29,7 +29,9 @@ from engine import run_dir
 from engine.evaluate import evaluate
 from engine.progress import LOSS_LABEL, EpochLog, EvaluationLog, RunClock, resumed_message
 from engine.step import LossMonitor, TrainStep, check_compile_support, check_finite_weights, configure_backends
+from engine.run_dir import RunOptions
 from methods import METHODS, in_current_units
+from methods.config import Config
 from methods.levels import cosine_lr
 from models import build_model
 from utils import checkpoint as ckpt
@@ -207,7 +209,7 @@ class Run:
         if self.context.is_main:
             update_outputs(self.save_dir, self.rows, {unit.name: unit})
 
-    def evaluate_only(self, path):
+    def evaluate_only(self, path: str) -> int:
         payload = ckpt.load(path, map_location=self.device)
         self.check_checkpoint(payload, path)
         self.load_model_state(payload, path)
@@ -225,7 +227,7 @@ class Run:
         return 0
 
     # -- training -----------------------------------------------------------------------
-    def train(self):
+    def train(self) -> int:
         config, progress = self.config, self.progress
         if progress.finished:
             _log(self.context, f"The run in {self.save_dir} has already finished ({config.epochs} epochs).")
@@ -338,7 +340,7 @@ def on_main_process(context, action, save_dir):
     return result
 
 
-def run(config, options):
+def run(config: Config, options: RunOptions) -> int:
     """Train (or evaluate) as the config and options say; returns the exit status."""
     context = setup(config.device)
     threads_before = torch.get_num_threads()

@@ -74,7 +74,7 @@ class Level(NamedTuple):
         return [(name, value) for name, value in zip(self._fields, self) if value is not None]
 
 
-def set_level(model, level=None, **fields):
+def set_level(model: nn.Module, level: Optional[Level] = None, **fields) -> None:
     """Set a compression level (a Level, or its fields as keywords) on every layer that reads it.
 
     Runs before every forward pass, so it walks the cached layer list and writes the plain
