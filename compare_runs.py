@@ -16,6 +16,7 @@ empty cell means the run was not evaluated at that level.
 import os
 import sys
 
+from methods import in_current_units, level_units
 from utils.atomic import refuse_overwrite
 from utils.errors import ConfigError, UsageParser, UserError, one_line, shown
 from utils.metrics import (METRICS, labelled_series, latest_results, model_state, plot_runs, read_rows, text_table,
@@ -29,7 +30,7 @@ def load_run(run_dir):
     path = os.path.join(run_dir, METRICS)
     if not os.path.isfile(path):
         raise ConfigError(f"{run_dir}: no {METRICS} in it (not a run directory, or no evaluation recorded yet)")
-    rows = read_rows(path)
+    rows = in_current_units(read_rows(path))
     if not rows:
         raise ConfigError(f"{path}: holds no evaluation yet")
     return latest_results(rows)
@@ -49,12 +50,13 @@ def default_labels(runs):
 
 
 def comparison_table(labelled):
-    """(header, lines): one line per (setting, level), per run its accuracy and sparsity
-    (values as recorded: fractions; None where the run has no such level)."""
+    """(header, lines): one line per (setting, level unit, level), per run its accuracy and
+    sparsity (values as recorded: fractions; None where the run has no such level). The level
+    unit is the method's (LEC's fractions of channels kept are not width factors)."""
     settings = []
     for _, rows in labelled:
-        if rows[0]["setting"] not in settings:
-            settings.append(rows[0]["setting"])
+        if (rows[0]["setting"], rows[0]["level_name"]) not in settings:
+            settings.append((rows[0]["setting"], rows[0]["level_name"]))
     with_sparsity = any(row.get("sparsity") is not None for _, rows in labelled for row in rows)
     header = ["setting", "level_name", "level"]
     for label, _ in labelled:
@@ -62,9 +64,10 @@ def comparison_table(labelled):
         if with_sparsity:
             header.append(f"{label}: sparsity")
     lines = []
-    for setting in settings:
-        runs = [(label, {row["level"]: row for row in rows if row["setting"] == setting}) for label, rows in labelled]
-        level_name = next(rows[0]["level_name"] for _, rows in labelled if rows[0]["setting"] == setting)
+    for setting, level_name in settings:
+        runs = [(label, {row["level"]: row for row in rows
+                         if (row["setting"], row["level_name"]) == (setting, level_name)})
+                for label, rows in labelled]
         for level in sorted({level for _, by_level in runs for level in by_level}):
             line = [setting, level_name, level]
             for _, by_level in runs:
@@ -142,7 +145,7 @@ def compare(run_dirs, out, labels=None):
     labelled = [(label, rows) for label, (_, rows) in zip(labels, runs)]
     datasets = sorted({rows[0]["dataset"] for _, rows in runs})
     models = sorted({rows[0]["model"] for _, rows in runs})
-    plot_runs(out, labelled, title=f"{', '.join(models)} on {', '.join(datasets)}")
+    plot_runs(out, labelled, title=f"{', '.join(models)} on {', '.join(datasets)}", units=level_units())
     # A run evaluated in several ways (BN statistics, test images) gets a column per way.
     columns = [entry for label, rows in labelled for entry in labelled_series(label, rows)]
     header, lines = drop_empty_columns(*comparison_table(columns))

@@ -126,7 +126,8 @@ def _add_common_flags(parser):
     add("--data_pipeline", choices=DATA_PIPELINES,
         help="tensor: CIFAR held on the device, augmented there in batches; dataloader: PIL transforms in "
              "worker processes; auto (default): tensor for CIFAR-10, dataloader for ImageNet")
-    add("--amp", action="store_true", default=None, help="bfloat16 autocast (CUDA, or a CPU with bfloat16 units; default: off, fp32)")
+    add("--amp", action="store_true", default=None,
+        help="bfloat16 autocast (CUDA, or a CPU with bfloat16 units; default: off, fp32)")
     add("--channels_last", action="store_true", default=None, help="channels-last memory format")
     add("--compile", action="store_true", default=None, help="torch.compile the network")
     add("--threads", type=int, help="CPU threads per process (default: the usable cores not busy with other "

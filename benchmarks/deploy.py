@@ -34,7 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from utils.errors import UsageParser, number_list  # noqa: E402
 from utils import checkpoint as ckpt  # noqa: E402
 from utils.errors import ConfigError, UserError, one_line  # noqa: E402
-from deploy.compressed import (EXPORTERS, checkpoint_method, export_model, load_exported,  # noqa: E402
+from deploy.formats import FORMATS  # noqa: E402
+from deploy.compressed import (checkpoint_method, export_model, load_exported,  # noqa: E402
                                resolve_level, save_export, uncompressed_level)
 from deploy.measure import describe_subspace, onnx_runners, subspace_report  # noqa: E402
 
@@ -168,7 +169,7 @@ def check_args(args):
 def export_all(payload, method, path, levels, round_to, out_dir, device, data_dir=None):
     """[(label, loaded model, file size, export header)], the uncompressed model first (for
     integer codes: the same model with float32 weights)."""
-    quantized = EXPORTERS[method.export_format].stores_codes
+    quantized = FORMATS[method.export_format].float_weights
     base = uncompressed_level(method)
     jobs = [("float32" if quantized else "uncompressed", base, True, None)]
     jobs += [(f"{level:g}", level, False, round_to) for level in levels]
@@ -226,7 +227,8 @@ def run(args):
                               args.data_dir)
         subspace = subspace_report(payload, args.checkpoint, out_dir, exported[0][2], args.switches,
                                    [content["level"] for _, _, _, content in exported])
-        runners = onnx_runners(exported, out_dir, args.threads, args.checkpoint) if args.runtime == "onnxruntime" else None
+        runners = (onnx_runners(exported, out_dir, args.threads, args.checkpoint) if args.runtime == "onnxruntime"
+                   else None)
     models = [runner for runner, _, _ in runners] if runners else [model for _, model, _, _ in exported]
     input_size = exported[0][3]["input_size"]
     timings = [timed_batch(models, batch, input_size, device, args) for batch in args.batch_sizes]

@@ -37,16 +37,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data import cifar_transforms  # noqa: E402
 from data.cifar import load_cifar10  # noqa: E402
-from methods import METHODS  # noqa: E402
+from methods import DEFAULT_METHOD, METHODS, SETTINGS  # noqa: E402
 from methods.levels import cosine_lr  # noqa: E402
 from models import build_model  # noqa: E402
 from training_params import parse  # noqa: E402
 from utils.distributed import Context, pick_device  # noqa: E402
 from utils.errors import UsageParser, UserError  # noqa: E402
-from engine.train import Run, RunClock, StopFlag, TrainStep, configure_backends  # noqa: E402
+from engine.progress import RunClock  # noqa: E402
+from engine.step import TrainStep, configure_backends  # noqa: E402
+from engine.train import Run, StopFlag  # noqa: E402
 
-SETTINGS = ("structured_sparsity", "unstructured_sparsity", "quantized")
-METHOD = "lcs_l"
+METHOD = DEFAULT_METHOD  # lcs_l, in every setting
 CIFAR_EPOCH = 50_000
 DEFAULT_DATA = "data/cifar10-jpeg"
 

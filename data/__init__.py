@@ -150,8 +150,10 @@ def per_process_batch(config, world_size):
     return config.batch_size // world_size
 
 
-def build_data(config, device, rank=0, world_size=1):
-    """Train and test streams for the config's dataset and pipeline."""
+def build_data(config, device, rank=0, world_size=1, calibration_images=0):
+    """Train and test streams for the config's dataset and pipeline, and a stream of
+    `calibration_images` training images that re-estimate BN statistics (the method's answer,
+    Method.bn_at_evaluation; 0: none)."""
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     batch = per_process_batch(config, world_size)
     if config.dataset == "imagenet":
@@ -159,7 +161,8 @@ def build_data(config, device, rank=0, world_size=1):
             raise ConfigError("--data_pipeline tensor: only for CIFAR-10 (ImageNet uses the dataloader pipeline)")
         train_set, test_set, num_classes = imagenet_datasets(config)
         args = (rank, world_size, config.num_workers, device, memory_format)
-        calibration = loader_calibration(train_set, test_set.transform, config, device, memory_format)
+        calibration = loader_calibration(train_set, test_set.transform, calibration_images, config, device,
+                                         memory_format)
         return Data(LoaderTrainStream(train_set, batch, config.seed, *args),
                     LoaderTestStream(test_set, config.batch_size, *args),
                     num_classes, config.image_size, len(train_set), len(test_set), calibration)
@@ -170,7 +173,8 @@ def build_data(config, device, rank=0, world_size=1):
         args = (rank, world_size, config.num_workers, device, memory_format)
         train = LoaderTrainStream(train_set, batch, config.seed, *args)
         test = LoaderTestStream(test_set, config.batch_size, *args)
-        calibration = loader_calibration(train_set, test_set.transform, config, device, memory_format)
+        calibration = loader_calibration(train_set, test_set.transform, calibration_images, config, device,
+                                         memory_format)
     else:
         def to_device(images, labels):
             return (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device),
@@ -180,26 +184,21 @@ def build_data(config, device, rank=0, world_size=1):
         test = TensorTestStream(*to_device(test_images, test_labels), config.batch_size, rank, world_size,
                                 memory_format)
         calibration = None
-        if calibration_images(config):
-            indices = subset_indices(len(train_labels), config.bn_calibration_images, config.seed)
+        if calibration_images:
+            indices = subset_indices(len(train_labels), calibration_images, config.seed)
             calibration = TensorTestStream(*to_device(train_images[indices], train_labels[indices]),
                                            config.batch_size, 0, 1, memory_format)
     return Data(train, test, 10, 32, len(train_labels), len(test_labels), calibration)
 
 
-def calibration_images(config):
-    """How many training images re-estimate the BN statistics before each evaluation (0: none)."""
-    return config.get("bn_calibration_images") or 0
-
-
-def loader_calibration(train_set, test_transform, config, device, memory_format):
+def loader_calibration(train_set, test_transform, calibration_images, config, device, memory_format):
     """The calibration images (the first N training images of a shuffle seeded with --seed, the
     same at every evaluation and after a resume) with the test transform, as whole batches of
     --batch_size on every process (each process computes the same statistics), or None."""
-    if not calibration_images(config):
+    if not calibration_images:
         return None
     dataset = SeededTransformDataset(train_set.load, train_set.labels, test_transform, config.seed)
-    indices = subset_indices(len(dataset), config.bn_calibration_images, config.seed)
+    indices = subset_indices(len(dataset), calibration_images, config.seed)
     return LoaderTestStream(Subset(dataset, indices), config.batch_size, 0, 1, config.num_workers, device,
                             memory_format)
 

@@ -6,23 +6,26 @@ it, the subspace artefact (deploy/subspace.py) and ONNX export (deploy/onnx_expo
     python -m deploy.export --checkpoint RUN/model_final.pt --level 0.5 --out model.pt [--round_to 8]
         [--data_dir DIR]
 
-The level is in the unit of the checkpoint's method (Method.level_name): a width factor
+The level is in the unit of the checkpoint's method (Method.level_unit): a width factor
 (structured), the fraction of norm channels kept (structured lec), a TopK fraction
 (unstructured) or a bit width (quantized); the method checks its range and maps it to the
 layers' Level (LCS+L models take their alpha from it). The method's `export_format` picks how
-the compressed model is stored (EXPORTERS below).
+the compressed model is stored: one module per format in deploy/formats/, registered in
+deploy/formats/__init__.py (FORMATS).
 
-What the file holds (a torch.save'd dict of plain data, readable with weights_only=True):
+What the file holds (a torch.save'd dict of plain data, readable with weights_only=True): a
+header (setting, method, model, level and its unit, alpha, channel spec, ...), the packed dense
+tensors, and what the format stores on its own (its module's docstring says what):
 
-* structured, LEC: a physically narrower dense network, i.e. its channel spec (`widths`,
-  `selected`, as the model constructors take it) and its weights; line norms resolved at alpha,
-  BN running statistics sliced, or, when the run's evaluations re-estimated them
-  (`bn_calibration_images`, LEC's default), re-estimated the same way on the same training
-  images (read from `--data_dir`), so the exported model gives the evaluated accuracy.
-* unstructured: the weights at alpha masked to their TopK; each body conv whose bitmask plus
-  kept values is smaller than the dense tensor is stored that way.
-* quantized: the body conv weights (after the BN fold) as integer codes bit-packed at b bits
-  with their per-tensor scale and zero point, and the recorded activation ranges.
+* structured (deploy/formats/channels.py), LEC (slimmed_channels.py): a physically narrower
+  dense network, i.e. its channel spec (`widths`, `selected`) and its weights; line norms
+  resolved at alpha, BN running statistics sliced, or, when the method's evaluations
+  re-estimated them (Method.bn_at_evaluation, LEC's default), re-estimated the same way on the
+  same training images (read from `--data_dir`), so the exported model gives the evaluated
+  accuracy.
+* unstructured (topk.py): TopK-masked weights, sparse convs as bitmask plus kept values.
+* quantized (int_codes.py): bit-packed integer codes with their scales and zero points, and the
+  recorded activation ranges.
 
 Tensors of one kind are concatenated into one flat buffer (deploy/packing.py): torch.save
 spends about 270 bytes on every stored tensor, some 15 % of a 4-bit cPreResNet20.
@@ -32,22 +35,23 @@ channel spec; quantized convs that use their stored weights as they are) and ret
 eval mode; its outputs equal those of the training-time model evaluated at that level.
 """
 
-import math
 import os
-from dataclasses import dataclass
-from typing import Callable
+from typing import Optional
 
 import torch
+import torch.nn as nn
 
 from data import build_data
-from deploy.packing import concat, pack_bits, pack_tensors, unpack_bits, unpack_tensors
+from deploy.formats import FORMATS
+from deploy.formats.base import ExportFormat
+from deploy.state import implied_keys
+from deploy.packing import pack_tensors, unpack_tensors
 from methods import METHODS, config_from_dict
-from models import build_model, channel_spec
+from methods.base import Method
+from methods.config import Config
+from models import build_model
 from models.bn_calibration import calibrate_bn
-from models.factory import dense_factory, frozen_quant_factory
-from models.layers import ChannelSelection, LineMixin, QuantConv2d, TopKConv2d, set_level
-from models.quant import dequantize, grid_limits, quantize_tensor_to_int
-from models.slimming import lec_slim
+from models.layers import Level, set_level
 from utils import checkpoint as ckpt
 from utils import checkpoint_schema as schema
 from utils.atomic import refuse_overwrite
@@ -55,24 +59,17 @@ from utils.errors import CheckpointError, ConfigError, OutputError
 
 FORMAT = "lcs-export"
 VERSION = 1
-ACT_BUFFERS = ("act_min", "act_max", "act_range_ready")
 MAX_ROUND_TO = 1024  # no layer of the three networks is wider
 
 
-def round_up_widths(widths, full_widths, multiple):
-    """Each width rounded up to a multiple of `multiple`, never above the layer's full width."""
-    return {name: min(full_widths[name], math.ceil(width / multiple) * multiple)
-            for name, width in widths.items()}
-
-
 # -- the training-time model ------------------------------------------------------------
-def num_classes_of(state):
+def num_classes_of(state: dict) -> int:
     """Output channels of the last conv weight of a state dict (every model's classifier)."""
     convs = [key for key, value in state.items() if key.endswith("weight") and value.dim() == 4]
     return state[convs[-1]].shape[0]
 
 
-def checkpoint_config(payload, path):
+def checkpoint_config(payload: dict, path: str) -> Config:
     """The Config stored in a checkpoint payload (configs of earlier versions converted)."""
     try:
         return config_from_dict(payload["config"])
@@ -80,13 +77,13 @@ def checkpoint_config(payload, path):
         raise CheckpointError(f"{path}: its config is not one this project reads ({error})") from None
 
 
-def checkpoint_method(payload, path):
+def checkpoint_method(payload: dict, path: str) -> Method:
     """The method object of a checkpoint (no warmup: exports are taken after it)."""
     config = checkpoint_config(payload, path)
     return METHODS[config.setting][config.method](config, None)
 
 
-def training_model(payload, path):
+def training_model(payload: dict, path: str) -> tuple[nn.Module, Method]:
     """The model as trained (method layers, both endpoints), in eval mode, and its method."""
     method = checkpoint_method(payload, path)
     config = method.config
@@ -107,168 +104,38 @@ def input_size_of(config):
 
 
 # -- levels -----------------------------------------------------------------------------
-def resolve_level(method, level):
+def resolve_level(method: Method, level: float) -> tuple[Level, Optional[float]]:
     """(Level of the training-time model, alpha) at an export level; ConfigError naming
     --level when the level is outside what the checkpoint's method can export."""
     point = method.export_point(float(level))
     return method.export_level(point), point.alpha
 
 
-def level_range(method):
+def level_range(method: Method) -> tuple[float, float]:
     """(lowest, highest) level a checkpoint's method exports, in its level unit."""
     levels = method.level_range(method.config)
     return levels.low, levels.high
 
 
-def uncompressed_level(method):
+def uncompressed_level(method: Method) -> float:
     """The least compressed level a checkpoint's method exports (the benchmark's baseline)."""
-    return method.level_type(method.level_range(method.config).high)
+    return method.level_unit.type(method.level_range(method.config).high)
 
 
 # -- export -----------------------------------------------------------------------------
-@torch.no_grad()
-def effective_state(model):
-    """The state of a model at its current level: line layers resolved at alpha (no endpoint-1
-    entries), TopK convs masked, everything else as stored."""
-    state = {}
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        local = dict(module.named_parameters(recurse=False))
-        local.update(module.named_buffers(recurse=False))
-        if hasattr(module, "effective_weight"):
-            local["weight"] = module.effective_weight()
-        elif isinstance(module, LineMixin) and "weight" in local:
-            local["weight"], local["bias"] = module.line_weight(), module.line_bias()
-        for key, value in local.items():
-            if key not in ("weight1", "bias1") and value is not None:
-                state[prefix + key] = value.detach()
-    return state
-
-
-def implied_keys(model):
-    """State entries the constructor sets and an export leaves out: the all-ones indexes of
-    inactive channel selections and the activation buffers of quantized convs (their ranges
-    travel separately)."""
-    keys = set()
-    for name, module in model.named_modules():
-        if isinstance(module, ChannelSelection) and not module.active:
-            keys.add(f"{name}.indexes")
-        elif isinstance(module, QuantConv2d):
-            keys.update(f"{name}.{buffer}" for buffer in ACT_BUFFERS)
-    return keys
-
-
-def _leading(tensor, shape):
-    """The leading block of `tensor` with `shape` (the channels a slimmable layer keeps)."""
-    return tensor[tuple(slice(0, size) for size in shape)]
-
-
-def _export_slimmed_channels(model, config, num_classes, level, round_to):
-    """LEC: the network slimmed at a fraction of norm channels kept."""
-    slim, info = lec_slim(model, config.model, num_classes, level)
-    return slim, effective_state(slim), {"widths": info["widths"], "selected": info["selected"]}
-
-
-def _export_channels(model, config, num_classes, level, round_to):
-    """Slimmable networks: the leading channels each layer keeps at the width, as a dense network."""
-    widths = channel_spec(model, input_size_of(config))
-    if round_to:
-        full = {name: module.out_channels for name, module in model.named_modules() if name in widths}
-        widths = round_up_widths(widths, full, round_to)
-    dense = build_model(config.model, dense_factory(config.norm), num_classes, widths=widths)
-    source = effective_state(model)
-    state = {key: _leading(source[key], target.shape) for key, target in dense.state_dict().items()}
-    return dense, state, {"widths": widths, "selected": None}
-
-
-def _export_topk(model, config, num_classes, level, round_to):
-    dense = build_model(config.model, dense_factory(config.norm, config.get("num_groups") or 32), num_classes)
-    state = effective_state(model)
-    names, shapes, masks, values = [], [], [], []
-    for name, module in model.named_modules():
-        if not isinstance(module, TopKConv2d):
-            continue
-        mask = module.mask().bool()
-        kept = int(mask.sum())
-        # A bitmask plus the kept values only pays off below about 97 % density.
-        if 32 * kept + mask.numel() >= 32 * mask.numel():
-            continue
-        weight = state.pop(f"{name}.weight")
-        names.append(f"{name}.weight")
-        shapes.append(list(mask.shape))
-        masks.append(mask.flatten().cpu())
-        values.append(weight[mask].float().cpu())
-    sparse = {"names": names, "shapes": shapes, "mask": pack_bits(concat(masks, torch.bool), 1),
-              "values": concat(values)}
-    return dense, state, {"sparse": sparse}
-
-
-def _export_int_codes(model, config, num_classes, level, round_to, float_weights=False):
-    num_bits = int(level)
-    frozen = build_model(config.model, frozen_quant_factory(config.norm, num_bits, config.get("num_groups") or 32),
-                         num_classes)
-    state = effective_state(model)
-    q_min, _ = grid_limits(num_bits)
-    names, shapes, codes, scales, zero_points = [], [], [], [], []
-    act_names, act_min, act_max = [], [], []
-    for name, module in model.named_modules():
-        if not isinstance(module, QuantConv2d):
-            continue
-        folded, _ = module.folded_weight()
-        layer_codes, scale, zero_point = quantize_tensor_to_int(folded, num_bits)
-        weight = dequantize(layer_codes, scale, zero_point)
-        assert torch.equal(weight, module.quantized_weight()[0]), f"{name}: codes do not reproduce the fake-quant"
-        if float_weights:
-            state[f"{name}.weight"] = weight
-        else:
-            del state[f"{name}.weight"]
-            names.append(f"{name}.weight")
-            shapes.append(list(folded.shape))
-            codes.append((layer_codes - q_min).flatten().cpu())
-            scales.append(scale.cpu())
-            zero_points.append(zero_point.cpu())
-        if bool(module.act_range_ready):
-            act_names.append(name)
-            act_min.append(module.act_min.float().cpu())
-            act_max.append(module.act_max.float().cpu())
-    quantized = {"names": names, "shapes": shapes, "codes": pack_bits(concat(codes), num_bits),
-                 "scales": concat(scales), "zero_points": concat(zero_points, torch.int32)}
-    act_ranges = {"names": act_names, "min": concat(act_min), "max": concat(act_max)}
-    return frozen, state, {"quantized": quantized, "act_ranges": act_ranges, "num_bits": num_bits}
-
-
-@dataclass(frozen=True)
-class Exporter:
-    """How one export format is written: export(model, config, num_classes, level, round_to)
-    -> (network, state, header entries)."""
-
-    export: Callable
-    takes_round_to: bool = False
-    stores_codes: bool = False  # integer codes: float_weights stores the same model uncompressed
-
-
-# Method.export_format -> how its exports are stored.
-EXPORTERS = {
-    "channels": Exporter(_export_channels, takes_round_to=True),
-    "slimmed_channels": Exporter(_export_slimmed_channels),
-    "topk": Exporter(_export_topk),
-    "int_codes": Exporter(_export_int_codes, stores_codes=True),
-}
-
-
-def calibration_batches(config, data_dir):
-    """The run's calibration images (same subset, transform and batches as its evaluations)
-    from `data_dir`; ConfigError naming --data_dir when it is not given."""
+def calibration_batches(config, images, data_dir):
+    """The run's `images` calibration images (same subset, transform and batches as its
+    evaluations) from `data_dir`; ConfigError naming --data_dir when it is not given."""
     if data_dir is None:
         raise ConfigError(f"--data_dir: this {config.setting}/{config.method} run evaluated with BN statistics "
-                          f"re-estimated on {config.bn_calibration_images} training images; the export re-estimates "
+                          f"re-estimated on {images} training images; the export re-estimates "
                           f"them the same way and needs the run's training images (its --data_dir, or "
                           f"--imagenet_dir for ImageNet)")
     key = "imagenet_dir" if config.dataset == "imagenet" else "data_dir"
     if not os.path.isdir(data_dir):
         raise ConfigError(f"--data_dir {data_dir}: no such directory")
     config = config.replaced(**{key: data_dir}, device="cpu")
-    return build_data(config, torch.device("cpu")).calibration.batches()
+    return build_data(config, torch.device("cpu"), calibration_images=images).calibration.batches()
 
 
 def calibrated_state(network, state, batches):
@@ -279,7 +146,8 @@ def calibrated_state(network, state, batches):
     return {key: fresh[key].detach() for key in state}
 
 
-def export_model(payload, level, path="checkpoint", round_to=None, float_weights=False, data_dir=None):
+def export_model(payload: dict, level: float, path: str = "checkpoint", round_to: Optional[int] = None,
+                 float_weights: bool = False, data_dir: Optional[str] = None) -> dict:
     """The export (a dict of plain data) of a checkpoint payload at `level`.
 
     `float_weights` (quantized only) stores the quantized weights as float32 values instead of
@@ -290,30 +158,38 @@ def export_model(payload, level, path="checkpoint", round_to=None, float_weights
     return export_at(model, method, num_classes_of(payload["model"]), level, round_to, float_weights, data_dir)
 
 
-def export_at(model, method, num_classes, level, round_to=None, float_weights=False, data_dir=None):
-    """export_model for a training-time model already built (its level is changed)."""
+def export_at(model: nn.Module, method: Method, num_classes: int, level: float, round_to: Optional[int] = None,
+              float_weights: bool = False, data_dir: Optional[str] = None,
+              bn_statistics: Optional[dict] = None) -> dict:
+    """export_model for a training-time model already built (its level is changed).
+    `bn_statistics`: the BN running statistics of the level ({state key: tensor}), when known,
+    instead of making them as the method's evaluations did."""
     config = method.config
-    exporter = EXPORTERS[method.export_format]
-    if round_to is not None and not exporter.takes_round_to:
+    export_format = FORMATS[method.export_format]
+    if round_to is not None and not export_format.takes_round_to:
         users = ", ".join(f"{setting} {name}" for setting, methods in METHODS.items() for name, cls in methods.items()
-                          if EXPORTERS[cls.export_format].takes_round_to)
+                          if FORMATS[cls.export_format].takes_round_to)
         raise ConfigError(f"--round_to {round_to}: only for width-factor exports ({users}); this is "
                           f"{config.setting}/{config.method}")
     if round_to is not None and not 1 <= round_to <= MAX_ROUND_TO:
         raise ConfigError(f"--round_to {round_to}: must be a number of channels in 1..{MAX_ROUND_TO}")
     levels, alpha = resolve_level(method, level)
-    level = method.level_type(level)
+    level = method.level_unit.type(level)
     set_level(model, levels)
     extra_args = {"float_weights": float_weights} if float_weights else {}
-    target, state, extra = exporter.export(model, config, num_classes, level, round_to, **extra_args)
-    if config.get("bn_calibration_images"):  # the evaluations re-estimated BN statistics: so does the export
-        state = calibrated_state(target, state, calibration_batches(config, data_dir))
+    target, state, extra = export_format.export(model, method, num_classes, level, round_to, **extra_args)
+    if bn_statistics is not None:  # given (a subspace stores those of its levels)
+        state.update(bn_statistics)
+    else:  # as the evaluations made them: re-estimated on training images when they were
+        images = method.bn_at_evaluation(config).calibration_images
+        if images:
+            state = calibrated_state(target, state, calibration_batches(config, images, data_dir))
     for key in implied_keys(target):
         state.pop(key, None)
     header = {"format": FORMAT, "version": VERSION, "setting": config.setting, "method": config.method,
-              "model_name": config.model, "level_name": method.level_name, "level": level, "alpha": alpha,
+              "model_name": config.model, "level_name": method.level_unit.name, "level": level, "alpha": alpha,
               "num_classes": num_classes, "input_size": input_size_of(config), "norm": config.norm,
-              "num_groups": config.get("num_groups") or 32, "widths": None, "selected": None,
+              "num_groups": method.norm_groups(config), "widths": None, "selected": None,
               "round_to": round_to, "num_bits": None}
     header.update(extra)
     header["dense"] = pack_tensors(state)
@@ -331,7 +207,7 @@ def check_output(path, inputs=(), flag="--out"):
     refuse_overwrite(flag, path, inputs)
 
 
-def save_export(path, content, inputs=(), flag="--out"):
+def save_export(path: str, content: dict, inputs=(), flag: str = "--out") -> None:
     """Write an export (or a subspace) to `path` atomically, after check_output; a failed write
     is an OutputError of one line. Files get the mode of every other file this project writes
     (0644 under the usual umask)."""
@@ -355,49 +231,27 @@ def read_export(path, file_format=FORMAT, version=VERSION, kind="exported model"
     return content
 
 
-def _factory(content):
-    """Frozen quantized convs for an export of integer codes (it records their bit width)."""
-    if content["num_bits"] is not None:
-        return frozen_quant_factory(content["norm"], content["num_bits"], content["num_groups"])
-    return dense_factory(content["norm"], content["num_groups"])
+def format_of(content: dict, path: str = "export") -> ExportFormat:
+    """The ExportFormat of an export's content: its method's (Method.export_format)."""
+    try:
+        return FORMATS[METHODS[content["setting"]][content["method"]].export_format]
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{path}: an export of {content.get('setting')}/{content.get('method')}, which this "
+                              f"project does not have") from None
 
 
-def _stored_state(content):
-    state = unpack_tensors(content["dense"])
-    sparse = content.get("sparse")
-    if sparse:
-        counts = [math.prod(shape) for shape in sparse["shapes"]]
-        mask = unpack_bits(sparse["mask"], 1, sum(counts)).bool()
-        flat = torch.zeros(sum(counts), dtype=sparse["values"].dtype)
-        flat[mask] = sparse["values"]
-        state.update(unpack_tensors({"names": sparse["names"], "shapes": sparse["shapes"], "values": flat}))
-    quantized = content.get("quantized")
-    if quantized and quantized["names"]:
-        counts = [math.prod(shape) for shape in quantized["shapes"]]
-        q_min, _ = grid_limits(content["num_bits"])
-        codes = unpack_bits(quantized["codes"], content["num_bits"], sum(counts)) + q_min
-        for name, shape, layer_codes, scale, zero_point in zip(
-                quantized["names"], quantized["shapes"], codes.split(counts), quantized["scales"],
-                quantized["zero_points"]):
-            state[name] = dequantize(layer_codes, scale, zero_point).view(shape)
-    ranges = content.get("act_ranges")
-    if ranges:
-        for name, low, high in zip(ranges["names"], ranges["min"], ranges["max"]):
-            state.update({f"{name}.act_min": low, f"{name}.act_max": high,
-                          f"{name}.act_range_ready": torch.tensor(True)})
-    return state
-
-
-def load_exported(path, map_location="cpu"):
+def load_exported(path: str, map_location="cpu") -> nn.Module:
     """The exported network as a standard nn.Module in eval mode."""
     return build_exported(read_export(path), path, map_location)
 
 
-def build_exported(content, path="export", map_location="cpu"):
+def build_exported(content: dict, path: str = "export", map_location="cpu") -> nn.Module:
     """The network of an export's content (a dict as export_model returns it)."""
-    model = build_model(content["model_name"], _factory(content), content["num_classes"],
+    export_format = format_of(content, path)
+    model = build_model(content["model_name"], export_format.factory(content), content["num_classes"],
                         widths=content["widths"], selected=content["selected"])
-    state = _stored_state(content)
+    state = unpack_tensors(content["dense"])
+    state.update(export_format.decode(content))
     defaults = model.state_dict()
     missing = [key for key in defaults if key not in state and key not in implied_keys(model)]
     unexpected = [key for key in state if key not in defaults]

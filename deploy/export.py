@@ -13,12 +13,11 @@ artefact and deploy/onnx_export.py the ONNX file.
 import os
 import sys
 
-from deploy.compressed import (EXPORTERS, build_exported, check_output, checkpoint_method,  # noqa: F401
-                               export_model, load_exported, resolve_level, save_export, training_model,
-                               uncompressed_level)
+from deploy.compressed import check_output, export_model, format_of, save_export
 from deploy.onnx_export import write_checked
 from deploy.subspace import describe as describe_subspace
 from deploy.subspace import make_subspace, save_subspace
+from methods import METHODS, SETTINGS
 from utils import checkpoint as ckpt
 from utils.errors import ConfigError, UsageParser, UserError, one_line
 
@@ -27,29 +26,22 @@ DEFAULT_CHECK_IMAGES = 256
 
 
 def describe(content, size_bytes):
+    """What an export holds: its method, level and size, then its format's own lines."""
     lines = [f"{content['setting']}/{content['method']} {content['model_name']}: {content['level_name']} "
              f"{content['level']:g}" + (f" (alpha {content['alpha']:g})" if content["alpha"] is not None else "")
              + f", {size_bytes / 1024:.1f} KiB"]
-    if content["widths"]:
-        lines.append("channels: " + ", ".join(f"{name} {width}" for name, width in content["widths"].items()))
-    if content["selected"]:
-        lines.append("selected: " + ", ".join(f"{name} {count}" for name, count in content["selected"].items()))
-    sparse = content.get("sparse")
-    if sparse:
-        lines.append(f"{len(sparse['names'])} convs stored as bitmask + kept values "
-                     f"({sparse['values'].numel():,} weights kept)")
-    quantized = content.get("quantized")
-    if quantized:
-        ranges = len(content["act_ranges"]["names"])
-        lines.append(f"{len(quantized['names'])} convs stored as {content['num_bits']}-bit codes; activation "
-                     f"ranges recorded for {ranges} of them" + ("" if ranges else " (activations are not "
-                                                                 "quantized, as in the run's evaluation)"))
-    if content["round_to"]:
-        lines.append(f"widths rounded up to multiples of {content['round_to']} (at most the full width): this "
-                     f"network has more channels than the model at width {content['level']:g}, so its outputs "
-                     f"are not comparable with that level's evaluation")
-    return "\n".join(lines)
+    return "\n".join(lines + format_of(content).describe(content))
 
+
+def level_units_text():
+    """What --level means, from the registry: each setting's unit, then the methods with their own
+    ("width factor (structured_sparsity), fraction of norm channels kept (structured_sparsity lec), ...")."""
+    parts = []
+    for setting, cls in SETTINGS.items():
+        parts.append(f"{cls.level_unit.label} ({setting})")
+        parts += [f"{method.level_unit.label} ({setting} {name})" for name, method in METHODS[setting].items()
+                  if method.level_unit != cls.level_unit]
+    return ", ".join(parts[:-1]) + " or " + parts[-1]
 
 
 def build_parser():
@@ -58,8 +50,7 @@ def build_parser():
         description="Write a standalone compressed model at one level of a trained checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="model_final.pt or checkpoint_last.pt of a run")
     parser.add_argument("--level", type=float,
-                        help="width factor (structured), fraction of channels kept (lec), TopK fraction "
-                             "(unstructured) or bit width (quantized)")
+                        help=f"the level in the unit of the checkpoint's method: {level_units_text()}")
     parser.add_argument("--subspace", action="store_true",
                         help="write the whole trained subspace instead of one level (load it with "
                              "deploy.load_subspace and pick the level at run time)")

@@ -20,7 +20,6 @@ onnx and onnxruntime are imported here only, when a function needs them
 """
 
 import copy
-import math
 import os
 import warnings
 
@@ -34,7 +33,7 @@ from models.quant import affine_params, grid_limits
 from utils.atomic import atomic_write, remove_stale_temporaries, temporary_path
 from utils.errors import OutputError, UserError
 from deploy.compressed import build_exported
-from deploy.packing import unpack_bits
+from deploy.formats.int_codes import stored_codes
 
 OPSET = 17
 # uint8 weight codes = int8 codes + this (ONNX Runtime's u8 x u8 ConvInteger is its fast one).
@@ -60,17 +59,10 @@ def require_onnx():
 
 # -- the network as it is traced ----------------------------------------------------------
 def weight_codes(content):
-    """{conv name: (int8 codes, scale, zero point)} of a quantized export's stored codes."""
-    quantized = content.get("quantized") or {"names": []}
-    if not quantized["names"]:
-        return {}
-    counts = [math.prod(shape) for shape in quantized["shapes"]]
-    q_min, _ = grid_limits(content["num_bits"])
-    codes = unpack_bits(quantized["codes"], content["num_bits"], sum(counts)) + q_min
-    return {name.rsplit(".", 1)[0]: (layer_codes.view(shape), float(scale), int(zero_point))
-            for name, shape, layer_codes, scale, zero_point in zip(
-                quantized["names"], quantized["shapes"], codes.split(counts), quantized["scales"],
-                quantized["zero_points"])}
+    """{conv name: (int8 codes, scale, zero point)} of a quantized export's stored codes (decoded
+    by their format, deploy/formats/int_codes.py)."""
+    return {name.rsplit(".", 1)[0]: (codes, float(scale), int(zero_point))
+            for name, (codes, scale, zero_point) in stored_codes(content).items()}
 
 
 class QDQConv2d(nn.Module):

@@ -31,53 +31,29 @@ Either way the logits equal those of the training-time model at that level. With
 statistics `at` builds the level's network and loads that level's statistics into it.
 """
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
 from deploy.compressed import (build_exported, export_at, level_range, num_classes_of, read_export, resolve_level,
                                save_export, training_model)
+from deploy.formats import FORMATS
 from deploy.packing import pack_tensors, unpack_tensors
 from methods import METHODS, config_from_dict
 from models import build_model
-from models.layers import QuantConv2d, SlimConv2d, set_level
+from models.layers import SlimConv2d, set_level
 from utils.errors import CheckpointError, ConfigError, one_line, shown
 
 BN_STATISTICS = ("running_mean", "running_var")
 
 FORMAT = "lcs-subspace"
 VERSION = 1
-FLOAT_BITS = 32
 
 
-def stored_levels(method):
-    """Every level a quantized subspace can be asked for (integer bit widths)."""
-    low, high = level_range(method)
-    return list(range(int(low), int(high) + 1))
-
-
-def _quantized_codes(model, method, num_classes, state):
-    """Per bit width, the quantized convs' codes (as the per-level export stores them), when
-    they take fewer bits than the float weights; the stored float weights are then dropped."""
-    endpoints = 2 if any(layer.on_line for layer in model.modules() if isinstance(layer, QuantConv2d)) else 1
-    bit_widths = stored_levels(method)
-    if sum(bit_widths) >= FLOAT_BITS * endpoints:
-        return None
-    codes = {bits: export_at(model, method, num_classes, bits)["quantized"] for bits in bit_widths}
-    for name, module in model.named_modules():
-        if isinstance(module, QuantConv2d):
-            state.pop(f"{name}.weight")
-            state.pop(f"{name}.weight1", None)
-    return codes
-
-
-# Per export format (Method.export_format), the levels stored as codes instead of float weights
-# (formats absent: none).
-CODE_STORAGE = {"int_codes": _quantized_codes}
-
-
-def calibrated(config):
-    """Whether the per-level export of `config`'s run re-estimates BN statistics."""
-    return bool(config.get("bn_calibration_images"))
+def calibrated(method):
+    """Whether the per-level export of the method's run re-estimates BN statistics."""
+    return method.bn_at_evaluation(method.config).calibration_images > 0
 
 
 def _bn_statistics(model, method, num_classes, levels, data_dir):
@@ -90,22 +66,22 @@ def _bn_statistics(model, method, num_classes, levels, data_dir):
     return statistics
 
 
-def make_subspace(payload, path="checkpoint", data_dir=None):
+def make_subspace(payload: dict, path: str = "checkpoint", data_dir: Optional[str] = None) -> dict:
     """The subspace artefact (a dict of plain data) of a checkpoint payload. A run that
     re-estimated BN statistics at evaluation needs its training images in `data_dir`."""
     model, method = training_model(payload, path)
     num_classes = num_classes_of(payload["model"])
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
-    store_codes = CODE_STORAGE.get(method.export_format)
+    store_codes = FORMATS[method.export_format].subspace_codes
     codes = store_codes(model, method, num_classes, state) if store_codes else None
     levels = [point.level for point in method.eval_points()]
-    statistics = (_bn_statistics(model, method, num_classes, levels, data_dir) if calibrated(method.config)
+    statistics = (_bn_statistics(model, method, num_classes, levels, data_dir) if calibrated(method)
                   else None)
     return {"format": FORMAT, "version": VERSION, "config": method.config.to_dict(), "num_classes": num_classes,
             "levels": levels, "weights": pack_tensors(state), "codes": codes, "bn_statistics": statistics}
 
 
-def save_subspace(path, content):
+def save_subspace(path: str, content: dict) -> None:
     save_export(path, content)
 
 
@@ -133,7 +109,8 @@ STORED = {
     "codes": (lambda value: value is None or (isinstance(value, dict) and all(
         isinstance(group, dict) and all(key in group for key in _CODES) for group in value.values())),
         "None or integer codes per bit width"),
-    "bn_statistics": (lambda value: value is None or (isinstance(value, list) and all(_packed(group) for group in value)),
+    "bn_statistics": (lambda value: value is None or (isinstance(value, list)
+                                                      and all(_packed(group) for group in value)),
                       "None or packed BN statistics per level"),
 }
 
@@ -160,7 +137,7 @@ def check_content(content, path):
 class Subspace:
     """A loaded subspace artefact: `levels`, `level_range` and `at(level)`."""
 
-    def __init__(self, content, path):
+    def __init__(self, content: dict, path: str):
         check_content(content, path)
         try:
             self._build(content, path)
@@ -192,7 +169,7 @@ class Subspace:
         self.model.eval()
         self.in_place = any(isinstance(module, SlimConv2d) for module in self.model.modules())
 
-    def stored_level(self, level):
+    def stored_level(self, level: float) -> int:
         """The index of `level` among the levels whose BN statistics are stored; ConfigError
         naming those levels for any other."""
         for index, stored in enumerate(self.levels):
@@ -202,27 +179,19 @@ class Subspace:
                           f"re-estimated per level, and the subspace holds them for levels "
                           f"{', '.join(f'{stored:g}' for stored in self.levels)} only")
 
-    def content_at(self, level):
+    def content_at(self, level: float) -> dict:
         """The per-level export content (as deploy.export writes it) of `level`; with stored BN
         statistics, those of the level (the re-estimation itself needs training images)."""
-        method = self.method
-        if self.bn_statistics:
-            index = self.stored_level(level)
-            method = METHODS[self.config.setting][self.config.method](
-                self.config.replaced(bn_calibration_images=0), None)
+        statistics = unpack_tensors(self.bn_statistics[self.stored_level(level)]) if self.bn_statistics else None
         try:
-            content = export_at(self.model, method, self.num_classes, level)
+            content = export_at(self.model, self.method, self.num_classes, level, bn_statistics=statistics)
         except ConfigError as error:
             raise ConfigError(f"{self.path}: {error}") from None
         if self.codes:
-            content["quantized"] = self.codes[int(level)]
-        if self.bn_statistics:
-            state = unpack_tensors(content["dense"])
-            state.update(unpack_tensors(self.bn_statistics[index]))
-            content["dense"] = pack_tensors(state)
+            content.update(FORMATS[self.method.export_format].subspace_entries(self.codes[int(level)]))
         return content
 
-    def at(self, level):
+    def at(self, level: float) -> nn.Module:
         """The network at `level`, an nn.Module in eval mode. A slimmable network (structured
         width factors) is shared by all levels: the module returned sets its level before each
         forward, so a switch copies nothing. Other methods get the level's compressed network
@@ -250,12 +219,12 @@ class LevelView(nn.Module):
         return self.network(x)
 
 
-def load_subspace(path):
+def load_subspace(path: str) -> "Subspace":
     content = read_export(path, FORMAT, VERSION, "subspace artefact", "python -m deploy.export --subspace")
     return Subspace(content, path)
 
 
-def describe(content, size_bytes):
+def describe(content: dict, size_bytes: int) -> str:
     config = content["config"]
     stored = f"codes for {len(content['codes'])} bit widths" if content["codes"] else "float weights"
     if content.get("bn_statistics"):

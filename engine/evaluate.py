@@ -1,13 +1,16 @@
 """Evaluation of a model over its method's grid of compression levels (SPEC 3.11)."""
 
 import contextlib
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from data import Data
+from methods.base import Method
 from models.bn_calibration import calibrate_bn, own_batch_statistics, preserved_bn_statistics
 from models.layers import Norm2d
-from utils.distributed import all_reduce_sum
+from utils.distributed import Context, all_reduce_sum
 
 
 class BNStatistics:
@@ -53,7 +56,7 @@ def autocast(device, enabled):
 
 
 class NoProgress:
-    """What evaluate() tells a progress display (engine.train.EvaluationLog); here, nothing."""
+    """What evaluate() tells a progress display (engine.progress.EvaluationLog); here, nothing."""
 
     def batch_done(self):
         pass
@@ -79,8 +82,9 @@ def test_pass(net, test, context, amp=False, progress=NoProgress()):
     return correct / max(count, 1), loss_sum / max(count, 1), int(count)
 
 
-def evaluate(model, method, data, context, step, amp=False, bn_statistics=True, test_batch_bn=False,
-             progress=NoProgress()):
+def evaluate(model: torch.nn.Module, method: Method, data: Data, context: Context, step: Optional[int],
+             amp: bool = False, bn_statistics: bool = True, test_batch_bn: bool = False,
+             progress=NoProgress()) -> list[dict]:
     """One dict per grid point: level, alpha, accuracy, loss and the method's metrics; each
     test batch and each finished point are told to `progress`.
 

@@ -38,6 +38,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from methods import in_current_units  # noqa: E402
 from utils.checkpoint import write_text  # noqa: E402
 from utils.errors import ConfigError, UsageParser, UserError, one_line  # noqa: E402
 from utils.metrics import METRICS, latest_results, read_rows  # noqa: E402
@@ -523,7 +524,7 @@ def summary_text(recipe, args, runs, commit, machine_name):
 
 def _final_rows(run_dir):
     try:
-        rows = [row for row in read_rows(os.path.join(run_dir, METRICS)) if not row.get("eval_only")]
+        rows = [row for row in in_current_units(read_rows(os.path.join(run_dir, METRICS))) if not row.get("eval_only")]
     except UserError:
         return []
     final = [row for row in rows if row["final"]]

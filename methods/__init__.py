@@ -45,6 +45,29 @@ def method_class(setting, name):
     return METHODS[setting][name]
 
 
+def level_units():
+    """{unit name: LevelUnit} of every registered method (plots and tables of any runs)."""
+    return {cls.level_unit.name: cls.level_unit for methods in METHODS.values() for cls in methods.values()}
+
+
+def in_current_units(rows):
+    """Metrics rows with the level names of earlier versions (LevelUnit.legacy_names, e.g. LEC's
+    `topk`) replaced by their method's unit name, in place; rows of unknown methods unchanged."""
+    for row in rows:
+        cls = METHODS.get(row.get("setting"), {}).get(row.get("method"))
+        if cls is not None and row.get("level_name") in cls.level_unit.legacy_names:
+            row["level_name"] = cls.level_unit.name
+    return rows
+
+
+def compilable_methods():
+    """The methods --compile takes, as text ("structured_sparsity ns, ..., quantized lcs_l with
+    discrete_alpha_map")."""
+    return ", ".join(f"{setting} {name}" + (f" {cls.compiles_when}" if cls.compiles_when else "")
+                     for setting, methods in METHODS.items() for name, cls in methods.items()
+                     if cls.compiles_when is not None)
+
+
 def config_from_dict(values):
     """The Config of a stored config dict (a checkpoint's), legacy keys converted; KeyError or
     ConfigError for a setting, method or key this version does not know."""

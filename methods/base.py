@@ -15,13 +15,66 @@ or export: the command line reads the classes' keys and flags, and checks a comm
 YAML files, before torch is imported (which takes seconds).
 """
 
+from __future__ import annotations
+
 import argparse
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from methods.config import COMMON_KEYS, Key
-from methods.levels import cosine_squared
+from methods.config import COMMON_KEYS, Config, Key
+from methods.levels import cosine_squared, warmup_iterations
 from utils.errors import ConfigError
+
+if TYPE_CHECKING:  # torch and the layers are imported only where a method trains or evaluates
+    import torch
+
+    from models.factory import LayerFactory
+    from models.layers import Level
+
+# Where the BN statistics of an evaluated network come from (BNAtEvaluation.source).
+RUNNING = "running"            # the running statistics the network holds
+CALIBRATED = "calibrated"      # re-estimated on a fixed, seeded subset of training images
+TEST_BATCH = "test_batch"      # each test batch's own (the original LEC's evaluation; transductive)
+
+
+@dataclass(frozen=True)
+class BNAtEvaluation:
+    """How the BN statistics of an evaluated (and exported) network are made, as the method
+    answers it (Method.bn_at_evaluation): the engine, the export and the subspace follow the
+    answer, and data/ provides `calibration_images` training images when there are any."""
+
+    source: str = RUNNING
+    calibration_images: int = 0
+
+    def __post_init__(self):
+        assert self.source in (RUNNING, CALIBRATED, TEST_BATCH), f"unknown BN statistics source {self.source!r}"
+        assert (self.source == CALIBRATED) == (self.calibration_images > 0), \
+            f"{self.source}: calibration images {self.calibration_images}"
+
+    @property
+    def test_batch(self) -> bool:
+        return self.source == TEST_BATCH
+
+
+@dataclass(frozen=True)
+class LevelUnit:
+    """The unit of a method's levels, wherever a user or a file sees one: `name` in metrics rows,
+    results.csv and exports, `label` on plot axes and in the meaning of --level, `scale` of the
+    plot axis, `type` of a level (int for bit widths). `legacy_names`: names runs of earlier
+    versions recorded for this unit (read as `name`)."""
+
+    name: str
+    label: str
+    scale: str = "linear"         # "linear" or "log"
+    type: type = float
+    legacy_names: tuple = ()
+
+    def __post_init__(self):
+        assert self.scale in ("linear", "log"), f"{self.name}: axis scale {self.scale!r}"
+
+    @property
+    def axis_label(self) -> str:
+        return self.label + (" (log scale)" if self.scale == "log" else "")
 
 
 @dataclass(frozen=True)
@@ -78,14 +131,14 @@ class LevelRange:
     integer: bool = False
     note: str = ""              # where the bounds come from, e.g. "the trained width_factor_limits"
 
-    def __contains__(self, value):
+    def __contains__(self, value: object) -> bool:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             return False
         if self.integer and not float(value).is_integer():
             return False
         return (self.low < value if self.low_open else self.low <= value) and value <= self.high
 
-    def describe(self):
+    def describe(self) -> str:
         if self.integer:
             text = f"integer {self.what} in {self.low:g}..{self.high:g}"
         else:
@@ -106,10 +159,9 @@ MAX_GRID_POINTS = 256
 
 
 class Method:
-    setting = None           # the setting's name (its registry key)
-    name = None              # the method's name (--method)
-    level_name = None        # the unit of its levels in metrics and exports
-    level_type = float       # int for bit widths
+    setting: Optional[str] = None  # the setting's name (its registry key)
+    name: Optional[str] = None     # the method's name (--method)
+    level_unit: LevelUnit = None  # the unit of its levels (metrics, plots, exports, --level)
     script = None            # the setting's training script
     description = ""         # the setting's --help description
     own_keys = {}            # config keys this class adds: {name: Key}
@@ -118,7 +170,10 @@ class Method:
     legacy_keys = {}         # keys of configs written by earlier versions, converted by upgrade()
     refused_flags = {}       # {flag name: why this method refuses it}
     norms = ("IN", "BN", "GN")
-    export_format = None     # how deploy/ stores an export (a key of deploy.export.EXPORTERS)
+    export_format: Optional[str] = None  # how deploy/ stores an export (a key of deploy.formats.FORMATS)
+    # When --compile may be used (training draws few distinct levels; see distinct_train_levels):
+    # None never, "" always, else the condition ("with discrete_alpha_map").
+    compiles_when: Optional[str] = None
     deploy_levels = ()       # levels the deploy benchmark compares by default
     # cuDNN autotuning times every kernel for each new input shape; off where almost every
     # step meets new shapes (slimmable widths, LEC's slimmed networks).
@@ -126,18 +181,18 @@ class Method:
 
     # -- class-level knowledge: keys, flags, levels, validation --------------------------
     @classmethod
-    def config_keys(cls):
+    def config_keys(cls) -> dict[str, Key]:
         """Every key of this method's config: the common ones, then the setting's and its own."""
         return {**COMMON_KEYS, **collect(cls, "own_keys")}
 
     @classmethod
-    def flags(cls):
+    def flags(cls) -> dict[str, Flag]:
         """{flag name: Flag} of the setting and the method (the setting's parser adds the flags
         of all its methods)."""
         return {flag.name: flag for klass in reversed(cls.__mro__) for flag in klass.__dict__.get("own_flags", ())}
 
     @classmethod
-    def has_key(cls, key):
+    def has_key(cls, key: str) -> bool:
         return key in cls.config_keys()
 
     @classmethod
@@ -191,12 +246,27 @@ class Method:
         """Fill values that follow from others (after merging, before validation)."""
 
     @classmethod
-    def level_range(cls, config):
+    def level_range(cls, config: Config) -> LevelRange:
         """The LevelRange of this method for `config`."""
         raise NotImplementedError
 
     @classmethod
-    def validate(cls, config, checks):
+    def bn_at_evaluation(cls, config: Config) -> BNAtEvaluation:
+        """How the BN statistics of an evaluated network are made (default: running statistics)."""
+        return BNAtEvaluation()
+
+    @classmethod
+    def warmup_iterations_for(cls, config: Config, num_train: int) -> Optional[int]:
+        """The warmup in training steps for `num_train` training images (None: no warmup)."""
+        return None
+
+    @classmethod
+    def norm_groups(cls, config: Config) -> int:
+        """GroupNorm groups of the networks this method builds (32 where GN is not used)."""
+        return 32
+
+    @classmethod
+    def validate(cls, config: Config, checks) -> None:
         """Every check of this setting and method; ConfigError (via `checks`) on the first failure."""
         for key, spec in collect(cls, "own_keys").items():
             checks.require(not spec.required or getattr(config, key) is not None, key,
@@ -219,68 +289,68 @@ class Method:
         the level range (which may be built from them)."""
 
     # -- the strategy ---------------------------------------------------------------------
-    def __init__(self, config, warmup_iterations=None):
+    def __init__(self, config: Config, warmup_iterations: Optional[int] = None):
         self.config = config
         self.warmup_iterations = warmup_iterations
 
-    def layer_factory(self):
+    def layer_factory(self) -> LayerFactory:
         raise NotImplementedError
 
-    def bind(self, model):
+    def bind(self, model: torch.nn.Module) -> None:
         """Called once with the built model (before training or evaluation)."""
 
-    def train_levels(self, step, generator):
+    def train_levels(self, step: int, generator: torch.Generator) -> list[Level]:
         """The Levels of the forward passes of one training step (one per forward)."""
         raise NotImplementedError
 
-    def apply_levels(self, model, level):
+    def apply_levels(self, model: torch.nn.Module, level: Level) -> None:
         """Set a Level on the model before a forward pass."""
         from models.layers import set_level
         set_level(model, level)
 
-    def distinct_train_levels(self):
+    def distinct_train_levels(self) -> Optional[int]:
         """How many different level settings training runs (None: a new one at almost every
         step). torch.compile builds a graph per setting, so --compile needs a small number."""
         return None
 
-    def regularizer(self, model):
+    def regularizer(self, model: torch.nn.Module) -> Optional[torch.Tensor]:
         """An extra loss term for this step, or None."""
         return None
 
-    def after_backward(self, model):
+    def after_backward(self, model: torch.nn.Module) -> None:
         """Gradient edits between backward and the optimiser step."""
 
     # -- levels, evaluation and export ------------------------------------------------------
-    def alpha_of(self, level):
+    def alpha_of(self, level: float) -> Optional[float]:
         """The line coordinate of a level (LCS+L only; None for every other method)."""
         return None
 
-    def eval_points(self):
-        return [EvalPoint(level=self.level_type(v), alpha=self.alpha_of(self.level_type(v)))
-                for v in self.config.eval_param_grid]
+    def eval_points(self) -> list[EvalPoint]:
+        unit = self.level_unit.type
+        return [EvalPoint(level=unit(v), alpha=self.alpha_of(unit(v))) for v in self.config.eval_param_grid]
 
-    def eval_levels(self, point, step):
+    def eval_levels(self, point: EvalPoint, step: Optional[int]) -> Level:
         """The Level of the layers for an evaluation point at training step `step`."""
         raise NotImplementedError
 
-    def eval_model(self, model, point):
+    def eval_model(self, model: torch.nn.Module, point: EvalPoint) -> tuple[torch.nn.Module, dict]:
         """The network to evaluate at `point` and extra metrics (LEC slims it)."""
         return model, {}
 
-    def compression_metrics(self, model, input_size):
+    def compression_metrics(self, model: torch.nn.Module, input_size: int) -> dict:
         """Metrics of the model at its current level (sparsity, bits, MACs, ...)."""
         return {}
 
-    def export_point(self, level):
+    def export_point(self, level: float) -> EvalPoint:
         """The EvalPoint of an export level, or ConfigError naming --level when the level lies
         outside what this method's checkpoints can export."""
         levels = self.level_range(self.config)
         if level not in levels:
             raise ConfigError(f"--level {level:g}: {self.setting}/{self.name} checkpoints export {levels.describe()}")
-        level = self.level_type(level)
+        level = self.level_unit.type(level)
         return EvalPoint(level=level, alpha=self.alpha_of(level))
 
-    def export_level(self, point):
+    def export_level(self, point: EvalPoint) -> Level:
         """The Level of the layers at which an export is taken (the level of its final evaluation)."""
         return self.eval_levels(point, step=None)
 
@@ -352,6 +422,15 @@ class WarmupMethod(Method):
         super().complete(config)
         if config.norm == "GN" and config.num_groups is None:
             config.num_groups = 32
+
+    @classmethod
+    def warmup_iterations_for(cls, config, num_train):
+        budget = config.warmup_budget
+        return warmup_iterations(budget, config.epochs, num_train, config.batch_size) if budget else None
+
+    @classmethod
+    def norm_groups(cls, config):
+        return config.num_groups or 32
 
     @classmethod
     def validate_setting(cls, config, checks):

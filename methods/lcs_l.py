@@ -105,6 +105,7 @@ class LcsLQuantized(LineMethod, BitRange, QuantizedMethod):
     name = "lcs_l"
     line = True
     own_keys = {"discrete_alpha_map": Key("bool?", False, "alpha drawn from {1/n, ..., 1}")}
+    compiles_when = "with discrete_alpha_map"
 
     @classmethod
     def validate_setting(cls, config, checks):
@@ -138,4 +139,6 @@ class LcsLQuantized(LineMethod, BitRange, QuantizedMethod):
         return alpha_to_bits(alpha, values.get("min_bits", MIN_BITS), values.get("max_bits", MAX_BITS))
 
     def eval_levels(self, point, step):
-        return self._level(point.alpha)
+        """The bit width as given (alpha is only for the line): no bits -> alpha -> bits."""
+        from models.layers import Level
+        return Level(alpha=point.alpha, num_bits=int(point.level))

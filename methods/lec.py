@@ -1,16 +1,18 @@
 """LEC (network slimming) baseline: L1 on norm gammas, global-threshold channel pruning and
 physical slimming at evaluation, no fine-tuning (SPEC 3.5)."""
 
-from methods.base import Flag, LevelRange
+from methods.base import TEST_BATCH, BNAtEvaluation, Flag, LevelRange, LevelUnit
 from methods.config import Key
 from methods.structured import StructuredMethod
 
 
 class LEC(StructuredMethod):
     name = "lec"
-    # Grid values are fractions of all norm channels kept; the original recorded them as
-    # `topk`, and so do we.
-    level_name = "topk"
+    # Grid values are fractions of all norm channels kept: a unit of their own, on a log axis
+    # like TopK's. The original (and this project before issue 22) recorded them as `topk`.
+    level_unit = LevelUnit("channel_fraction", "fraction of norm channels kept", scale="log",
+                           legacy_names=("topk",))
+    compiles_when = ""
     norms = ("BN",)
     export_format = "slimmed_channels"
     own_keys = {
@@ -41,6 +43,14 @@ class LEC(StructuredMethod):
     @classmethod
     def level_range(cls, config):
         return LevelRange(0, 1, "fractions of norm channels kept", low_open=True)
+
+    @classmethod
+    def bn_at_evaluation(cls, config):
+        """Each test batch's own statistics with lec_test_batch_statistics (the original's way),
+        else as the setting says (re-estimated on training images by default)."""
+        if config.lec_test_batch_statistics:
+            return BNAtEvaluation(TEST_BATCH)
+        return super().bn_at_evaluation(config)
 
     def layer_factory(self):
         from models.factory import LayerFactory

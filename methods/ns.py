@@ -9,6 +9,7 @@ class NS(StructuredMethod):
     As in the original's shipped config, one BatchNorm is shared by all widths."""
 
     name = "ns"
+    compiles_when = ""
     norms = ("BN",)
     own_keys = {"width_factors_list": Key("floats?", None, "NS widths")}
 
@@ -16,7 +17,8 @@ class NS(StructuredMethod):
     def validate_setting(cls, config, checks):
         super().validate_setting(config, checks)
         widths = config.width_factors_list
-        checks.require(isinstance(widths, list) and len(widths) > 0, "width_factors_list", "the list of widths is empty")
+        checks.require(isinstance(widths, list) and len(widths) > 0, "width_factors_list",
+                       "the list of widths is empty")
         for width in widths:
             checks.in_range("width_factors_list", width, 0, 1, low_open=True, what="width factors")
 

@@ -1,6 +1,6 @@
 """The quantized setting: fake-quantized convs whose level is a bit width."""
 
-from methods.base import Flag, LevelRange, WarmupMethod
+from methods.base import Flag, LevelRange, LevelUnit, WarmupMethod
 from methods.config import Key
 from utils.errors import ConfigError, number_list
 
@@ -24,13 +24,13 @@ class QuantizedMethod(WarmupMethod):
     setting = "quantized"
     script = "train_quantized.py"
     description = "Train a network whose bit width can be chosen at inference time."
-    level_name = "num_bits"
-    level_type = int
+    level_unit = LevelUnit("num_bits", "bit width", type=int)
     export_format = "int_codes"
     deploy_levels = (8, 7, 6, 5, 4, 3)
     line = False
     own_flags = (
-        Flag("--bit_width", ("num_bits",), f"bit width to train at, {MIN_BITS}..{MAX_BITS} (default 6)", type=number_list(int), to_values=_one_bit_width),
+        Flag("--bit_width", ("num_bits",), f"bit width to train at, {MIN_BITS}..{MAX_BITS} (default 6)",
+             type=number_list(int), to_values=_one_bit_width),
         Flag("--eval_bit_widths", ("eval_param_grid",),
              f"comma-separated bit widths to evaluate, {MIN_BITS}..{MAX_BITS}", type=number_list(int)),
         Flag("--bit_width_limits", ("min_bits", "max_bits"), "min,max: range of bit widths trained",

@@ -2,7 +2,7 @@
 
 import argparse
 
-from methods.base import Flag, LevelRange, Method
+from methods.base import CALIBRATED, BNAtEvaluation, Flag, LevelRange, LevelUnit, Method
 from methods.config import Key
 from utils.errors import ConfigError, number_list
 
@@ -11,7 +11,7 @@ class StructuredMethod(Method):
     setting = "structured_sparsity"
     script = "train_structured.py"
     description = "Train a network whose channel width can be chosen at inference time."
-    level_name = "width_factor"
+    level_unit = LevelUnit("width_factor", "width factor")
     norms = ("IN", "BN")  # slimmable layers take IN or BN
     export_format = "channels"
     deploy_levels = (0.75, 0.5, 0.25)
@@ -68,6 +68,12 @@ class StructuredMethod(Method):
         checks.require(not (config.get("lec_test_batch_statistics") and images), "lec_test_batch_statistics",
                        f"evaluates with test-batch statistics, so it excludes bn_calibration_images {images} "
                        f"(set it to 0)")
+
+    @classmethod
+    def bn_at_evaluation(cls, config):
+        """Re-estimated on bn_calibration_images training images when it is set (BN only)."""
+        images = config.bn_calibration_images
+        return BNAtEvaluation(CALIBRATED, images) if images else BNAtEvaluation()
 
     def layer_factory(self):
         from models.factory import LayerFactory

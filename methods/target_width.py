@@ -13,6 +13,7 @@ class TargetWidth(StructuredMethod):
     up to the trained one: wider networks would use channels that never trained."""
 
     name = "target_width"
+    compiles_when = ""
     own_keys = {"width_factor": Key("float?", 0.5, "width factor trained (target_width)")}
     own_flags = (Flag("--width_factor", ("width_factor",),
                       "width factor to train at, in (0, 1] (default 0.5); without "
@@ -32,7 +33,8 @@ class TargetWidth(StructuredMethod):
 
     @classmethod
     def level_range(cls, config):
-        return LevelRange(0, config.width_factor, "width factors", low_open=True, note="at most the trained width_factor")
+        return LevelRange(0, config.width_factor, "width factors", low_open=True,
+                          note="at most the trained width_factor")
 
     def train_levels(self, step, generator):
         from models.layers import Level

@@ -71,6 +71,12 @@ def channel_spec(model, input_size):
     return {name: record["c_out"] for name, record in profile_convs(model, input_size).items()}
 
 
+def channels_at(model, width_factor):
+    """{conv name: output channels} of a slimmable model at `width_factor`, from the layers alone
+    (channel_spec measures the same with a forward pass at the model's current level)."""
+    return {name: module.out_channels_at(width_factor) for name, module in conv_modules(model)}
+
+
 def conv_macs(records):
     """Multiply-accumulates of the convs for one image (the classifier included)."""
     return sum(r["c_in"] * r["c_out"] * r["k"] * r["out_hw"] for r in records.values())

@@ -74,7 +74,7 @@ class Level(NamedTuple):
         return [(name, value) for name, value in zip(self._fields, self) if value is not None]
 
 
-def set_level(model, level=None, **fields):
+def set_level(model: nn.Module, level: Optional[Level] = None, **fields) -> None:
     """Set a compression level (a Level, or its fields as keywords) on every layer that reads it.
 
     Runs before every forward pass, so it walks the cached layer list and writes the plain
@@ -163,11 +163,13 @@ class SlimConv2d(nn.Conv2d):
     def active_channels(self, in_channels):
         """(C_in, C_out) used for an input with `in_channels` channels at this width."""
         c_in = self.in_channels if self.role == "first" else in_channels
+        return c_in, self.out_channels_at(self.width_factor)
+
+    def out_channels_at(self, width_factor: float) -> int:
+        """C_out at `width_factor` (the classifier keeps all its outputs)."""
         if self.role == "last":
-            c_out = self.out_channels
-        else:
-            c_out = max(1, int(round(self.out_channels * self.width_factor)))
-        return c_in, c_out
+            return self.out_channels
+        return max(1, int(round(self.out_channels * width_factor)))
 
     def forward(self, x):
         c_in, c_out = self.active_channels(x.shape[1])

@@ -137,7 +137,7 @@ def check_run(save_dir, *, setting, method, norm, levels, model="cpreresnet20", 
     level_name = {"structured_sparsity": "width_factor", "unstructured_sparsity": "topk",
                   "quantized": "num_bits"}[setting]
     if method == "lec":
-        level_name = "topk"  # fractions of norm channels kept, named as the original did
+        level_name = "channel_fraction"  # fractions of norm channels kept, a unit of their own
     for row in rows:
         missing = ROW_KEYS - set(row)
         assert not missing, f"keys missing from metrics.jsonl: {missing}"

@@ -8,7 +8,7 @@ from cli_helpers import micro_cifar  # noqa: F401 (a fixture)
 from cli_helpers import (COMMON_SPEC_FLAGS, NEW_FLAGS, acceptance_args, assert_help_documents, assert_ok,
                          assert_refused, check_run, evaluations, run_script, run_subprocess)
 
-from deploy.export import export_model, load_exported, save_export, training_model
+from deploy.compressed import export_model, load_exported, save_export, training_model
 from utils import checkpoint as ckpt
 from utils.errors import ConfigError
 

@@ -27,7 +27,7 @@ from models import build_model
 from training_params import parse
 from utils.distributed import Context
 from engine import evaluate
-from engine.train import TrainStep
+from engine.step import TrainStep
 
 WORLD = 2
 BATCH = 16          # global batch of the one-step comparison

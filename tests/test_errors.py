@@ -224,7 +224,8 @@ CASES = [
     Case("eval_bits_outside_limits", "quantized", "{D} --method lcs_p --bit_width_limits 4,8 --eval_bit_widths 3,8",
          "--eval_bit_widths"),
     # datasets, models and paths
-    Case("imagenet_without_dir", "quantized", "--dataset imagenet --model resnet18 --save_dir {save}", "--imagenet_dir"),
+    Case("imagenet_without_dir", "quantized", "--dataset imagenet --model resnet18 --save_dir {save}",
+         "--imagenet_dir"),
     Case("cpreresnet_on_imagenet", "structured", "--dataset imagenet --imagenet_dir {imagenet} --save_dir {save}",
          "cpreresnet20"),
     Case("imagenet_dir_missing", "unstructured",
@@ -360,7 +361,8 @@ CASES = [
     # tools never write over their inputs or a run directory's own files
     Hostile("export_over_its_input", "export", "--checkpoint {ckpt_final} --level 1 --out {ckpt_final}",
             "--out {ckpt_final}: is an input of this command", watch="{run}"),
-    Hostile("export_over_run_checkpoint", "export", "--checkpoint {ckpt_final} --level 1 --out {run}/checkpoint_last.pt",
+    Hostile("export_over_run_checkpoint", "export",
+            "--checkpoint {ckpt_final} --level 1 --out {run}/checkpoint_last.pt",
             "would replace the checkpoint_last.pt of the run directory {run}", watch="{run}"),
     Hostile("compare_over_run_results", "compare", "{metrics_run} --out {metrics_run}/results.png",
             "--out {metrics_run}/results.csv: would replace the results.csv", watch="{metrics_run}"),

@@ -183,4 +183,5 @@ def test_eval_only_usage_errors(structured_run, capsys):
         assert run_script("structured_sparsity", *flags) == 2
         assert message in capsys.readouterr().err
     assert run_script("quantized", "--eval_only", "--checkpoint", structured_run / ckpt.FINAL) == 2
-    assert "holds a final model of structured_sparsity/lcs_l (cpreresnet20), but this script trains quantized" in capsys.readouterr().err
+    assert ("holds a final model of structured_sparsity/lcs_l (cpreresnet20), but this script trains quantized"
+            in capsys.readouterr().err)

@@ -22,7 +22,8 @@ from models.factory import dense_factory
 from models.layers import ChannelSelection, Norm2d, QuantConv2d
 from training_params import parse
 from utils import checkpoint as ckpt
-from deploy.compressed import export_model, load_exported, round_up_widths, save_export
+from deploy.compressed import export_model, load_exported, save_export
+from deploy.formats.channels import round_up_widths
 from deploy.export import main
 from deploy.packing import pack_bits, unpack_bits
 
@@ -218,7 +219,7 @@ def test_export_holds_the_statistics_the_evaluation_re_estimated(tmp_path, tiny_
     point = EvalPoint(level=level)
     trainer.apply_levels(model, trainer.eval_levels(point, STEP))
     net, _ = trainer.eval_model(model, point)
-    calibration = build_data(trainer.config, torch.device("cpu")).calibration
+    calibration = build_data(trainer.config, torch.device("cpu"), calibration_images=24).calibration
     assert calibrate_bn(net, calibration.batches()) == 24
     x = inputs()
     with torch.no_grad():
@@ -318,7 +319,7 @@ def test_cli_export_and_benchmark_table(tmp_path):
     lines = result.stdout.splitlines()
     header = next(line for line in lines if line.startswith("| level"))
     assert "nonzero params" in header and "MACs" in header and "file KiB" in header and "b2 ms" in header
-    rows = [line.split(" | ") for line in lines if line.startswith("| uncompressed") or line.startswith("| 0.")]
+    rows = [line.split(" | ") for line in lines if line.startswith(("| uncompressed", "| 0."))]
     assert [row[0] for row in rows] == ["| uncompressed", "| 0.5", "| 0.25"]
     assert rows[0][3] == "1.00x"
     # Width 0.25 of cPreResNet20 has about 15x fewer MACs than the full network.

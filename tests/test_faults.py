@@ -16,7 +16,8 @@ import training_params
 from utils import checkpoint as ckpt
 from utils.errors import CheckpointError, DataError, TrainingError, one_line
 from engine import train
-from engine.train import Run, TrainStep
+from engine.step import TrainStep
+from engine.train import Run
 
 # One TopK level, 16 training images in 2 steps per epoch, 10 test images: the smallest run
 # that trains, evaluates and checkpoints.

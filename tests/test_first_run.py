@@ -19,7 +19,8 @@ from conftest import CIFAR_CLASSES, make_image_folder
 from data.cifar import load_cifar10
 import compare_runs as compare
 from engine import evaluate as evaluate_module
-from engine import train
+from engine import progress
+from engine.step import TrainStep
 from utils import metrics
 from utils.distributed import Context, choose_threads
 from utils.errors import ConfigError, DataError
@@ -237,7 +238,7 @@ def test_evaluation_bar_on_a_terminal(monkeypatch, capsys):
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     data = SimpleNamespace(test=SimpleNamespace(num_batches=3), num_test=30)
-    log = train.EvaluationLog(Context(), "num_bits", 2, data, epoch=4)
+    log = progress.EvaluationLog(Context(), "num_bits", 2, data, epoch=4)
     for level in (3, 8):
         for _ in range(3):
             log.batch_done()
@@ -265,7 +266,7 @@ def test_the_loss_shown_is_the_mean_over_the_forward_passes():
     expected = F.cross_entropy(model(images), labels).item()
     method = SimpleNamespace(apply_levels=lambda model, levels: None, regularizer=lambda model: None,
                              after_backward=lambda model: None)
-    step = train.TrainStep(model, method, torch.optim.SGD(model.parameters(), lr=0.1), Context(),
+    step = TrainStep(model, method, torch.optim.SGD(model.parameters(), lr=0.1), Context(),
                            SimpleNamespace(amp=False, compile=False))
     loss, _ = step([{}, {}, {}, {}], images, labels)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
@@ -285,18 +286,18 @@ def test_threads_default_to_the_free_cores():
 
 
 def test_duration_text_and_evaluations_still_to_come():
-    assert [train.format_duration(s) for s in (42, 185, 7620, 3 * 86400 + 4 * 3600 + 59)] == \
+    assert [progress.format_duration(s) for s in (42, 185, 7620, 3 * 86400 + 4 * 3600 + 59)] == \
         ["42 s", "3 min 05 s", "2 h 07 min", "3 d 4 h"]
-    assert train.evaluations_after(0, 200, 20) == 9 + 1    # epochs 20, 40, ..., 180 and the final one
-    assert train.evaluations_after(180, 200, 20) == 1
-    assert train.evaluations_after(0, 3, 20) == 1
+    assert progress.evaluations_after(0, 200, 20) == 9 + 1    # epochs 20, 40, ..., 180 and the final one
+    assert progress.evaluations_after(180, 200, 20) == 1
+    assert progress.evaluations_after(0, 3, 20) == 1
 
 
 def test_run_clock_estimates_from_the_pace_after_the_first_step(monkeypatch):
     now = [100.0]
-    monkeypatch.setattr(train.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
     config = SimpleNamespace(epochs=2, test_freq=1)
-    clock = train.RunClock(config, steps_per_epoch=10)
+    clock = progress.RunClock(config, steps_per_epoch=10)
     clock.evaluated(30.0)                                     # the start-of-run evaluation
     now[0] += 30.0 + 5.0                                      # ... and a slow first step
     said = []
@@ -314,9 +315,9 @@ def test_a_resumed_run_clock_counts_the_evaluations_timed_before(monkeypatch):
     """Resumed after its epoch-0 evaluation (40 s, in the checkpoint), a run estimates its later
     evaluations at that pace without timing one again."""
     now = [100.0]
-    monkeypatch.setattr(train.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
     timed = [40.0]
-    clock = train.RunClock(SimpleNamespace(epochs=2, test_freq=1), steps_per_epoch=10, evaluation_s=timed)
+    clock = progress.RunClock(SimpleNamespace(epochs=2, test_freq=1), steps_per_epoch=10, evaluation_s=timed)
     said = []
     for step in range(3, 10):
         clock.seconds_left(SimpleNamespace(global_step=step, epoch=0), said.append)

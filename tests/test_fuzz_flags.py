@@ -146,7 +146,8 @@ YAML_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 300), st.float
                         st.lists(st.integers(0, 10), max_size=4), st.sampled_from(["1e-4", "lcs_l", "IN"]))
 NAMES = {"model": ["cpreresnet20", "resnet18", "vgg19"], "dataset": ["cifar10", "imagenet"], "norm": ["IN", "BN", "GN"],
          "device": ["auto", "cpu"], "data_pipeline": ["auto", "tensor", "dataloader"],
-         "width_factor_sampling_method": ["sandwich", "point"], "method": sorted({m for s in METHODS.values() for m in s}),
+         "width_factor_sampling_method": ["sandwich", "point"],
+         "method": sorted({m for s in METHODS.values() for m in s}),
          "setting": list(SETTINGS)}
 
 
@@ -168,7 +169,8 @@ def yaml_entries(setting, a_dir):
     arbitrary values."""
     keys = st.one_of(st.sampled_from(sorted(training_params.allowed_keys(setting, "lcs_l"))),
                      st.sampled_from(sorted(training_params.all_keys()) + ["bogus_key", "setting", "method"]))
-    entry = keys.flatmap(lambda key: st.one_of(plausible_value(key, a_dir), YAML_VALUES).map(lambda value: (key, value)))
+    entry = keys.flatmap(lambda key: st.one_of(plausible_value(key, a_dir), YAML_VALUES)
+                         .map(lambda value: (key, value)))
     return st.lists(entry, max_size=3).map(dict)
 
 

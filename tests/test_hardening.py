@@ -7,7 +7,6 @@ import errno
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -215,7 +214,7 @@ SECOND_CTRL_C = """
 import os, runpy, signal, sys
 sys.path.insert(0, {repo!r})
 from utils import checkpoint as ckpt
-from engine.train import TrainStep
+from engine.step import TrainStep
 steps = [0]
 original_step, original_write = TrainStep.__call__, ckpt._write_payload
 def step(self, *args):

@@ -11,7 +11,7 @@ import yaml
 import training_params
 from cli_helpers import micro_cifar  # noqa: F401 (a fixture)
 from cli_helpers import assert_ok, read_metrics, run_script
-from deploy.export import export_model, resolve_level, uncompressed_level
+from deploy.compressed import export_model, resolve_level, uncompressed_level
 from methods import METHODS, SETTINGS
 from methods.base import Flag, LevelRange
 from methods.config import Key
@@ -67,7 +67,7 @@ def test_yaml_grid_and_levels_come_from_the_method(setting, name):
     assert grid and all(value in levels for value in grid)
     points = method.eval_points()
     assert [p.level for p in points] == grid                         # in the setting's unit, as given
-    assert all(type(p.level) is cls.level_type for p in points)
+    assert all(type(p.level) is cls.level_unit.type for p in points)
     assert all((p.alpha is None) == (method.alpha_of(p.level) is None) for p in points)
     assert all(isinstance(method.eval_levels(p, 0), Level) for p in points)
 
@@ -78,7 +78,7 @@ def test_export_resolution_comes_from_the_method(setting, name):
     levels = method.level_range(method.config)
     assert uncompressed_level(method) == levels.high
     level, alpha = resolve_level(method, levels.high)
-    assert isinstance(level, Level) and alpha == method.alpha_of(method.level_type(levels.high))
+    assert isinstance(level, Level) and alpha == method.alpha_of(method.level_unit.type(levels.high))
     model = build_model("cpreresnet20", method.layer_factory(), 10)
     set_level(model, level)                            # the layers take it
     for outside in (levels.high + 1, levels.low - 0.5):

@@ -21,7 +21,8 @@ from models import build_model  # noqa: E402
 from models.layers import QuantConv2d, set_level  # noqa: E402
 from training_params import parse  # noqa: E402
 from utils import checkpoint as ckpt  # noqa: E402
-from deploy.export import build_exported, export_model, main, resolve_level  # noqa: E402
+from deploy.compressed import build_exported, export_model, resolve_level  # noqa: E402
+from deploy.export import main  # noqa: E402
 from test_export import CASES, inputs, make_checkpoint  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -122,8 +122,8 @@ def two_runs(tiny_cifar, tmp_path_factory):
     snapshots, outputs = [], {}
     original = train.update_outputs
 
-    def update_and_snapshot(save_dir, rows):
-        original(save_dir, rows)
+    def update_and_snapshot(save_dir, rows, units=None):
+        original(save_dir, rows, units)
         if save_dir.endswith("lcs_l"):
             snapshots.append((read_csv(os.path.join(save_dir, metrics.RESULTS)), [dict(r) for r in rows]))
 

@@ -28,9 +28,9 @@ STEPS_PER_EPOCH = 4  # --train_subset 32 / --batch_size 8
 COMMON = ("--epochs", 2, "--test_freq", 1, "--batch_size", 8, "--train_subset", 32, "--test_subset", 16,
           "--seed", 3)
 # One method per setting; each keeps state that a checkpoint must carry: BN running statistics
-# and the sandwich sampler (us: widths lo, hi and one random width per step), the line, the endpoint sampler and a TopK warmup running over
-# both epochs (lcs_l unstructured), quantizer ranges started in epoch 1 (quantized, warmup
-# 25 % of 8 steps = 2 steps).
+# and the sandwich sampler (us: widths lo, hi and one random width per step), the line, the
+# endpoint sampler and a TopK warmup running over both epochs (lcs_l unstructured), quantizer
+# ranges started in epoch 1 (quantized, warmup 25 % of 8 steps = 2 steps).
 CASES = {
     "structured-us": ("structured_sparsity", ("--method", "us", "--width_factor_samples", 3,
                                               "--eval_width_factors", "1,0.5,0.25"), signal.SIGTERM),
@@ -304,7 +304,8 @@ def test_resume_refusals_and_a_finished_run(straight_run, tiny_cifar, tmp_path, 
     assert_one_line_error(capsys.readouterr().err, "--method: cannot be changed when resuming")
 
     assert run_script(setting, "--resume", straight / ckpt.FINAL) == 2
-    assert_one_line_error(capsys.readouterr().err, "holds a final model of unstructured_sparsity/lcs_l (cpreresnet20), resuming needs a training checkpoint")
+    assert_one_line_error(capsys.readouterr().err, "holds a final model of unstructured_sparsity/lcs_l (cpreresnet20), "
+                                                   "resuming needs a training checkpoint")
     empty = tmp_path / "empty"
     empty.mkdir()
     assert run_script(setting, "--save_dir", empty, "--resume") == 2

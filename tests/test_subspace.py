@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from deploy import load_subspace, make_subspace, save_subspace
-from models.layers import QuantConv2d
 from utils import checkpoint as ckpt
 from utils.errors import CheckpointError
-from deploy.export import build_exported, export_model, main
-from test_export import CASES, inputs, make_checkpoint, training_time_logits
+from deploy.compressed import build_exported, export_model
+from deploy.export import main
+from test_export import inputs, make_checkpoint, training_time_logits
 
 # Three levels for each setting and LEC; quantized LCS+L stores codes, target_bit_width floats.
 SUBSPACE_CASES = [

@@ -89,7 +89,7 @@ def method_for(setting, name, *flags):
 def test_compile_is_allowed_exactly_for_methods_with_few_fixed_levels():
     from methods import METHODS
     from utils.errors import ConfigError
-    from engine.train import check_compile_support
+    from engine.step import check_compile_support
 
     for setting, methods in METHODS.items():
         for name in methods:
@@ -107,7 +107,7 @@ def test_compile_is_allowed_exactly_for_methods_with_few_fixed_levels():
 
 def test_quantized_lcs_l_with_continuous_alpha_is_not_compilable(tmp_path):
     from utils.errors import ConfigError
-    from engine.train import check_compile_support
+    from engine.step import check_compile_support
 
     config_file = tmp_path / "continuous.yaml"
     config_file.write_text("discrete_alpha_map: false\n")
@@ -118,7 +118,7 @@ def test_quantized_lcs_l_with_continuous_alpha_is_not_compilable(tmp_path):
 
 
 def test_cudnn_autotuning_is_off_for_structured_runs_only():
-    from engine.train import configure_backends
+    from engine.step import configure_backends
 
     saved = torch.backends.cudnn.benchmark
     try:

@@ -104,7 +104,8 @@ def check_progress(payload, path, epochs, steps_per_epoch, warmup_iterations):
     for key, kind in PROGRESS_FIELDS.items():
         value = progress[key]
         if kind is bool and not isinstance(value, bool) or kind is int and not _is_int(value):
-            _fail(path, f"progress.{key}", f"is {shown(value)}, expected {'true or false' if kind is bool else 'an integer'}")
+            expected = "true or false" if kind is bool else "an integer"
+            _fail(path, f"progress.{key}", f"is {shown(value)}, expected {expected}")
     epoch = require_int(path, "progress.epoch", progress["epoch"], 0, epochs)
     last_step = steps_per_epoch - 1 if epoch < epochs else 0
     step = require_int(path, "progress.step_in_epoch", progress["step_in_epoch"], 0, last_step)

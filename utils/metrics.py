@@ -35,9 +35,6 @@ ROW_KEYS = set(ROW_TYPES) - {"loss", "alpha", "sparsity", "data_dir", "bn_calibr
                              "lec_test_batch_statistics"}
 # Rows that agree on these describe the same model.
 MODEL_STATE_KEYS = ("step", "setting", "method", "model", "dataset", "norm")
-AXIS_LABELS = {"width_factor": "width factor", "topk": "TopK fraction kept (log scale)", "num_bits": "bit width"}
-# TopK grids crowd the low end (0.025 ... 0.2 of 14 points); a log axis spreads them.
-AXIS_SCALES = {"topk": "log"}
 LOG_TICKS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
@@ -226,21 +223,23 @@ def write_results_csv(path, rows):
     write_csv(path, RESULT_COLUMNS, [[csv_cell(key, row.get(key)) for key in RESULT_COLUMNS] for row in rows])
 
 
-def plot_runs(path, runs, title=None):
+def plot_runs(path, runs, title=None, units=None):
     """Write the figure of draw_runs to `path` (PNG)."""
     import matplotlib.pyplot as plt
 
-    figure = draw_runs(runs, title)
+    figure = draw_runs(runs, title, units)
     atomic_write(path, lambda temporary: figure.savefig(temporary, format="png"))
     plt.close(figure)
 
 
-def draw_runs(runs, title=None):
+def draw_runs(runs, title=None, units=None):
     """Accuracy against level, one line per run and series: runs = [(label, rows of one model,
     e.g. latest_results)]; a run evaluated in several ways (see `series`) gets a line per way,
     labelled by what differs. Levels outside the grid evaluated in training (added by
     --eval_only) are hollow markers, chance accuracy is dashed. Runs of different settings
-    (width factor / TopK / bit width) get side-by-side axes."""
+    (width factor / TopK / bit width) get side-by-side axes. `units`: {level name: its unit
+    (methods.base.LevelUnit: axis_label, scale)}; a level name without one is its own label on a
+    linear axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,9 +266,10 @@ def draw_runs(runs, title=None):
         # From 0, so that a spread of a few points is not drawn as a collapse.
         highest = max([100 * row["accuracy"] for _, rows in shown for row in rows] + [100 * c for c in chances] + [0])
         axes.set_ylim(0, min(100, 10 * math.ceil((highest + 2) / 10)))
-        if AXIS_SCALES.get(level_name) == "log":
+        unit = (units or {}).get(level_name)
+        if unit is not None and unit.scale == "log":
             _log_axis(axes, [row["level"] for _, rows in shown for row in rows])
-        axes.set_xlabel(AXIS_LABELS.get(level_name, level_name))
+        axes.set_xlabel(unit.axis_label if unit is not None else level_name)
         axes.set_ylabel("test accuracy (%)")
         axes.grid(True, which="both", alpha=0.3)
         if axes.get_legend_handles_labels()[1]:
@@ -329,15 +329,16 @@ def run_label(row):
     return f"{row['method']} ({row['model']}, {row['norm']})"
 
 
-def update_outputs(save_dir, rows):
-    """Rewrite metrics.jsonl, results.csv and the plot after an evaluation."""
+def update_outputs(save_dir, rows, units=None):
+    """Rewrite metrics.jsonl, results.csv and the plot (`units` as draw_runs takes them) after an
+    evaluation."""
     write_rows(os.path.join(save_dir, METRICS), rows)
     latest = latest_results(rows)
     write_results_csv(os.path.join(save_dir, RESULTS), latest)
     if latest:
         last = latest[-1]
         title = f"{last['setting']} / {run_label(last)} on {last['dataset']}\n{model_state(latest)}"
-        plot_runs(os.path.join(save_dir, PLOT), [(last["method"], latest)], title=title)
+        plot_runs(os.path.join(save_dir, PLOT), [(last["method"], latest)], title=title, units=units)
 
 
 def _format(value, digits=4):
