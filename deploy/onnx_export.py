@@ -429,10 +429,11 @@ def check_layers(path, model, content, images):
             bound = float(weight.abs().flatten(1).sum(1).max()) * float(shifted.abs().max())
             dtype = torch.float32 if bound < 2 ** 24 else torch.float64
             sums = F.conv2d(shifted.to(dtype), weight.to(dtype), None, reference.stride, reference.padding).double()
-            bias = 0.0 if reference.bias is None else reference.bias.double().reshape(1, -1, 1, 1)
-            rounding = 4 * torch.finfo(torch.float32).eps * (sums.abs() + (bias.abs() if torch.is_tensor(bias) else 0) / unit)
+            bias = torch.zeros(1, 1, 1, 1, dtype=torch.float64) if reference.bias is None \
+                else reference.bias.double().reshape(1, -1, 1, 1)
+            rounding = 4 * torch.finfo(torch.float32).eps * (sums.abs() + bias.abs() / unit)
             worst_sum = float(((output.double() - (sums * unit + bias)).abs() / unit - rounding).max()) \
-                if output.shape == sums.shape else math.inf
+                if output.shape == sums.shape else float("inf")
             if result["first"] is None and (worst_code > 0 or worst_sum > SUM_TOLERANCE):
                 result["first"] = name
             result["worst_code"] = max(result["worst_code"], worst_code)

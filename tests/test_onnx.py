@@ -14,7 +14,7 @@ import torch.nn.functional as F
 onnx = pytest.importorskip("onnx", reason="ONNX export needs onnx (pip install -r requirements-deploy.txt)")
 pytest.importorskip("onnxruntime", reason="ONNX checks need onnxruntime (pip install -r requirements-deploy.txt)")
 
-from deploy.onnx_export import (DeployError, conv_kernels, export_onnx, session,  # noqa: E402
+from deploy.onnx_export import (DeployError, conv_kernels, export_onnx,  # noqa: E402
                                 sort_topologically, validate, write_checked)
 from methods import METHODS  # noqa: E402
 from models import build_model  # noqa: E402
@@ -23,7 +23,7 @@ from training_params import parse  # noqa: E402
 from utils import checkpoint as ckpt  # noqa: E402
 from deploy.compressed import build_exported, export_model, resolve_level  # noqa: E402
 from deploy.export import main  # noqa: E402
-from test_export import CASES, inputs, make_checkpoint  # noqa: E402
+from test_export import inputs, make_checkpoint  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,8 +48,12 @@ def post_relu_ranges(payload):
             value.fill_(8.0)
 
 
-@pytest.mark.parametrize("setting,method,flags,levels,alphas", ONNX_CASES,
-                         ids=[f"{c[0].split('_')[0]}-{c[1]}{'-' + c[2][1] if c[2][:1] == ('--norm',) else ''}" for c in ONNX_CASES])
+def case_id(case):
+    setting, method, flags = case[:3]
+    return f"{setting.split('_')[0]}-{method}{'-' + flags[1] if flags[:1] == ('--norm',) else ''}"
+
+
+@pytest.mark.parametrize("setting,method,flags,levels,alphas", ONNX_CASES, ids=[case_id(c) for c in ONNX_CASES])
 def test_onnx_runtime_reproduces_the_model(tmp_path, setting, method, flags, levels, alphas):
     path, payload, *_ = make_checkpoint(tmp_path, setting, method, flags)
     payload = ckpt.load(path)
@@ -66,7 +70,12 @@ def test_onnx_runtime_reproduces_the_model(tmp_path, setting, method, flags, lev
         # Other images than the check's: the judgement of validate holds on them too.
         result = validate(out, model, content, inputs(count=32, size=32, seed=7))
         quantized = setting == "quantized"
-        assert "identical predictions" in lines[0] and ("reproduce their integer arithmetic exactly" in lines[0]) == quantized, lines
+        exact = "reproduce their integer arithmetic exactly" in lines[0]
+        assert "identical predictions" in lines[0] and exact == quantized, lines
+        if quantized:
+            assert result["layers"]["first"] is None and result["layers"]["missing"] == [], result
+        else:
+            assert result["max_difference"] <= 1e-3, result
         graph = onnx.load(out).graph
         ops = {node.op_type for node in graph.node}
         assert ("QuantizeLinear" in ops) == quantized
