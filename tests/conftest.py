@@ -23,30 +23,31 @@ def pytest_configure(config):
 # pyproject.toml; `-n 0` runs in this process). A work unit is a test file, so that module- and
 # file-level fixtures (trained tiny models, checkpoints) are built once; the files whose tests
 # share nothing costly are split into one unit per test, so that their long tests run on both
-# workers. Units are handed out longest first (seconds measured on the 2-core development
+# workers. Units are handed out longest first (CPU seconds measured on the 2-core development
 # machine; a unit not listed counts as short), so that no long unit starts last.
 SPLIT_FILES = ("tests/test_realdata.py", "tests/test_onnx.py")
 UNIT_SECONDS = {
-    "tests/test_realdata.py::test_quantized": 210,
-    "tests/test_realdata.py::test_structured": 130,
-    "tests/test_realdata.py::test_unstructured": 100,
-    "tests/test_realdata.py::test_lec": 45,
-    "tests/test_onnx.py::test_every_correct_quantized_graph_is_accepted": 40,
-    "tests/test_onnx.py::test_every_wrong_quantized_graph_is_refused": 20,
-    "tests/test_resume.py": 60,
-    "tests/test_cli_unstructured.py": 55,
-    "tests/test_quickstart.py": 50,
-    "tests/test_distributed.py": 40,
-    "tests/test_cli_structured.py": 35,
-    "tests/test_reproduce.py": 35,
-    "tests/test_export.py": 30,
-    "tests/test_subspace.py": 25,
-    "tests/test_fuzz_flags.py": 20,
-    "tests/test_cli_quantized.py": 20,
-    "tests/test_hardening.py": 20,
-    "tests/test_onnx.py::test_onnx_runtime_reproduces_the_model": 8,
-    "tests/test_onnx.py::test_every_quantized_conv_runs_as_an_integer_convolution": 15,
-    "tests/test_errors.py": 15,
+    "tests/test_realdata.py::test_quantized": 122,
+    "tests/test_realdata.py::test_structured": 78,
+    "tests/test_realdata.py::test_unstructured": 55,
+    "tests/test_realdata.py::test_lec": 24,
+    "tests/test_onnx.py::test_every_correct_quantized_graph_is_accepted": 30,
+    "tests/test_onnx.py::test_every_wrong_quantized_graph_is_refused": 15,
+    "tests/test_onnx.py::test_every_quantized_conv_runs_as_an_integer_convolution": 8,
+    "tests/test_onnx.py::test_onnx_runtime_reproduces_the_model": 7,
+    "tests/test_distributed.py": 75,
+    "tests/test_resume.py": 38,
+    "tests/test_cli_unstructured.py": 37,
+    "tests/test_quickstart.py": 31,
+    "tests/test_cli_structured.py": 27,
+    "tests/test_cli_quantized.py": 23,
+    "tests/test_reproduce.py": 23,
+    "tests/test_export.py": 19,
+    "tests/test_subspace.py": 19,
+    "tests/test_errors.py": 14,
+    "tests/test_hardening.py": 12,
+    "tests/test_train_speed.py": 10,
+    "tests/test_fuzz_flags.py": 9,
 }
 
 
