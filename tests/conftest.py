@@ -18,6 +18,63 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
 
 
+# -- parallel runs -----------------------------------------------------------------------------
+# `python -m pytest` runs on 2 worker processes (pytest-xdist; `-n 2 --dist loadscope` in
+# pyproject.toml; `-n 0` runs in this process). A work unit is a test file, so that module- and
+# file-level fixtures (trained tiny models, checkpoints) are built once; the files whose tests
+# share nothing costly are split into one unit per test, so that their long tests run on both
+# workers. Units are handed out longest first (CPU seconds measured on the 2-core development
+# machine; a unit not listed counts as short), so that no long unit starts last.
+SPLIT_FILES = ("tests/test_realdata.py", "tests/test_onnx.py")
+UNIT_SECONDS = {
+    "tests/test_realdata.py::test_quantized": 122,
+    "tests/test_realdata.py::test_structured": 78,
+    "tests/test_realdata.py::test_unstructured": 55,
+    "tests/test_realdata.py::test_lec": 24,
+    "tests/test_onnx.py::test_every_correct_quantized_graph_is_accepted": 30,
+    "tests/test_onnx.py::test_every_wrong_quantized_graph_is_refused": 15,
+    "tests/test_onnx.py::test_every_quantized_conv_runs_as_an_integer_convolution": 8,
+    "tests/test_onnx.py::test_onnx_runtime_reproduces_the_model": 7,
+    "tests/test_distributed.py": 75,
+    "tests/test_resume.py": 38,
+    "tests/test_cli_unstructured.py": 37,
+    "tests/test_quickstart.py": 31,
+    "tests/test_cli_structured.py": 27,
+    "tests/test_cli_quantized.py": 23,
+    "tests/test_reproduce.py": 23,
+    "tests/test_export.py": 19,
+    "tests/test_subspace.py": 19,
+    "tests/test_errors.py": 14,
+    "tests/test_hardening.py": 12,
+    "tests/test_train_speed.py": 10,
+    "tests/test_fuzz_flags.py": 9,
+}
+
+
+def unit_seconds(scope):
+    matches = [prefix for prefix in UNIT_SECONDS if scope.startswith(prefix)]
+    return UNIT_SECONDS[max(matches, key=len)] if matches else 0
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            path = nodeid.split("::", 1)[0]
+            return nodeid if path in SPLIT_FILES else path
+
+        def _assign_work_unit(self, node):
+            longest = max(self.workqueue, key=unit_seconds)  # the first of equals: collection order
+            self.workqueue.move_to_end(longest, last=False)
+            super()._assign_work_unit(node)
+
+    return FileScheduling(config, log)
+
+
 def make_image_folder(root, classes, per_class, size, seed=0):
     """Class folders of random PNG images (class-dependent colour, so a model can learn)."""
     from PIL import Image
