@@ -340,6 +340,17 @@ def on_main_process(context, action, save_dir):
     return result
 
 
+def locked_and_free(save_dir, options):
+    """The run directory's lock, taken, once the directory holds no other run (else released)."""
+    lock = RunDirLock(save_dir)
+    try:
+        run_dir.check_free(save_dir, options)
+    except ConfigError:
+        lock.release()
+        raise
+    return lock
+
+
 def run(config: Config, options: RunOptions) -> int:
     """Train (or evaluate) as the config and options say; returns the exit status."""
     context = setup(config.device)
@@ -347,8 +358,10 @@ def run(config: Config, options: RunOptions) -> int:
     lock = None
     try:
         # The lock itself (utils.run_lock) is taken once the run is built.
-        on_main_process(context, lambda: refuse_if_locked(config.save_dir), config.save_dir)
-        run_dir.check_free(config.save_dir, options)
+        # Only the first process looks at the run directory: another one, checking it while the
+        # first already writes it, would find "a run" there (a race seen under torchrun).
+        on_main_process(context, lambda: (refuse_if_locked(config.save_dir),
+                                          run_dir.check_free(config.save_dir, options)), config.save_dir)
         # --device auto falls back to the CPU without CUDA; --amp there is bfloat16 on the CPU,
         # fast only with bfloat16 units: say so.
         amp_note = (" (--amp on the CPU: bfloat16 autocast, faster than fp32 only on CPUs with bfloat16 "
@@ -358,8 +371,8 @@ def run(config: Config, options: RunOptions) -> int:
         _log(context, f"Device: {context.device}, {context.world_size} process(es), {threads.threads} CPU "
                       f"thread(s) per process ({threads.reason}; --threads N to choose){amp_note}")
         state = Run(config, options, context)
-        lock = on_main_process(context, lambda: RunDirLock(config.save_dir), config.save_dir)
-        run_dir.check_free(config.save_dir, options)  # again: a run may have finished there meanwhile
+        # Again once locked: a run may have finished there meanwhile.
+        lock = on_main_process(context, lambda: locked_and_free(config.save_dir, options), config.save_dir)
         if options.eval_only:
             return state.evaluate_only(options.checkpoint)
         if options.resume:
