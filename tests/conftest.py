@@ -12,6 +12,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REAL_CIFAR = os.environ.get("LCS_CIFAR10_DIR", os.path.join(REPO, "data", "cifar10-jpeg"))
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
+# One CPU thread per test process (and for the scripts it starts, whose default --threads
+# honours OMP_NUM_THREADS): the tensors are tiny, and two worker processes each running as many
+# OpenMP threads as there are cores made the ONNX matrix 7-9 times slower on the 2-core machine
+# (threads spinning while waiting for a core another process holds).
+os.environ["OMP_NUM_THREADS"] = "1"
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "realdata: trains on the shared CIFAR-10 copy (skipped when absent)")
@@ -88,6 +94,15 @@ def make_image_folder(root, classes, per_class, size, seed=0):
             base[..., index % 3] = (base[..., index % 3] + 40 * index) % 256
             Image.fromarray(base.astype(np.uint8)).save(os.path.join(folder, f"{i:04d}.png"))
     return root
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """torch.set_num_threads(1) in each test process (the variable above already did it where
+    torch was imported after it; this covers a torch imported earlier, e.g. by a plugin)."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
