@@ -29,31 +29,33 @@ def pytest_configure(config):
 # pyproject.toml; `-n 0` runs in this process). A work unit is a test file, so that module- and
 # file-level fixtures (trained tiny models, checkpoints) are built once; the files whose tests
 # share nothing costly are split into one unit per test, so that their long tests run on both
-# workers. Units are handed out longest first (CPU seconds measured on the 2-core development
+# workers; but the ONNX matrix's accept and refuse tests of one method x norm form one unit, so
+# that the second reuses the tiny model and graphs the first made (test_onnx.py's session
+# fixtures). Units are handed out longest first (CPU seconds measured on the 2-core development
 # machine; a unit not listed counts as short), so that no long unit starts last.
 SPLIT_FILES = ("tests/test_realdata.py", "tests/test_onnx.py")
+ONNX_MATRIX = "quantized_graph_matrix"
 UNIT_SECONDS = {
-    "tests/test_realdata.py::test_quantized": 122,
-    "tests/test_realdata.py::test_structured": 78,
-    "tests/test_realdata.py::test_unstructured": 55,
+    "tests/test_realdata.py::test_quantized": 106,
+    "tests/test_realdata.py::test_structured": 70,
+    "tests/test_realdata.py::test_unstructured": 57,
     "tests/test_realdata.py::test_lec": 24,
-    "tests/test_onnx.py::test_every_correct_quantized_graph_is_accepted": 30,
-    "tests/test_onnx.py::test_every_wrong_quantized_graph_is_refused": 15,
+    "tests/test_onnx.py::quantized_graph_matrix": 18,
     "tests/test_onnx.py::test_every_quantized_conv_runs_as_an_integer_convolution": 8,
     "tests/test_onnx.py::test_onnx_runtime_reproduces_the_model": 7,
-    "tests/test_distributed.py": 75,
-    "tests/test_resume.py": 38,
-    "tests/test_cli_unstructured.py": 37,
-    "tests/test_quickstart.py": 31,
-    "tests/test_cli_structured.py": 27,
-    "tests/test_cli_quantized.py": 23,
-    "tests/test_reproduce.py": 23,
-    "tests/test_export.py": 19,
-    "tests/test_subspace.py": 19,
+    "tests/test_distributed.py": 71,
+    "tests/test_resume.py": 46,
+    "tests/test_cli_unstructured.py": 41,
+    "tests/test_quickstart.py": 28,
+    "tests/test_cli_structured.py": 28,
+    "tests/test_cli_quantized.py": 29,
+    "tests/test_reproduce.py": 26,
+    "tests/test_export.py": 12,
+    "tests/test_subspace.py": 13,
     "tests/test_errors.py": 14,
     "tests/test_hardening.py": 12,
-    "tests/test_train_speed.py": 10,
-    "tests/test_fuzz_flags.py": 9,
+    "tests/test_train_speed.py": 11,
+    "tests/test_fuzz_flags.py": 7,
 }
 
 
@@ -71,7 +73,12 @@ def pytest_xdist_make_scheduler(config, log):
     class FileScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid):
             path = nodeid.split("::", 1)[0]
-            return nodeid if path in SPLIT_FILES else path
+            if path not in SPLIT_FILES:
+                return path
+            if path == "tests/test_onnx.py" and "_quantized_graph_is_" in nodeid:
+                # The ONNX matrix: accept and refuse of one method x norm share a unit (and the model)
+                return f"{path}::{ONNX_MATRIX}[{nodeid.split('[', 1)[1]}"
+            return nodeid
 
         def _assign_work_unit(self, node):
             longest = max(self.workqueue, key=unit_seconds)  # the first of equals: collection order

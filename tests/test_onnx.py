@@ -3,6 +3,7 @@ both runtimes. Skipped only where onnx/onnxruntime are not installed (CI install
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -228,10 +229,28 @@ def exported_graph(tmp_path, content, name="q.onnx"):
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_quantized_graph(tiny_quantized, tmp_path_factory):
+    """graph(method, norm, trained, bits): the path of the export of tiny_quantized's model at
+    `bits`, made once per session (read it, do not change it). The accept and refuse tests of a
+    method x norm run in one work unit (tests/conftest.py), so the refuse test reads the graphs
+    the accept test made."""
+    folder = tmp_path_factory.mktemp("tiny_quantized_graphs")
+    cache = {}
+
+    def graph(method, norm, trained, bits):
+        key = method, norm, trained, bits
+        if key not in cache:
+            content = export_model(tiny_quantized(method, norm, trained), bits)
+            cache[key] = exported_graph(folder, content, "-".join(map(str, key)) + ".onnx")
+        return cache[key]
+    return graph
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("method", QUANTIZED_METHODS)
-def test_every_correct_quantized_graph_is_accepted(tmp_path, tiny_quantized, method, norm):
+def test_every_correct_quantized_graph_is_accepted(tiny_quantized, tiny_quantized_graph, method, norm):
     """The check accepts the export at every bit width, of a barely trained (near-chance) and of a
     trained model (right on most images at 8 bits), with every norm."""
     for trained in (False, True):
@@ -243,7 +262,7 @@ def test_every_correct_quantized_graph_is_accepted(tmp_path, tiny_quantized, met
                 with torch.no_grad():
                     accuracy = float((model(CHECK_IMAGES).argmax(1) == CHECK_LABELS).float().mean())
                 assert accuracy >= 0.8 if trained else accuracy <= 0.4, (trained, accuracy)
-            result = validate(exported_graph(tmp_path, content), model, content, CHECK_IMAGES)
+            result = validate(tiny_quantized_graph(method, norm, trained, bits), model, content, CHECK_IMAGES)
             layers = result["layers"]
             assert layers["first"] is None and layers["missing"] == [] and layers["layers"] == 21, layers
             assert 0 <= layers["ties"] <= 1e-4 * layers["codes"] and 0 <= result["agreement"] <= 1, result
@@ -293,7 +312,7 @@ def with_dequantize_linear(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("method", QUANTIZED_METHODS)
-def test_every_wrong_quantized_graph_is_refused(tmp_path, tiny_quantized, method, norm):
+def test_every_wrong_quantized_graph_is_refused(tmp_path, tiny_quantized, tiny_quantized_graph, method, norm):
     """Graphs that compute something else are refused, on the barely trained model (whose nearly
     equal logits the former check could not judge): the codes and line norms of a neighbouring
     bit width, activations on the 8-bit grid below 8 bits, activations unquantized at 8 bits."""
@@ -301,9 +320,10 @@ def test_every_wrong_quantized_graph_is_refused(tmp_path, tiny_quantized, method
     for bits in (8, 3):
         content = export_model(payload, bits)
         model = build_exported(content)
-        neighbour = exported_graph(tmp_path, export_model(payload, 7 if bits == 8 else 4), "neighbour.onnx")
+        neighbour = tiny_quantized_graph(method, norm, False, 7 if bits == 8 else 4)
         if bits < 8:
-            other_grid = exported_graph(tmp_path, content, "grid.onnx")
+            other_grid = str(tmp_path / "grid.onnx")
+            shutil.copyfile(tiny_quantized_graph(method, norm, False, bits), other_grid)
             without_clips(other_grid)
         else:
             unquantized = copy.deepcopy(content)
