@@ -507,16 +507,22 @@ def summary_text(recipe, args, runs, commit, machine_name):
         if not any(rows for _, _, rows in entries):
             lines.append("No final evaluation yet.")
             continue
-        level_name = next(rows[0]["level_name"] for _, _, rows in entries if rows)
-        levels = sorted({row["level"] for _, _, rows in entries for row in rows})
-        lines += ["| " + " | ".join([level_name] + [run_label(run) for run, _, _ in entries]) + " |",
-                  "| " + " | ".join(["---"] * (len(entries) + 1)) + " |"]
-        for level in levels:
-            cells = []
-            for _, _, rows in entries:
-                row = next((row for row in rows if row["level"] == level), None)
-                cells.append(_percent(row["accuracy"]) if row else "")
-            lines.append(f"| {level:g} | " + " | ".join(cells) + " |")
+        # One table per level unit: LEC's kept channel fraction is no width factor.
+        by_unit = {}
+        for entry in entries:
+            if entry[2]:
+                by_unit.setdefault(entry[2][0]["level_name"], []).append(entry)
+        for number, (level_name, unit_entries) in enumerate(by_unit.items()):
+            levels = sorted({row["level"] for _, _, rows in unit_entries for row in rows})
+            lines += [""] * (number > 0) + [
+                "| " + " | ".join([level_name] + [run_label(run) for run, _, _ in unit_entries]) + " |",
+                "| " + " | ".join(["---"] * (len(unit_entries) + 1)) + " |"]
+            for level in levels:
+                cells = []
+                for _, _, rows in unit_entries:
+                    row = next((row for row in rows if row["level"] == level), None)
+                    cells.append(_percent(row["accuracy"]) if row else "")
+                lines.append(f"| {level:g} | " + " | ".join(cells) + " |")
         lines += ["", "Commands (each run resumed with the same command plus `--resume`):", ""]
         lines += [f"    {record.get('command') or shown_command(run.base_command)}" for run, record, _ in entries]
     return "\n".join(lines) + "\n"

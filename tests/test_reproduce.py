@@ -161,3 +161,38 @@ def test_sweep_interrupted_resumed_failure_reported_summary_written(tmp_path, mi
     assert result.stdout.count("finished before, skipped") == 2 and "starting" not in result.stdout
     dry = sweep("--recipe", recipe, "--data_dir", micro_cifar, "--out", out, "--dry_run")
     assert dry.stdout.count("# finished, skipped: ") == 2
+
+
+def test_summary_gives_each_level_unit_its_own_table(tmp_path):
+    """LEC (kept channel fraction) beside width-factor runs of the structured setting: two
+    tables, no LEC level in the width column (they once shared one)."""
+    import importlib.util
+    import shutil
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("reproduce_module", SCRIPT)
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    out = tmp_path / "out"
+    source = os.path.join(REPO, "docs", "results", "structured_sparsity", "lcs_l")
+    width_dir = out / "structured_sparsity" / "lcs_l"
+    shutil.copytree(source, width_dir)
+    lec_dir = out / "structured_sparsity" / "lec"
+    lec_dir.mkdir()
+    rows = [json.loads(line) for line in (width_dir / "metrics.jsonl").read_text().splitlines()]
+    final = [row for row in rows if row["final"]][:2]
+    lec_rows = [dict(row, method="lec", level_name="channel_fraction", level=level, accuracy=accuracy)
+                for row, level, accuracy in zip(final, (0.4, 0.9), (0.2, 0.3))]
+    (lec_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in lec_rows))
+    runs = [reproduce.Run(reproduce.RunSpec("structured_sparsity", method, method), str(path), ["python"])
+            for method, path in (("lcs_l", width_dir), ("lec", lec_dir))]
+    recipe = reproduce.Recipe("tiny", "", [], [run.spec for run in runs])
+    args = SimpleNamespace(seed=0, data_dir="data", out=str(out))
+    text = reproduce.summary_text(recipe, args, runs, "abc", "a machine")
+    section = text.split("## structured_sparsity")[1]
+    width_table, lec_table = section.split("| width_factor |")[1], section.split("| channel_fraction |")[1]
+    width_levels = [line.split("|")[1].strip() for line in width_table.split("\n\n")[0].splitlines()[2:]]
+    lec_lines = lec_table.split("\n\n")[0].splitlines()
+    assert "lec" not in width_table.split("\n\n")[0].splitlines()[0] and "0.4" not in width_levels, width_table
+    assert width_levels == sorted({f"{row['level']:g}" for row in rows if row["final"]}, key=float), width_levels
+    assert lec_lines[0].strip() == "lec |" and lec_lines[2:] == ["| 0.4 | 20.00 % |", "| 0.9 | 30.00 % |"], lec_lines
