@@ -40,6 +40,7 @@ UNIT_SECONDS = {
     "tests/test_realdata.py::test_structured": 70,
     "tests/test_realdata.py::test_unstructured": 57,
     "tests/test_realdata.py::test_lec": 24,
+    "tests/test_realdata.py::test_the_default": 18,
     "tests/test_onnx.py::quantized_graph_matrix": 18,
     "tests/test_onnx.py::test_every_quantized_conv_runs_as_an_integer_convolution": 8,
     "tests/test_onnx.py::test_onnx_runtime_reproduces_the_model": 7,

@@ -20,9 +20,13 @@ this project's 2-core machine (about 60-125 s of CPU each):
   errors above chance for the sparsity settings, five for the quantized one.
 """
 
+import subprocess
+import sys
+
 import pytest
 
 from cli_helpers import assert_ok, evaluations, read_metrics, run_script, run_subprocess
+from conftest import REPO
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
@@ -134,3 +138,29 @@ def test_lec_re_estimated_bn_statistics_not_worse_than_running_statistics(real_c
         assert calibrated[level]["bn_calibration_images"] == 256 and running[level]["bn_calibration_images"] == 0
         assert calibrated[level]["num_images"] == running[level]["num_images"] == 500
         assert calibrated[level]["accuracy"] >= running[level]["accuracy"] - MARGIN, (level, calibrated, running)
+
+
+def test_the_default_start_of_run_evaluation_prints_each_level_as_it_finishes(real_cifar, tmp_path):
+    """The README's default job on the real data (one short epoch here): after its two header
+    lines it says what it evaluates, then prints each width's accuracy as that width is done
+    (read from the live output while the process still runs), before any training step."""
+    save_dir = tmp_path / "run"
+    command = [sys.executable, "train_structured.py", "--data_dir", real_cifar, "--train_subset", "128",
+               "--test_subset", "200", "--epochs", "1", "--save_dir", str(save_dir)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines, running_at_first_level = [], None
+    for line in process.stdout:
+        lines.append(line.rstrip("\n"))
+        if running_at_first_level is None and line.startswith("Test ("):
+            running_at_first_level = process.poll() is None
+    stderr = process.stderr.read()
+    assert process.wait(timeout=300) == 0, stderr[-3000:]
+    assert running_at_first_level, "the first level's accuracy came only after the run had ended"
+    assert lines[0].startswith("Device: cpu") and lines[1].startswith("Training loss shown")
+    assert lines[2] == "Evaluating 7 levels (width_factor) at epoch 0 on 200 test images"
+    start = [row for row in read_metrics(save_dir) if row["epoch"] == 0]
+    assert len(start) == 7
+    # One line per width, in the grid's order, each with the accuracy recorded for it.
+    assert lines[3:10] == [f"Test (width_factor = {row['level']:g}, alpha = {row['alpha']:g}): loss {row['loss']:.4f} "
+                           f"| accuracy {100 * row['accuracy']:.2f}% | sparsity {row['sparsity']:.4f}" for row in start]
+    assert lines[10].startswith("epoch 1/1 ")
