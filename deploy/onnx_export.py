@@ -2,42 +2,31 @@
 
     python -m deploy.export --checkpoint RUN/model_final.pt --level 8 --format onnx --out model.onnx
 
+The network the export rebuilds is traced by torch.onnx and run by ONNX Runtime against the
+torch model. A format whose network is more than its float convs (the quantized `int_codes`:
+integer convolutions, checked conv by conv) names the module of its ONNX form
+(deploy/formats/base.py, OnnxForm; deploy/formats/int_codes_onnx.py), loaded on first use:
+
 * structured (and LEC): the narrower dense network.
 * unstructured: the dense network with the pruned weights set to zero (ONNX has no sparse
-  weight storage, so the file is as large as the uncompressed one).
-* quantized: integer convolutions. Each quantized conv quantizes its input at the recorded
-  range (QuantizeLinear to uint8 codes 0..2^b-1; below 8 bits a Clip of the codes to the b-bit
-  grid), and runs ConvInteger on those codes and its weight codes (uint8, with their zero
-  points), then scales the int32 sums once (input scale x weight scale) and adds the folded BN
-  bias in float. That is the fake-quantized model's arithmetic with an exact integer sum; float
-  operations in another order now and then put an activation on the other side of a rounding
-  boundary, and the check (validate) judges each quantized conv on its own for that reason.
-  Every bit width 3..8 runs the same kernels. The traced graph is a QDQ graph
-  (QuantizeLinear/DequantizeLinear pairs around each conv); integer_convs rewrites it.
+  weight storage, so the file is as large as the uncompressed one; the format's note says so).
+* quantized: integer convolutions (deploy/formats/int_codes_onnx.py).
 
 onnx and onnxruntime are imported here only, when a function needs them
 (requirements-deploy.txt); training never imports this module.
 """
 
-import copy
+import importlib
 import os
 import warnings
 
-import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from models.layers import QuantConv2d
-from models.quant import affine_params, grid_limits
 from utils.atomic import atomic_write, remove_stale_temporaries, temporary_path
 from utils.errors import OutputError, UserError
-from deploy.compressed import build_exported
-from deploy.formats.int_codes import stored_codes
+from deploy.compressed import build_exported, format_of
 
 OPSET = 17
-# uint8 weight codes = int8 codes + this (ONNX Runtime's u8 x u8 ConvInteger is its fast one).
-UINT8_SHIFT = 128
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 OPTIMIZED = ".optimized"  # suffix of the optimised graph ONNX Runtime writes while checking
 
@@ -57,110 +46,26 @@ def require_onnx():
     return onnx, onnxruntime
 
 
-# -- the network as it is traced ----------------------------------------------------------
-def weight_codes(content):
-    """{conv name: (int8 codes, scale, zero point)} of a quantized export's stored codes (decoded
-    by their format, deploy/formats/int_codes.py)."""
-    return {name.rsplit(".", 1)[0]: (codes, float(scale), int(zero_point))
-            for name, (codes, scale, zero_point) in stored_codes(content).items()}
+# -- the format's ONNX form --------------------------------------------------------------
+def onnx_form(content):
+    """The module of the ONNX form of the export's format (its hooks: prepare, traceable,
+    rewrite, judge, describe, reports_kernels), or None for the float network as traced."""
+    name = format_of(content).onnx.module
+    return importlib.import_module(name) if name else None
 
 
-class QDQConv2d(nn.Module):
-    """A quantized conv of an exported model in the form that traces to a QDQ graph: weight codes
-    dequantized, input quantized and dequantized, a BN norm folded into a bias. With `codes`
-    None it is the float network (weights as stored, no quantization): the runtime baseline.
-
-    Activation codes are uint8 on 0..2^b-1 (the signed b-bit code minus q_min, the zero point
-    likewise): QuantizeLinear's saturation at 0 is the grid's lower end, and below 8 bits a
-    Clip before it holds the upper end (integer_convs moves it after QuantizeLinear)."""
-
-    def __init__(self, layer, num_bits, codes=None, integer=False):
-        super().__init__()
-        self.integer = integer  # the graph's integer arithmetic (a reference for the check), not QDQ
-        self.top_code = 2 ** num_bits - 1
-        self.stride, self.padding = layer.stride, layer.padding
-        self.norm = None if layer.folds_bn else layer.norm
-        with torch.no_grad():
-            weight = layer.weight.detach().clone()
-            scale = layer.fold_scale()
-            bias = None
-            if scale is not None:
-                # BN(conv(x, W * s) / s) with s = gamma / sqrt(var + eps) is conv(x, W * s) + beta - mean * s.
-                _, beta = layer.norm.affine()
-                bias = (beta - layer.norm.running_mean * scale).detach().clone()
-        self.register_buffer("weight", weight)
-        self.register_buffer("bias", bias)
-        self.quantized = codes is not None
-        self.act = None
-        if self.quantized:
-            _, self.w_scale, self.w_zero_point = codes
-            if bool(layer.act_range_ready):
-                a_scale, a_zero_point = affine_params(layer.act_min, layer.act_max, num_bits)
-                q_min, _ = grid_limits(num_bits)
-                a_scale, a_zero_point = float(a_scale), int(a_zero_point) - q_min
-                top = 2 ** num_bits - 1
-                self.act = (a_scale, a_zero_point, None if num_bits == 8 else (top - a_zero_point) * a_scale)
-
-    def integer_arithmetic(self, x):
-        """What the rewritten graph (integer_convs) computes, in torch: input codes by division
-        (as QuantizeLinear, where torch's fake-quant multiplies by the reciprocal), the integer
-        sum exact (float64 holds it), scaled once in float32, the bias added in float32."""
-        scale, zero_point, top = self.act
-        codes = torch.clamp(torch.round(x / torch.tensor(scale)) + zero_point, 0, 255)
-        if top is not None:
-            codes = torch.clamp(codes, max=self.top_code)
-        weight_codes = torch.round(self.weight / torch.tensor(self.w_scale, dtype=self.weight.dtype))
-        sums = F.conv2d((codes - zero_point).double(), weight_codes.double(), None, self.stride, self.padding)
-        out = sums.float() * (torch.tensor(scale) * torch.tensor(self.w_scale))
-        if self.bias is not None:
-            out = out + self.bias.reshape(1, -1, 1, 1)
-        return self.norm(out) if self.norm is not None else out
-
-    def forward(self, x):
-        if self.integer and self.act is not None:
-            return self.integer_arithmetic(x)
-        weight = self.weight
-        if self.act is not None:
-            scale, zero_point, top = self.act
-            if top is not None:
-                x = torch.clamp(x, max=top)
-            x = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255)
-        if self.quantized:
-            weight = torch.fake_quantize_per_tensor_affine(weight, self.w_scale, self.w_zero_point, -128, 127)
-        out = F.conv2d(x, weight, self.bias, self.stride, self.padding)
-        return self.norm(out) if self.norm is not None else out
-
-
-def without_activation_quantization(model):
-    """A quantized export stored with float weights becomes the plain float network (its ONNX
-    form is the float32 baseline: no QuantizeLinear/DequantizeLinear at all)."""
-    for module in model.modules():
-        if isinstance(module, QuantConv2d):
-            module.act_range_ready.fill_(False)
-    return model
-
-
-def traceable(model, content, integer=False):
-    """The exported network with each quantized conv replaced by its QDQ form (a copy); with
-    `integer`, by the integer arithmetic of the rewritten graph instead (not traceable: the
-    reference the check compares ONNX Runtime with)."""
-    codes = weight_codes(content)
-    replacements = {name: QDQConv2d(module, content["num_bits"], codes.get(name), integer)
-                    for name, module in model.named_modules() if isinstance(module, QuantConv2d)}
-    if not replacements:
-        return model
-    traced = copy.deepcopy(model)
-    for name, replacement in replacements.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(traced.get_submodule(parent_name), child, replacement)
-    return traced.eval()
+def reports_kernels(content):
+    """Whether the export's convs are listed by the kernel ONNX Runtime runs them with."""
+    form = onnx_form(content)
+    return bool(form and form.reports_kernels(content))
 
 
 # -- export ------------------------------------------------------------------------------
 def export_onnx(model, content, path):
     """Write the exported network (built from `content`) as an ONNX file at `path`."""
     onnx, _ = require_onnx()
-    module = traceable(model, content)
+    form = onnx_form(content)
+    module = form.traceable(model, content) if form else model
     size = content["input_size"]
     dummy = torch.zeros(1, 3, size, size)
     with torch.no_grad(), warnings.catch_warnings():
@@ -171,120 +76,11 @@ def export_onnx(model, content, path):
         torch.onnx.export(module, (dummy,), path, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                           opset_version=OPSET, dynamo=False)
-    if content.get("quantized"):
+    if form:
         graph = onnx.load(path)
-        integer_convs(graph, content["num_bits"])
+        form.rewrite(graph, content)
         onnx.save(graph, path)
     return path
-
-
-def integer_convs(model, num_bits):
-    """Rewrite the traced QDQ graph in place so that every quantized conv computes in integers.
-
-    A conv whose input is quantized (QuantizeLinear -> DequantizeLinear) becomes
-    ConvInteger(input codes, weight codes, zero points) -> Cast to float -> Mul by input scale x
-    weight scale -> Add the float bias: the exact integer sum of the codes, scaled once, as the
-    fake-quantized model computes it in float. Below 8 bits the Clip that holds the b-bit grid's
-    upper end moves from the float input to the uint8 codes. Weight codes are stored as uint8
-    (signed code + 128), whose ConvInteger kernel is the fast one in ONNX Runtime. A conv whose
-    input is not quantized (no recorded range) keeps a float conv of its dequantized int8 codes."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    graph = model.graph
-    initializers = {tensor.name: tensor for tensor in graph.initializer}
-    producers = {output: node for node in graph.node for output in node.output}
-
-    def constant(name):
-        if name in initializers:
-            return numpy_helper.to_array(initializers[name])
-        node = producers[name]
-        assert node.op_type == "Constant", f"{name}: expected a constant, found {node.op_type}"
-        return numpy_helper.to_array(node.attribute[0].t)
-
-    def add_constant(array, name):
-        graph.initializer.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
-
-    codes_of = {}  # QuantizeLinear name -> its codes on the b-bit grid
-    for conv in [node for node in graph.node if node.op_type == "Conv"]:
-        weight_dq = producers.get(conv.input[1])
-        if weight_dq is None or weight_dq.op_type != "DequantizeLinear":
-            continue
-        weight_q = producers[weight_dq.input[0]]
-        weight, w_scale, w_zero_point = (constant(name) for name in weight_q.input)
-        # The stored weights are dequantized codes, so weight / scale is within rounding of an integer.
-        codes = ((weight / w_scale).round() + w_zero_point.astype("int32")).clip(-128, 127).astype("int32")
-        stem = weight_q.input[0]
-        graph.node.remove(weight_q)
-        input_dq = producers.get(conv.input[0])
-        if input_dq is None or input_dq.op_type != "DequantizeLinear":
-            weight_dq.input[0] = add_constant(codes.astype(np.int8), stem + "_int8")
-            continue
-        input_q = producers[input_dq.input[0]]
-        x_scale, x_zero_point = constant(input_q.input[1]), input_q.input[2]
-        if input_q.name not in codes_of:
-            # The exporter shares one QuantizeLinear (and Clip) between convs that quantize the same
-            # input on the same grid (a block's first conv and its shortcut): clip its codes once.
-            clip = producers.get(input_q.input[0])
-            codes_of[input_q.name] = input_q.output[0]
-            if clip is not None and clip.op_type == "Clip":
-                input_q.input[0] = clip.input[0]
-                codes_of[input_q.name] = conv.name + "_codes"
-                top = add_constant(np.uint8(2 ** num_bits - 1), conv.name + "_top")
-                graph.node.append(helper.make_node("Clip", [input_q.output[0], "", top], [codes_of[input_q.name]],
-                                                   name=conv.name + "_clip"))
-        x_codes = codes_of[input_q.name]
-        w_codes = add_constant((codes + UINT8_SHIFT).astype(np.uint8), stem + "_uint8")
-        w_zero = add_constant(np.uint8(int(w_zero_point) + UINT8_SHIFT), stem + "_zero_point")
-        scale = add_constant(np.float32(x_scale * w_scale), conv.name + "_scale")
-        out = conv.name + "_out"
-        # Cast and Mul, not an int32 DequantizeLinear: ONNX Runtime's QDQ propagation moves a
-        # DequantizeLinear past the Reshape of a following GroupNorm and scrambles its output
-        # (onnxruntime 1.32: 26 % identical predictions on a GroupNorm network at 8 bits).
-        nodes = [helper.make_node("ConvInteger", [x_codes, w_codes, x_zero_point, w_zero], [out + "_int32"],
-                                  name=conv.name, **{a.name: helper.get_attribute_value(a) for a in conv.attribute}),
-                 helper.make_node("Cast", [out + "_int32"], [out + "_float"], name=conv.name + "_cast",
-                                  to=onnx.TensorProto.FLOAT),
-                 helper.make_node("Mul", [out + "_float", scale], [out + "_scaled"], name=conv.name + "_scale")]
-        if len(conv.input) > 2 and conv.input[2]:
-            bias = add_constant(constant(conv.input[2]).reshape(1, -1, 1, 1).astype(np.float32), conv.name + "_bias")
-            nodes.append(helper.make_node("Add", [out + "_scaled", bias], [out + "_biased"], name=conv.name + "_add"))
-        nodes[-1].output[0] = conv.output[0]
-        graph.node.remove(conv)
-        graph.node.extend(nodes)
-    remove_unused(graph)
-    sort_topologically(graph)
-
-
-def remove_unused(graph):
-    """Drop nodes and initializers nothing reads (what the rewrite replaced)."""
-    outputs = {output.name for output in graph.output}
-    while True:
-        read = {name for node in graph.node for name in node.input} | outputs
-        dead = [node for node in graph.node if not any(name in read for name in node.output)]
-        if not dead:
-            break
-        for node in dead:
-            graph.node.remove(node)
-    read = {name for node in graph.node for name in node.input}
-    for tensor in [tensor for tensor in graph.initializer if tensor.name not in read]:
-        graph.initializer.remove(tensor)
-
-
-def sort_topologically(graph):
-    """Nodes appended by the rewrite go before their consumers (ONNX requires that order)."""
-    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        ready = [node for node in pending if all(name in available for name in node.input)]
-        assert ready, "the graph has a cycle"
-        for node in ready:
-            ordered.append(node)
-            available.update(node.output)
-        pending = [node for node in pending if node not in ready]
-    del graph.node[:]
-    graph.node.extend(ordered)
 
 
 # -- ONNX Runtime ------------------------------------------------------------------------
@@ -312,29 +108,8 @@ def run_session(onnx_session, images):
 # (its largest logit then measures their common offset, and its predictions noise). Float graphs
 # differ from torch only in the order of float operations: every image must agree to
 # FLOAT_TOLERANCE.
-#
-# A quantized graph cannot be judged by its logits alone. Float operations in another order
-# (a GroupNorm's mean, a residual sum) now and then put an activation one quantization step
-# away; the step changes the next layer's sums, more codes move, and the difference grows layer
-# by layer, chaotically: on a barely trained GroupNorm network at 8 bits one code in a million
-# moves in the fourth conv's input, seven in a hundred in the last, and the median image's
-# logits move by up to a fifth of their spread, more than a graph whose activations are not
-# quantized at all (measured: 0.03-0.04). So each quantized conv is checked on its own, from
-# the graph's own values: the codes QuantizeLinear (and below 8 bits the Clip) made of the
-# conv's float input must be those of the level's activation grid (the same division and
-# round-half-to-even; only a value within CODE_TIE of a rounding boundary may land on its other
-# side), and the conv's output must be the exact integer sum of those codes with the level's
-# weight codes, scaled and biased in float32 (within SUM_TOLERANCE of one unit of the sum).
-# Every quantized conv of the model must be one ConvInteger of the graph. A graph with the codes
-# of another bit width, activations on another grid, unclipped or unquantized, is off by whole
-# codes and units. The logits are then compared with the torch model's, median image within
-# MODEL_TOLERANCE spreads: a guard against a mistake between the convs (norms, residual sums);
-# identical predictions are reported beside, never judged.
+# (A format's form may judge otherwise: the quantized one, deploy/formats/int_codes_onnx.py.)
 FLOAT_TOLERANCE = 1e-3      # float graphs: max over images of max |logit difference|, in spreads
-MODEL_TOLERANCE = 0.5       # quantized: median over images of max |logit difference| to the torch model
-CODE_TIE = 1e-4             # quantized: |input / scale - (n + 0.5)| below which either code is right
-SUM_TOLERANCE = 0.25        # quantized: |output difference| in units of the sum (+ float32 rounding)
-LAYER_BATCH = 16            # images per run of the instrumented graph (its intermediates are large)
 
 
 @torch.no_grad()
@@ -355,137 +130,31 @@ def compare(onnx_session, model, images, batch_size=256):
             "spread": spread, "agreement": float(torch.cat(agreements).mean()), "images": len(images)}
 
 
-def instrumented(path):
-    """The graph at `path` with each ConvInteger's float input, input codes and output as graph
-    outputs: ({module name: (input, codes, output) tensor names}, serialized model)."""
-    onnx, _ = require_onnx()
-    graph = onnx.load(path)
-    producers = {output: node for node in graph.graph.node for output in node.output}
-    consumers = {}
-    for node in graph.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    layers = {}
-    for conv in (node for node in graph.graph.node if node.op_type == "ConvInteger"):
-        codes = conv.input[0]
-        quantize = producers.get(codes)
-        while quantize is not None and quantize.op_type != "QuantizeLinear":
-            quantize = producers.get(quantize.input[0])
-        # The output: through the integer sum's scaling (Cast, Mul or DequantizeLinear) and bias.
-        output = conv.output[0]
-        while len(consumers.get(output, [])) == 1 and consumers[output][0].op_type in (
-                "Cast", "Mul", "DequantizeLinear", "Add") and output not in {o.name for o in graph.graph.output}:
-            nxt = consumers[output][0]
-            if nxt.op_type == "Add" and producers.get(nxt.input[1]) is not None:
-                break  # a residual sum, not the conv's bias
-            output = nxt.output[0]
-        if quantize is None:
-            continue
-        layers[module_name(conv.name)] = (quantize.input[0], codes, output)
-    known = {o.name for o in graph.graph.output}
-    for names in layers.values():
-        for name in names:
-            if name not in known:
-                graph.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-                known.add(name)
-    return layers, graph.SerializeToString()
-
-
-@torch.no_grad()
-def check_layers(path, model, content, images):
-    """Each quantized conv of the graph at `path` against the integer arithmetic of the exported
-    model's layer, from the graph's own values (see above): {"layers": number checked,
-    "ties": codes on the other side of a rounding boundary, "codes": codes checked, "worst_code":
-    largest |code difference| beyond ties, "worst_sum": largest output difference in units of the
-    sum, "missing": quantized convs that are no ConvInteger, "first": the first layer off}."""
-    _, ort = require_onnx()
-    references = {name: module for name, module in traceable(model, content, integer=True).named_modules()
-                  if isinstance(module, QDQConv2d) and module.act is not None}
-    layers, serialized = instrumented(path)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
-    onnx_session = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
-    names = [output.name for output in onnx_session.get_outputs()]
-    result = {"layers": len(references), "ties": 0, "codes": 0, "worst_code": 0.0, "worst_sum": 0.0,
-              "missing": sorted(set(references) - set(layers)), "first": None}
-    # Per layer, once: the weight codes (as QDQConv2d.integer_arithmetic rounds them), the
-    # largest sum of |weight codes| of an output channel, the bias in float64.
-    weights = {}
-    for name, reference in references.items():
-        weight = torch.round(reference.weight / torch.tensor(reference.w_scale, dtype=reference.weight.dtype))
-        bias = torch.zeros(1, 1, 1, 1, dtype=torch.float64) if reference.bias is None \
-            else reference.bias.double().reshape(1, -1, 1, 1)
-        weights[name] = (weight, float(weight.abs().flatten(1).sum(1).max()), bias)
-    for batch in images.split(LAYER_BATCH):
-        values = dict(zip(names, onnx_session.run(None, {INPUT_NAME: batch.numpy()})))
-        for name, reference in references.items():
-            if name not in layers:
-                continue
-            x, codes, output = (torch.from_numpy(values[key]) for key in layers[name])
-            scale, zero_point, _ = reference.act
-            exact = x / torch.tensor(scale)
-            expected = torch.clamp(torch.round(exact) + zero_point, 0, min(255, reference.top_code))
-            codes = codes.float()  # 0..255: exact in float32
-            result["codes"] += codes.numel()
-            worst_code = 0.0
-            if bool((codes != expected).any()):  # rare in a correct graph: judge the ties only then
-                off = (codes - expected).abs()
-                tie = (exact - exact.floor() - 0.5).abs() <= CODE_TIE * exact.abs().clamp(min=1)
-                result["ties"] += int(((off == 1) & tie).sum())
-                worst_code = float(torch.where(tie & (off == 1), 0.0, off).max())
-            unit = scale * reference.w_scale
-            weight, weight_bound, bias = weights[name]
-            # float32 sums integers exactly while every partial sum stays below 2^24; else float64.
-            shifted = codes - zero_point
-            dtype = torch.float32 if weight_bound * float(shifted.abs().max()) < 2 ** 24 else torch.float64
-            sums = F.conv2d(shifted.to(dtype), weight.to(dtype), None, reference.stride, reference.padding).double()
-            rounding = 4 * torch.finfo(torch.float32).eps * (sums.abs() + bias.abs() / unit)
-            worst_sum = float(((output.double() - (sums * unit + bias)).abs() / unit - rounding).max()) \
-                if output.shape == sums.shape else float("inf")
-            if result["first"] is None and (worst_code > 0 or worst_sum > SUM_TOLERANCE):
-                result["first"] = name
-            result["worst_code"] = max(result["worst_code"], worst_code)
-            result["worst_sum"] = max(result["worst_sum"], worst_sum)
-    return result
-
-
 def validate(path, model, content, images, name=None):
-    """Check an ONNX file against the torch model at its level (see the tolerances above): the
-    comparison with the model, with "layers" the layer by layer check (quantized graphs), or a
-    DeployError naming `name` (default: the path)."""
-    quantized = bool(content.get("quantized") and content["quantized"]["names"])
+    """Check an ONNX file against the torch model at its level (see the tolerances above, and the
+    format's ONNX form): the comparison with the model, with what the form adds (the quantized
+    form: "layers", its layer by layer check), or a DeployError naming `name` (default: the path)."""
     result = compare(session(path), model, images)
-    if quantized:
-        layers = result["layers"] = check_layers(path, model, content, images)
-        failed = not (not layers["missing"] and layers["worst_code"] == 0 and layers["worst_sum"] <= SUM_TOLERANCE
-                      and result["typical_difference"] <= MODEL_TOLERANCE)  # also refuses NaN
-    else:
-        failed = not result["max_difference"] <= FLOAT_TOLERANCE
+    form = onnx_form(content)
+    failed = form.judge(path, model, content, images, result) if form else None
+    if failed is None:
+        failed = not result["max_difference"] <= FLOAT_TOLERANCE  # also refuses NaN
     if failed:
-        raise DeployError(f"{name or path}: ONNX Runtime does not reproduce the model ({describe_agreement(result)})")
+        raise DeployError(f"{name or path}: ONNX Runtime does not reproduce the model "
+                          f"({describe_agreement(result, content)})")
     return result
 
 
-def describe_agreement(result):
+def describe_agreement(result, content):
     """The comparison in words: the figures judged, their tolerances, identical predictions."""
     model = (f"the torch model: median image {result['typical_difference']:.2g}, largest {result['max_difference']:.2g}"
              f" spreads of its logits ({result['spread']:.3g})")
-    if "layers" in result:
-        layers = result["layers"]
-        if layers["missing"]:
-            text = (f"{len(layers['missing'])} of {layers['layers']} quantized convs are no integer convolution "
-                    f"({', '.join(layers['missing'][:3])}{', ...' if len(layers['missing']) > 3 else ''})")
-        elif layers["first"] is not None:
-            text = (f"quantized convs differ from their integer arithmetic from {layers['first']} on: codes off by up "
-                    f"to {layers['worst_code']:g}, sums by up to {layers['worst_sum']:.3g} units (tolerance "
-                    f"{SUM_TOLERANCE:g})")
-        else:
-            text = (f"{layers['layers']} quantized convs reproduce their integer arithmetic exactly ("
-                    f"{layers['ties']} of {layers['codes']:,} codes on the other side of a rounding tie)")
-        text += f"; logits against {model}, tolerance {MODEL_TOLERANCE:g} for the median"
-    else:
-        text = f"logits against {model}, tolerance {FLOAT_TOLERANCE:g} for the largest"
+    form = onnx_form(content)
+    text = (form.describe(result, model) if form else None) or \
+        f"logits against {model}, tolerance {FLOAT_TOLERANCE:g} for the largest"
     return f"{text}; {100 * result['agreement']:.1f} % identical predictions on {result['images']} images"
+
+
 
 
 def conv_kernels(path, optimized_path):
@@ -540,15 +209,16 @@ def write_checked(content, path, data_dir=None, count=256, name=None):
     anything at `path` or beside it."""
     require_onnx()
     model = build_exported(content, path)
-    if content.get("quantized") and not content["quantized"]["names"]:
-        without_activation_quantization(model)
+    form = onnx_form(content)
+    if form:
+        model = form.prepare(model, content)
     images, source = check_images(content, data_dir, count)
     checked = {}
 
     def write(temporary):
         export_onnx(model, content, temporary)
         checked["result"] = validate(temporary, model, content, images, name=name or path)
-        if content.get("quantized"):
+        if reports_kernels(content):
             # ONNX Runtime writes its optimised graph to a file: a temporary of the same pattern.
             optimized = temporary_path(path + OPTIMIZED)
             try:
@@ -560,12 +230,13 @@ def write_checked(content, path, data_dir=None, count=256, name=None):
     remove_stale_temporaries(os.path.dirname(os.path.abspath(path)), name=os.path.basename(path) + OPTIMIZED)
     atomic_write(path, write, failure=OutputError)
     result, kernels = checked["result"], checked.get("kernels", {})
-    lines = [f"ONNX Runtime on {source}: {describe_agreement(result)}"]
+    lines = [f"ONNX Runtime on {source}: {describe_agreement(result, content)}"]
     if kernels:
         counts = {kind: sum(1 for value in kernels.values() if value == kind) for kind in ("integer", "qdq-float")}
         lines.append(f"quantized convs: {counts['integer']} run as integer convolutions (ConvInteger), "
                      f"{counts['qdq-float']} as float convolutions of dequantized int8 weights (no recorded "
                      f"input range)")
-    if content.get("sparse"):  # a TopK export: its bitmask-plus-values storage has no ONNX counterpart
-        lines.append("ONNX stores no sparse weights: pruned weights are zeros in dense tensors")
+    note = format_of(content).onnx.note
+    if note:
+        lines.append(note)
     return lines

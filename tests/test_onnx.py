@@ -15,8 +15,8 @@ import torch.nn.functional as F
 onnx = pytest.importorskip("onnx", reason="ONNX export needs onnx (pip install -r requirements-deploy.txt)")
 pytest.importorskip("onnxruntime", reason="ONNX checks need onnxruntime (pip install -r requirements-deploy.txt)")
 
-from deploy.onnx_export import (DeployError, conv_kernels, export_onnx,  # noqa: E402
-                                sort_topologically, validate, write_checked)
+from deploy.formats.int_codes_onnx import sort_topologically  # noqa: E402
+from deploy.onnx_export import DeployError, conv_kernels, export_onnx, validate, write_checked  # noqa: E402
 from methods import METHODS  # noqa: E402
 from models import build_model  # noqa: E402
 from models.layers import QuantConv2d, set_level  # noqa: E402

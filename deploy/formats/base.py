@@ -21,6 +21,25 @@ def dense_layers(content: dict):
 
 
 @dataclass(frozen=True)
+class OnnxForm:
+    """How a format's export is written as ONNX and judged (deploy/onnx_export.py). By default
+    the network the export rebuilds, traced as it is, every image's logits as the torch model's
+    to FLOAT_TOLERANCE. `module` names a module, loaded on the first ONNX export or check (so
+    that training never imports graph code), with the hooks
+      prepare(model, content) -> the network to trace and compare with;
+      traceable(model, content) -> the module torch.onnx traces;
+      rewrite(graph, content): the traced onnx.ModelProto, changed in place;
+      judge(path, model, content, images, result) -> whether the graph fails, or None for the
+        float rule (it may add its findings to `result`);
+      describe(result, model_text) -> the judgement in words, or None;
+      reports_kernels(content) -> whether the kernels ONNX Runtime runs the convs with are listed.
+    `note`: a line the export adds (what ONNX cannot store of the format)."""
+
+    module: str = ""
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class ExportFormat:
     """One way of storing the compressed model of one level; Method.export_format names it.
 
@@ -33,7 +52,8 @@ class ExportFormat:
     * describe(content) -> lines saying what the file stores (python -m deploy.export prints them);
     * subspace_codes(model, method, num_classes, state) -> {level: stored entries} that a subspace
       keeps instead of float weights (and removes from `state`), or None; subspace_entries(stored)
-      -> the header entries of a level's export made from them.
+      -> the header entries of a level's export made from them;
+    * onnx: its ONNX form (OnnxForm above).
     """
 
     name: str
@@ -45,3 +65,4 @@ class ExportFormat:
     float_weights: bool = False  # export(..., float_weights=True) stores the same model uncompressed
     subspace_codes: Optional[Callable[..., Optional[dict]]] = None
     subspace_entries: Optional[Callable[[dict], dict]] = None
+    onnx: OnnxForm = OnnxForm()

@@ -1,14 +1,14 @@
 """Export format `int_codes` (quantized): the body conv weights (after the BN fold) as integer
 codes bit-packed at b bits with their per-tensor scale and zero point (`quantized`), and the
 recorded activation ranges (`act_ranges`); rebuilt with frozen quantized convs that use their
-stored weights as they are. Here alone are the codes written and decoded (deploy.onnx_export's
-integer convolutions take them from stored_codes)."""
+stored weights as they are. Here alone are the codes written and decoded (the format's ONNX form,
+deploy/formats/int_codes_onnx.py, takes them from stored_codes)."""
 
 import math
 
 import torch
 
-from deploy.formats.base import ExportFormat
+from deploy.formats.base import ExportFormat, OnnxForm
 from deploy.packing import concat, pack_bits, unpack_bits
 from deploy.state import effective_state
 from models import build_model
@@ -119,4 +119,5 @@ def subspace_entries(codes):
 
 
 FORMAT = ExportFormat("int_codes", export, decode=decode, factory=factory, describe=describe, float_weights=True,
-                      subspace_codes=subspace_codes, subspace_entries=subspace_entries)
+                      subspace_codes=subspace_codes, subspace_entries=subspace_entries,
+                      onnx=OnnxForm("deploy.formats.int_codes_onnx"))

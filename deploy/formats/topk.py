@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from deploy.formats.base import ExportFormat
+from deploy.formats.base import ExportFormat, OnnxForm
 from deploy.packing import concat, pack_bits, unpack_bits, unpack_tensors
 from deploy.state import effective_state
 from models import build_model
@@ -53,4 +53,6 @@ def describe(content):
     return [f"{len(sparse['names'])} convs stored as bitmask + kept values ({sparse['values'].numel():,} weights kept)"]
 
 
-FORMAT = ExportFormat("topk", export, decode=decode, describe=describe)
+# ONNX has no counterpart of the bitmask-plus-values storage.
+FORMAT = ExportFormat("topk", export, decode=decode, describe=describe,
+                      onnx=OnnxForm(note="ONNX stores no sparse weights: pruned weights are zeros in dense tensors"))
