@@ -36,11 +36,11 @@ def pytest_configure(config):
 SPLIT_FILES = ("tests/test_realdata.py", "tests/test_onnx.py")
 ONNX_MATRIX = "quantized_graph_matrix"
 UNIT_SECONDS = {
-    "tests/test_realdata.py::test_quantized": 106,
-    "tests/test_realdata.py::test_structured": 70,
+    "tests/test_realdata.py::test_quantized": 120,
+    "tests/test_realdata.py::test_structured": 76,
     "tests/test_realdata.py::test_unstructured": 57,
     "tests/test_realdata.py::test_lec": 24,
-    "tests/test_realdata.py::test_the_default": 18,
+    "tests/test_realdata.py::test_the_default": 15,
     "tests/test_onnx.py::quantized_graph_matrix": 18,
     "tests/test_onnx.py::test_every_quantized_conv_runs_as_an_integer_convolution": 8,
     "tests/test_onnx.py::test_onnx_runtime_reproduces_the_model": 7,
