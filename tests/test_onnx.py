@@ -334,6 +334,31 @@ def test_every_wrong_quantized_graph_is_refused(tmp_path, tiny_quantized, tiny_q
                 validate(wrong, model, content, CHECK_IMAGES, name=f"{method} {norm} {bits} bits {wrong}")
 
 
+def weights_only(content):
+    """The export with no activation range recorded (as before the activation delay ends): float
+    convs of dequantized int8 weights."""
+    content = copy.deepcopy(content)
+    content["act_ranges"] = {"names": [], "min": torch.zeros(0), "max": torch.zeros(0)}
+    return content
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_a_weights_only_quantized_graph_is_judged_as_a_float_graph(tmp_path, tiny_quantized, norm):
+    """With no input quantized, ONNX Runtime and torch differ only in the order of float
+    operations, so every image must agree to FLOAT_TOLERANCE (as float graphs): the graph of the
+    neighbouring bit width's weights is refused (the median-image tolerance of quantized graphs,
+    0.5 spreads, let it pass)."""
+    payload = tiny_quantized("lcs_l", norm, True)
+    for bits, neighbour_bits in ((8, 7), (3, 4)):
+        content = weights_only(export_model(payload, bits))
+        model = build_exported(content)
+        result = validate(exported_graph(tmp_path, content), model, content, CHECK_IMAGES)
+        assert "layers" not in result and result["max_difference"] <= 1e-3, result
+        neighbour = exported_graph(tmp_path, weights_only(export_model(payload, neighbour_bits)), "neighbour.onnx")
+        with pytest.raises(DeployError, match="tolerance 0.001 for the largest"):
+            validate(neighbour, model, content, CHECK_IMAGES)
+
+
 def test_the_int32_dequantize_linear_form_is_refused_after_a_group_norm(tmp_path, tiny_quantized):
     """The cause of the refused LCS+L (GroupNorm) exports: ONNX Runtime's graph optimisation moves
     an int32 DequantizeLinear past the Reshape of the GroupNorm that follows and scrambles the
