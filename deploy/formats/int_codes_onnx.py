@@ -10,7 +10,8 @@ model's arithmetic with an exact integer sum; float operations in another order 
 put an activation on the other side of a rounding boundary, and the check (judge) judges each
 quantized conv on its own for that reason. Every bit width 3..8 runs the same kernels. The
 traced graph is a QDQ graph (QuantizeLinear/DequantizeLinear pairs around each conv);
-integer_convs rewrites it. An export stored with float weights is the plain float network,
+integer_convs rewrites it. An export stored with float weights is the plain float network;
+it, and an export whose convs quantize no input (float convs of dequantized int8 weights), are
 judged as every float graph is.
 """
 
@@ -53,7 +54,7 @@ def judge(path, model, content, images, result):
     recorded yet, as before the activation delay ends): float convs of dequantized int8 weights,
     in which only the order of float operations differs (measured: within 1e-4 spreads, while
     the graph of the neighbouring bit width was within this form's 0.5-spread median tolerance)."""
-    if not integer(content) or not content["act_ranges"]["names"]:
+    if not integer(content) or not (content.get("act_ranges") or {}).get("names"):
         return None
     layers = result["layers"] = check_layers(path, model, content, images)
     return not (not layers["missing"] and layers["worst_code"] == 0 and layers["worst_sum"] <= SUM_TOLERANCE
