@@ -104,7 +104,7 @@ def _write_pt(args, content):
 
 
 def _write_onnx(args, content):
-    lines = write_checked(content, args.out, args.data_dir, args.check_images or DEFAULT_CHECK_IMAGES)
+    lines, _ = write_checked(content, args.out, args.data_dir, args.check_images or DEFAULT_CHECK_IMAGES)
     # The .pt storage lines (bitmasks, packed codes) do not describe the ONNX file.
     summary = [line for line in describe(content, os.path.getsize(args.out)).splitlines()
                if " stored as " not in line]

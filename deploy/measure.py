@@ -64,15 +64,14 @@ def onnx_runners(exported, out_dir, threads, checkpoint):
     [(label, model, size, content)] of `checkpoint`; every file is checked with ONNX Runtime
     first, and a failed check names the checkpoint and the level (not the file, which may be a
     temporary one)."""
-    from deploy.onnx_export import conv_kernels, reports_kernels, write_checked
+    from deploy.onnx_export import write_checked
 
     runners = []
     for index, (label, model, _, content) in enumerate(exported):
         file = os.path.join(out_dir, f"model_{index}.onnx")
-        write_checked(content, file, count=64, name=f"{checkpoint} (level {label})")
+        _, kernels = write_checked(content, file, count=64, name=f"{checkpoint} (level {label})")
         integer = None
-        if reports_kernels(content):
-            kernels = conv_kernels(file, file + ".optimized")
+        if kernels:
             integer = (sum(kind == "integer" for kind in kernels.values()),
                        sum(kind != "float" for kind in kernels.values()))
         runners.append((OnnxRunner(file, threads), os.path.getsize(file), integer))

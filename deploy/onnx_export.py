@@ -155,8 +155,6 @@ def describe_agreement(result, content):
     return f"{text}; {100 * result['agreement']:.1f} % identical predictions on {result['images']} images"
 
 
-
-
 def conv_kernels(path, optimized_path):
     """{conv module name: the kernel ONNX Runtime runs it with} from the optimised graph:
     "integer" (QLinearConv, ConvInteger), "qdq-float" (a float conv of dequantized int8 weights:
@@ -203,7 +201,8 @@ def check_images(content, data_dir, count, seed=0):
 
 def write_checked(content, path, data_dir=None, count=256, name=None):
     """Export `content` (a per-level export) to ONNX at `path`, check it with ONNX Runtime, and
-    return lines describing it. The file is written through utils.atomic (a temporary file
+    return (lines describing it, {conv module name: its kernel} as conv_kernels gives them, or {}
+    where the format's form does not report kernels). The file is written through utils.atomic (a temporary file
     renamed once the check has passed): a failed write is an OutputError of one line, a failed
     check keeps its own DeployError (naming `name`, default the path), and neither leaves
     anything at `path` or beside it."""
@@ -239,4 +238,4 @@ def write_checked(content, path, data_dir=None, count=256, name=None):
     note = format_of(content).onnx.note
     if note:
         lines.append(note)
-    return lines
+    return lines, kernels

@@ -64,7 +64,7 @@ def test_onnx_runtime_reproduces_the_model(tmp_path, setting, method, flags, lev
         out = str(tmp_path / f"{level}.onnx")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
-            lines = write_checked(content, out, count=64)
+            lines, _ = write_checked(content, out, count=64)
         # The user sees the project's words only (lcs_l's InstanceNorm made torch warn on valid input).
         assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []
         model = build_exported(content)

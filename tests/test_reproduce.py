@@ -166,13 +166,10 @@ def test_sweep_interrupted_resumed_failure_reported_summary_written(tmp_path, mi
 def test_summary_gives_each_level_unit_its_own_table(tmp_path):
     """LEC (kept channel fraction) beside width-factor runs of the structured setting: two
     tables, no LEC level in the width column (they once shared one)."""
-    import importlib.util
     import shutil
     from types import SimpleNamespace
 
-    spec = importlib.util.spec_from_file_location("reproduce_module", SCRIPT)
-    reproduce = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reproduce)
+    from experiments import reproduce
     out = tmp_path / "out"
     source = os.path.join(REPO, "docs", "results", "structured_sparsity", "lcs_l")
     width_dir = out / "structured_sparsity" / "lcs_l"
