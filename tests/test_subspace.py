@@ -233,9 +233,15 @@ def test_check_images_with_a_pt_export_is_refused(tmp_path, capsys):
 @pytest.mark.slow
 def test_load_subspace_works_outside_the_repository_after_pip_install_e(tmp_path, stored_subspace):
     """The documented way, `pip install -e .`, then `from deploy import load_subspace` in an
-    application's own folder: a fresh virtual environment that sees this Python's packages (torch
-    is not installed again: --no-deps), a fresh process in a folder outside the repository,
-    PYTHONPATH unset. Before the install the import fails there, as it did for users."""
+    application's own folder: a fresh virtual environment, a fresh process in a folder outside the
+    repository, PYTHONPATH unset. Before the install the import fails there, as it did for users.
+
+    The new environment sees this environment's packages (torch, and the setuptools that
+    requirements.txt brings) through a .pth file, never the base interpreter's: `venv
+    --system-site-packages` run from inside a venv would expose the *base* Python, whose packages
+    differ from machine to machine (a fresh one has setuptools 65.5 and no wheel, which cannot
+    build an editable install)."""
+    import site
     import subprocess
     import sys
 
@@ -243,8 +249,9 @@ def test_load_subspace_works_outside_the_repository_after_pip_install_e(tmp_path
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     venv, app = tmp_path / "venv", tmp_path / "app"
     app.mkdir()
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True,
-                   timeout=300, env=env)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300, env=env)
+    [venv_site] = (venv / "lib").glob("python*/site-packages")
+    (venv_site / "outer_environment.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     python = str(venv / "bin" / "python")
     code = ("import deploy, torch\nfrom deploy import load_subspace\n"
             f"model = load_subspace({stored_subspace[0]!r}).at(0.5)\n"
