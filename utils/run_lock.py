@@ -17,7 +17,7 @@ from utils.errors import ConfigError
 LOCK_FILE = ".lock"
 
 
-def refuse_if_locked(directory, flag="--save_dir"):
+def refuse_if_locked(directory, flag="--save_dir", kind="run directory"):
     """ConfigError naming the holder when a live process holds `directory`'s lock; creates
     nothing (a check before the work of building a run, which takes the lock itself)."""
     try:
@@ -28,36 +28,37 @@ def refuse_if_locked(directory, flag="--save_dir"):
         try:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise _locked_error(directory, flag, handle) from None
+            raise _locked_error(directory, flag, handle, kind) from None
 
 
-def _locked_error(directory, flag, handle):
+def _locked_error(directory, flag, handle, kind):
     handle.seek(0)
     holder = handle.read(500).strip() or "another process"
-    return ConfigError(f"{flag} {directory}: another process is writing to this run directory ({holder}); "
+    return ConfigError(f"{flag} {directory}: another process is writing to this {kind} ({holder}); "
                        f"wait for it to end or use another {flag}")
 
 
 class RunDirLock:
     """Acquired by the constructor (ConfigError naming the holder when another process writes
-    into `directory`); release() gives it up and removes the lock file."""
+    into `directory`); release() gives it up and removes the lock file. `kind` names the
+    directory in that message (a run directory, the sweep's folder)."""
 
-    def __init__(self, directory, flag="--save_dir"):
+    def __init__(self, directory, flag="--save_dir", kind="run directory"):
         self.directory = directory
         self.path = os.path.join(directory, LOCK_FILE)
         self.created_directory = not os.path.isdir(directory)
         os.makedirs(directory, exist_ok=True)
-        self.handle = self._lock(flag)
+        self.handle = self._lock(flag, kind)
         self._record_holder()
         remove_stale_temporaries(directory)
 
-    def _lock(self, flag):
+    def _lock(self, flag, kind):
         while True:
             handle = open(self.path, "a+")
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                error = _locked_error(self.directory, flag, handle)
+                error = _locked_error(self.directory, flag, handle, kind)
                 handle.close()
                 raise error from None
             # The previous holder may have removed the file between our open and flock: a lock
