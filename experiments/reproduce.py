@@ -11,6 +11,9 @@ sweep adds no training code of its own.
 
 * Runs go one after another on one device, or side by side with --gpus (one run per GPU, or
   per group of --gpus_per_run GPUs under torchrun), through CUDA_VISIBLE_DEVICES.
+* Before anything runs (the dry run alike): every run's flags are checked by its script's parser,
+  its directory's name and place, and what a directory already holds against what would run
+  there; one sweep at a time writes into --out (a lock, as for a run directory).
 * Calling it again is safe: a finished run is skipped, an interrupted one resumed (--resume),
   a failed one reported with the last line of its log while the others go on. SIGTERM or
   Ctrl-C stops the running runs after their current step, each with a checkpoint. The exit
@@ -34,14 +37,19 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import yaml
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from methods import in_current_units  # noqa: E402
+import training_params  # noqa: E402  (the scripts' parsers and config merge; no torch)
+from engine.run_dir import CONFIG_FILE, check_directory  # noqa: E402
+from methods import METHODS, in_current_units  # noqa: E402
 from utils.checkpoint import write_text  # noqa: E402
-from utils.errors import ConfigError, UsageParser, UserError, one_line  # noqa: E402
+from utils.errors import ConfigError, UsageParser, UserError, one_line, shown  # noqa: E402
 from utils.metrics import METRICS, latest_results, read_rows  # noqa: E402
+from utils.run_lock import RunDirLock  # noqa: E402
 from utils.yaml_io import read_yaml  # noqa: E402
 
 RECIPES = os.path.join(REPO, "experiments", "recipes.yaml")
@@ -52,6 +60,11 @@ LAST_CHECKPOINT = "checkpoint_last.pt"
 SUMMARY = "summary.md"
 FIGURE = "comparison.png"
 POLL_S = 0.5
+# What the sweep sets in every run itself (--resume and --overwrite from the run's state) or
+# what would make a run something else than a training run: a recipe may not give them.
+SWEEP_FLAGS = ("method", "seed", "data_dir", "save_dir", "resume", "overwrite", "eval_only", "checkpoint")
+NAME_MAX = 255    # bytes of one name in a path (Linux and macOS file systems)
+PATH_MAX = 4096   # bytes of a whole path (Linux)
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -70,6 +83,7 @@ class Recipe:
     about: str
     flags: list
     runs: list               # RunSpec, in order
+    where: str = ""          # the file and the recipe's name in it, for errors
 
 
 def _flag_list(value, where):
@@ -122,8 +136,11 @@ def _run_spec(entry, pairs, where):
         raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (allowed: run, name, flags)")
     setting, method = parse_pair(entry["run"], pairs, where)
     name = entry.get("name", method)
-    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-        raise ConfigError(f"{where}: name {name!r} must be a plain directory name")
+    # Printable: a newline or a NUL byte breaks the summary's rows or the file system's calls.
+    if (not isinstance(name, str) or not name or "/" in name or name.startswith(".") or not name.isprintable()
+            or len(name.encode("utf-8", "surrogateescape")) > NAME_MAX):
+        raise ConfigError(f"{where}: name {shown(name)} must be a plain directory name (printable, no '/', "
+                          f"not starting with '.', at most {NAME_MAX} bytes)")
     return RunSpec(setting, method, name, _flag_list(entry.get("flags"), f"{where} ({name})"))
 
 
@@ -147,7 +164,37 @@ def load_recipe(name_or_path, pairs):
         raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (allowed: about, flags, runs)")
     runs = [_run_spec(entry, pairs, where) for entry in data["runs"]]
     _check_unique(runs, where)
-    return Recipe(name, str(data.get("about") or "").strip(), _flag_list(data.get("flags"), where), runs)
+    recipe = Recipe(name, str(data.get("about") or "").strip(), _flag_list(data.get("flags"), where), runs, where)
+    for spec in runs:
+        check_recipe_flags(recipe, spec)
+    return recipe
+
+
+def parse_run_flags(spec, flags, where):
+    """`flags` parsed by the parser of the run's script (training_params; no torch), as the
+    script will parse them; ConfigError naming the run for any flag it refuses."""
+    parser = training_params.build_parser(spec.setting)
+
+    def refuse(message):
+        raise ConfigError(f"{where}: run {spec.setting}/{spec.name}: {script_of(spec.setting)} refuses its flags: "
+                          f"{message}")
+    # One line instead of argparse's exit; --help would print the script's help and exit 0.
+    parser.error = refuse
+    parser.print_help = lambda *_: None
+    parser.exit = lambda *_: refuse("-h/--help is not a run flag")
+    return parser.parse_args(flags)
+
+
+def check_recipe_flags(recipe, spec):
+    """A recipe's flags for a run must be its script's and leave the sweep's own alone."""
+    given = parse_run_flags(spec, recipe.flags + spec.flags, recipe.where)
+    for key in SWEEP_FLAGS:
+        if getattr(given, key) not in (None, False):
+            why = ("a sweep trains its runs" if key in ("eval_only", "checkpoint") else
+                   "the sweep sets --method, --seed, --data_dir and --save_dir of each run, and --resume or "
+                   "--overwrite from its state")
+            raise ConfigError(f"{recipe.where}: run {spec.setting}/{spec.name}: --{key} is not a recipe flag "
+                              f"({why}); remove it from the recipe")
 
 
 def _check_unique(runs, where):
@@ -202,6 +249,7 @@ class Run:
     log: object = None
     started: float = 0.0
     gpus: object = None      # the slot it runs on
+    expected: dict = None    # the config the run's script resolves from its flags (held keys compared)
     outcome: str = ""        # finished, failed, interrupted, skipped
     last_line: str = ""
 
@@ -215,13 +263,18 @@ def base_command(spec, recipe, args, run_dir, gpus_per_run):
     launcher = [sys.executable]
     if gpus_per_run > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus_per_run}"]
-    command = launcher + [_script_path(script_of(spec.setting)), "--method", spec.method, "--seed", str(args.seed)]
+    return launcher + [_script_path(script_of(spec.setting))] + run_flags(spec, recipe, args, run_dir)
+
+
+def run_flags(spec, recipe, args, run_dir):
+    """The flags of a run's script (without --resume / --overwrite)."""
+    flags = ["--method", spec.method, "--seed", str(args.seed)]
     if args.data_dir:
-        command += ["--data_dir", args.data_dir]
-    command += ["--save_dir", run_dir] + recipe.flags + spec.flags
+        flags += ["--data_dir", args.data_dir]
+    flags += ["--save_dir", run_dir] + recipe.flags + spec.flags
     if args.gpus:
-        command += ["--device", "cuda"]
-    return command
+        flags += ["--device", "cuda"]
+    return flags
 
 
 def _script_path(script):
@@ -250,6 +303,48 @@ def run_state(run_dir):
     if os.path.isdir(run_dir) and os.listdir(run_dir):
         return "restart"      # started, but killed before its first checkpoint: nothing to keep
     return "new"
+
+
+def check_place(run_dir, where):
+    """The run directory can be made and written into: names the file system takes, not under a
+    file, its nearest existing folder writable. Checked before anything runs, so that the dry run
+    refuses what the real run would."""
+    path = os.path.abspath(run_dir)
+    longest = max(path.split(os.sep), key=lambda part: len(os.fsencode(part)))
+    problem = None
+    if len(os.fsencode(longest)) > NAME_MAX:
+        problem = f"the name {shown(longest)} has {len(os.fsencode(longest))} bytes (at most {NAME_MAX})"
+    elif len(os.fsencode(path)) + NAME_MAX >= PATH_MAX:
+        problem = f"its path of {len(os.fsencode(path))} bytes leaves no room for its files (at most {PATH_MAX})"
+    if problem:
+        raise ConfigError(f"{where}: the run directory cannot be made: {problem}")
+    check_directory(run_dir, where)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where}: the run directory {run_dir} cannot be made or written: {existing} is not "
+                          f"writable")
+
+
+def check_holds_this_run(run):
+    """A run directory that already holds a run (its config.yaml) must hold the one the sweep
+    would run there: another method, setting, seed or budget would be skipped, resumed or
+    overwritten, and summarised, under this run's name. Where and how it ran may differ."""
+    path = os.path.join(run.run_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return
+    held, expected = read_yaml(path), run.expected
+    if (held.get("setting"), held.get("method")) == (run.spec.setting, run.spec.method):
+        METHODS[run.spec.setting][run.spec.method].upgrade(held, dict.fromkeys(held, path))  # earlier versions' keys
+    differing = [key for key, value in expected.items()
+                 if key not in training_params.RUNTIME_KEYS and key in held and held[key] != value]
+    if differing:
+        def describe(values):
+            return ", ".join(f"{key} {values[key]}" for key in differing[:6])
+        raise ConfigError(f"{run.run_dir}: holds another run than {run.spec.setting}/{run.spec.name} of this sweep "
+                          f"({describe(held)}; expected {describe(expected)}); use another --out or move the "
+                          f"directory away")
 
 
 def command_for(run):
@@ -589,6 +684,8 @@ def build_parser():
 
 
 def plan(args):
+    """The selected runs, every flag, name and place checked (what the run directories hold is
+    not read yet; nothing is written)."""
     if not 0 <= args.seed < 2**32:
         raise ConfigError(f"--seed {args.seed}: must lie in 0 .. 2^32-1")
     gpus = None
@@ -610,34 +707,75 @@ def plan(args):
     args.out = args.out or os.path.join("results", recipe.name)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ConfigError(f"--out {args.out}: exists and is not a directory")
+    out_shown = args.out if len(args.out) <= 200 else shown(args.out, 200)  # a path too long is cut
     runs = []
     for spec in specs:
+        if spec not in recipe.runs:  # a pair named by --select: the recipe's flags, checked for it
+            check_recipe_flags(recipe, spec)
         run_dir = os.path.join(args.out, spec.setting, spec.name)
+        check_place(run_dir, f"--out {out_shown}: run {spec.setting}/{spec.name}")
         run = Run(spec, run_dir, base_command(spec, recipe, args, run_dir, args.gpus_per_run))
-        run.state = run_state(run_dir)
+        run.expected = expected_config(spec, run_flags(spec, recipe, args, run_dir), recipe.where)
         runs.append(run)
     return recipe, runs, gpu_slots(gpus, args.gpus_per_run), gpus
 
 
+def expected_config(spec, flags, where):
+    """The config a run's script resolves from `flags`, as its config.yaml holds it."""
+    given = parse_run_flags(spec, flags, where)
+    try:
+        config, _ = training_params.merge(spec.setting, given)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: run {spec.setting}/{spec.name}: {one_line(error)}") from None
+    return yaml.safe_load(yaml.safe_dump(config.to_dict()))
+
+
+def examine(runs):
+    """Each run's state, after checking its directory holds no other run."""
+    for run in runs:
+        check_holds_this_run(run)
+        run.state = run_state(run.run_dir)
+
+
+def lock_out(out):
+    """The sweep's lock on --out: one sweep at a time writes into it (runs, figures, summary)."""
+    try:
+        return RunDirLock(out, flag="--out", kind="sweep folder")
+    except OSError as error:
+        raise ConfigError(f"--out {out}: cannot be made or locked ({error.strerror or error})") from None
+
+
+def print_dry_run(recipe, runs, slots, gpus):
+    print(f"# recipe {recipe.name}: {recipe.about}")
+    if gpus:
+        groups = " | ".join(",".join(slot) for slot in slots)
+        print(f"# side by side, CUDA_VISIBLE_DEVICES set per run to a free group of: {groups}")
+    for run in runs:
+        note = {"finished": "# finished, skipped: ", "resume": "# interrupted, resumed: "}.get(run.state, "")
+        print(f"{note}{shown_command(command_for(run))}")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    lock = None
     try:
         recipe, runs, slots, gpus = plan(args)
         if args.dry_run:
-            print(f"# recipe {recipe.name}: {recipe.about}")
-            if gpus:
-                groups = " | ".join(",".join(slot) for slot in slots)
-                print(f"# side by side, CUDA_VISIBLE_DEVICES set per run to a free group of: {groups}")
-            for run in runs:
-                note = {"finished": "# finished, skipped: ", "resume": "# interrupted, resumed: "}.get(run.state, "")
-                print(f"{note}{shown_command(command_for(run))}")
+            examine(runs)
+            print_dry_run(recipe, runs, slots, gpus)
             return 0
         commit, machine_name = project_commit(), machine(gpus)
         if args.summary_only:
+            if not any(os.path.isdir(run.run_dir) for run in runs):
+                raise ConfigError(f"--out {args.out}: no sweep there (no directory of the {len(runs)} selected "
+                                  f"run(s)); name the --out of a sweep")
+            examine(runs)
             for run in runs:
                 run.outcome = "finished" if run.state == "finished" else ""
             summarise(recipe, args, runs, commit, machine_name)
             return 0
+        lock = lock_out(args.out)
+        examine(runs)
         print(f"Recipe {recipe.name}, {len(runs)} run(s) into {args.out}; commit {commit}; {machine_name}",
               flush=True)
         todo = []
@@ -653,6 +791,9 @@ def main(argv=None):
     except UserError as error:
         print(f"reproduce.py: error: {one_line(error)}", file=sys.stderr)
         return error.exit_code
+    finally:
+        if lock is not None:
+            lock.release()
     failed = [run for run in runs if run.outcome != "finished"]
     for run in failed:
         print(f"{run.spec.setting}/{run.spec.name}: {run.outcome}"
@@ -662,5 +803,18 @@ def main(argv=None):
     return 1 if failed else 0
 
 
+def main_quiet_on_closed_output(argv=None):
+    """main(), ending quietly when its output is cut (piped into `head`): status 141 (128 +
+    SIGPIPE), as a tool killed by the signal reports in the shell."""
+    try:
+        status = main(argv)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at /dev/null so that flush cannot fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_quiet_on_closed_output())

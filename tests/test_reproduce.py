@@ -193,3 +193,130 @@ def test_summary_gives_each_level_unit_its_own_table(tmp_path):
     assert "lec" not in width_table.split("\n\n")[0].splitlines()[0] and "0.4" not in width_levels, width_table
     assert width_levels == sorted({f"{row['level']:g}" for row in rows if row["final"]}, key=float), width_levels
     assert lec_lines[0].strip() == "lec |" and lec_lines[2:] == ["| 0.4 | 20.00 % |", "| 0.9 | 30.00 % |"], lec_lines
+
+
+def refused(result, *texts):
+    """The sweep refused in one line, without a traceback, naming each of `texts`."""
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stderr.startswith("reproduce.py: error: ") and result.stderr.count("\n") == 1, result.stderr
+    for text in texts:
+        assert text in result.stderr, result.stderr
+    return result.stderr
+
+
+@pytest.mark.parametrize("mode", ["--dry_run", "--real_run"])
+@pytest.mark.parametrize("flags, run, select, named", [
+    ("--epoch 1", "quantized/lcs_l", None, "run quantized/lcs_l: train_quantized.py refuses its flags: "
+                                           "unrecognized arguments: --epoch 1 (did you mean --epochs?)"),
+    ("", {"run": "structured/us", "flags": "--widht_factor 0.5"}, None, "run structured_sparsity/us: "
+     "train_structured.py refuses its flags: unrecognized arguments: --widht_factor 0.5"),
+    ("--epochs", "quantized/lcs_l", None, "run quantized/lcs_l: train_quantized.py refuses its flags: "
+                                          "argument --epochs: expected one argument"),
+    ("--epochs x", "quantized/lcs_l", None, "invalid int value: 'x'"),
+    # A flag of another script, for a pair --select adds to the recipe's runs.
+    ("--eval_topk_grid 0.5", "unstructured/target_topk", "quantized/lcs_l", "run quantized/lcs_l: "
+     "train_quantized.py refuses its flags: unrecognized arguments: --eval_topk_grid 0.5 (--eval_topk_grid is "
+     "a flag of train_unstructured.py)"),
+])
+def test_run_flags_are_checked_by_the_scripts_parser_before_anything_runs(tmp_path, mode, flags, run, select,
+                                                                          named):
+    recipe = write_recipe(tmp_path / "typo.yaml", flags, [run])
+    out = tmp_path / "out"
+    result = sweep("--recipe", recipe, "--out", out, *(["--select", select] if select else []),
+                   *([mode] if mode == "--dry_run" else []))
+    refused(result, f"reproduce.py: error: {recipe} (typo): ", named)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", ["--method lcs_p", "--seed=3", "--data_dir /tmp", "--save_dir runs/x", "--resume",
+                                  "--overwrite", "--eval_only --checkpoint m.pt"])
+def test_recipe_flags_may_not_set_what_the_sweep_sets(tmp_path, flag):
+    recipe = write_recipe(tmp_path / "own.yaml", "--epochs 2", [{"run": "quantized/lcs_l", "flags": flag}])
+    result = sweep("--recipe", recipe, "--dry_run", "--out", tmp_path / "out")
+    refused(result, "own.yaml (own): run quantized/lcs_l: " + flag.split()[0].split("=")[0] + " is not a recipe flag")
+
+
+def test_dry_run_cut_short_by_its_reader_ends_quietly():
+    """As `reproduce.py --dry_run | head -1`: the reader is gone before the lines are written."""
+    process = subprocess.Popen([sys.executable, SCRIPT, "--recipe", "paper", "--dry_run", "--out", "/nonexistent/out"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=60) == 128 + signal.SIGPIPE and stderr == b"", stderr
+
+
+@pytest.mark.parametrize("mode", ["--dry_run", "--real_run"])
+@pytest.mark.parametrize("name, out, named", [
+    ("a\0b", "out", r"name 'a\x00b' must be a plain directory name"),
+    ("a\nb", "out", r"name 'a\nb' must be a plain directory name"),
+    ("n" * 256, "out", "at most 255 bytes"),
+    ("lcs_l", "file/out", "lies under the file"),
+    ("lcs_l", "o" * 256, "has 256 bytes (at most 255)"),
+    ("lcs_l", "/".join(["o" * 250] * 16), "leaves no room for its files"),
+])
+def test_run_directories_that_cannot_be_made_are_refused_before_anything_runs(tmp_path, mode, name, out, named):
+    (tmp_path / "file").write_text("a file, not a folder\n")
+    recipe = write_recipe(tmp_path / "names.yaml", "", [{"run": "quantized/lcs_l", "name": name}])
+    result = sweep("--recipe", recipe, "--out", tmp_path / out, *([mode] if mode == "--dry_run" else []))
+    refused(result, named)
+    assert sorted(os.listdir(tmp_path)) == ["file", "names.yaml"]
+
+
+def test_read_only_place_is_refused(tmp_path, monkeypatch, capsys):
+    from experiments import reproduce
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if os.access(read_only, os.W_OK):  # root: what os.access tells any other user
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode: access(path, mode) and path != str(read_only))
+    for mode in (["--dry_run"], []):
+        assert reproduce.main(["--recipe", "cpu", "--out", str(read_only / "out"), *mode]) == 2
+        assert capsys.readouterr().err == (
+            f"reproduce.py: error: --out {read_only / 'out'}: run structured_sparsity/lcs_l: the run directory "
+            f"{read_only / 'out' / 'structured_sparsity' / 'lcs_l'} cannot be made or written: {read_only} is not "
+            f"writable\n")
+    assert os.listdir(read_only) == []
+
+
+@pytest.fixture
+def cpu_results(tmp_path):
+    """A copy of the cpu recipe's runs in docs/results (configs and metrics; no models)."""
+    import shutil
+    out = tmp_path / "results"
+    shutil.copytree(os.path.join(REPO, "docs", "results"), out)
+    return out
+
+
+def test_run_directory_holding_another_run_is_refused(cpu_results):
+    result = sweep("--recipe", "cpu", "--dry_run", "--out", cpu_results)
+    assert result.returncode == 0 and result.stdout.count("--save_dir") == 6, result.stderr  # the runs it holds
+    result = sweep("--recipe", "cpu", "--dry_run", "--out", cpu_results, "--seed", "1", "--select", "quantized")
+    refused(result, f"{cpu_results}/quantized/lcs_l: holds another run than quantized/lcs_l of this sweep "
+                    f"(seed 0; expected seed 1)")
+    held = cpu_results / "quantized" / "target_bit_width"
+    (held / "config.yaml").write_text((cpu_results / "quantized" / "lcs_l" / "config.yaml").read_text())
+    before, summary = sorted(os.listdir(held)), (cpu_results / "summary.md").read_text()
+    for mode in ("--dry_run", "--summary_only", "--real_run"):
+        result = sweep("--recipe", "cpu", "--out", cpu_results, "--select", "quantized/target_bit_width",
+                       *([mode] if mode != "--real_run" else []))
+        refused(result, f"{held}: holds another run than quantized/target_bit_width", "(method lcs_l, norm GN",
+                "expected method target_bit_width, norm BN")
+    assert sorted(os.listdir(held)) == before and not (cpu_results / ".lock").exists()
+    assert (cpu_results / "summary.md").read_text() == summary
+
+
+def test_second_sweep_on_one_out_is_refused(tmp_path):
+    from utils.run_lock import RunDirLock
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "one.yaml", "", ["quantized/lcs_l"])
+    with RunDirLock(str(out), flag="--out", kind="sweep folder"):  # the first sweep
+        result = sweep("--recipe", recipe, "--out", out)
+    refused(result, f"--out {out}: another process is writing to this sweep folder (pid {os.getpid()} on ")
+    assert not out.exists()
+
+
+def test_summary_only_without_a_sweep_says_so(tmp_path):
+    result = sweep("--recipe", "cpu", "--summary_only", "--out", tmp_path / "none")
+    refused(result, f"--out {tmp_path / 'none'}: no sweep there")
+    assert not (tmp_path / "none").exists()
