@@ -216,6 +216,7 @@ STORED_KEYS = ("config", "num_classes", "levels", "weights", "codes", "bn_statis
     *[(key, DELETE, f"{key} is missing, expected") for key in STORED_KEYS],
     *[(key, "text", f"{key} is 'text', expected") for key in STORED_KEYS],
     ("num_classes", 0, "num_classes is 0, expected a positive number of classes"),
+    ("config", torch.zeros(2, 2), "config is tensor([[0., 0.], [0., 0.]]), expected the run's config"),
     ("levels", [], "levels is [], expected a non-empty list of levels"),
     ("config", {"setting": "quantized", "method": "magic"}, "its config names method 'magic' of setting quantized; "
                                                             "this project has lcs_l, lcs_p, target_bit_width"),
