@@ -55,7 +55,7 @@ from models.layers import Level, set_level
 from utils import checkpoint as ckpt
 from utils import checkpoint_schema as schema
 from utils.atomic import refuse_overwrite
-from utils.errors import CheckpointError, ConfigError, OutputError
+from utils.errors import CheckpointError, ConfigError, OutputError, shown
 
 FORMAT = "lcs-export"
 VERSION = 1
@@ -216,7 +216,10 @@ def save_export(path: str, content: dict, inputs=(), flag: str = "--out") -> Non
 
 
 # -- load -------------------------------------------------------------------------------
-def read_export(path, file_format=FORMAT, version=VERSION, kind="exported model", command="python -m deploy.export"):
+def read_export(path, file_format=FORMAT, versions=(VERSION,), kind="exported model",
+                command="python -m deploy.export"):
+    """The content of a file of `file_format` in one of `versions`; CheckpointError of one line
+    for anything else."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such {kind}")
     try:
@@ -226,8 +229,9 @@ def read_export(path, file_format=FORMAT, version=VERSION, kind="exported model"
         raise CheckpointError(f"{path}: not a readable {kind} ({first[:160]})") from None
     if not isinstance(content, dict) or content.get("format") != file_format:
         raise CheckpointError(f"{path}: not this project's {kind} (write it with {command})")
-    if content.get("version") != version:
-        raise CheckpointError(f"{path}: {kind} version {content.get('version')}, this code reads {version}")
+    if content.get("version") not in versions:
+        raise CheckpointError(f"{path}: {kind} version {shown(content.get('version'))}, this code reads "
+                              f"{' and '.join(map(str, versions))}")
     return content
 
 

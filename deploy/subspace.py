@@ -29,8 +29,12 @@ so a switch copies nothing. For the other methods `at` builds the network the pe
 would hold (LEC slimmed, TopK-masked weights, quantized weights decoded from their codes).
 Either way the logits equal those of the training-time model at that level. With stored BN
 statistics `at` builds the level's network and loads that level's statistics into it.
+
+`load_subspace` checks every stored tensor, and the checksum `save_subspace` writes over them,
+before it builds anything (deploy/subspace_schema.py); a damaged file is one CheckpointError line.
 """
 
+import numbers
 from typing import Optional
 
 import torch
@@ -40,15 +44,17 @@ from deploy.compressed import (build_exported, export_at, level_range, num_class
                                save_export, training_model)
 from deploy.formats import FORMATS
 from deploy.packing import pack_tensors, unpack_tensors
+from deploy.subspace_schema import (BN_STATISTICS, check_against_model, check_checksum, check_layout, check_levels,
+                                    checksum)
 from methods import METHODS, config_from_dict
 from models import build_model
 from models.layers import SlimConv2d, set_level
+from utils import checkpoint_schema as schema
 from utils.errors import CheckpointError, ConfigError, one_line, shown
 
-BN_STATISTICS = ("running_mean", "running_var")
-
 FORMAT = "lcs-subspace"
-VERSION = 1
+VERSION = 2
+READ_VERSIONS = (1, 2)  # version 1: written before the checksum (deploy/subspace_schema.py), read unchecked
 
 
 def calibrated(method):
@@ -69,6 +75,7 @@ def _bn_statistics(model, method, num_classes, levels, data_dir):
 def make_subspace(payload: dict, path: str = "checkpoint", data_dir: Optional[str] = None) -> dict:
     """The subspace artefact (a dict of plain data) of a checkpoint payload. A run that
     re-estimated BN statistics at evaluation needs its training images in `data_dir`."""
+    schema.check_model(payload, path)  # tensors only, all finite: what load_subspace accepts
     model, method = training_model(payload, path)
     num_classes = num_classes_of(payload["model"])
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
@@ -82,7 +89,8 @@ def make_subspace(payload: dict, path: str = "checkpoint", data_dir: Optional[st
 
 
 def save_subspace(path: str, content: dict) -> None:
-    save_export(path, content)
+    """Write `content` (make_subspace's) to `path` atomically, with the checksum of its tensors."""
+    save_export(path, dict(content, checksum=checksum(content)))
 
 
 def _packed(value):
@@ -139,6 +147,8 @@ class Subspace:
 
     def __init__(self, content: dict, path: str):
         check_content(content, path)
+        check_layout(content, path)
+        check_checksum(content, path, content.get("version"))
         try:
             self._build(content, path)
         except CheckpointError:
@@ -155,10 +165,12 @@ class Subspace:
         self.num_classes = content["num_classes"]
         self.levels = list(content["levels"])
         self.level_range = level_range(method)
+        check_levels(content, path, method, calibrated(method))
         self.codes = content["codes"]
         self.bn_statistics = content.get("bn_statistics")
         self.model_input_size = self.config.input_size or 224
         self.model = build_model(self.config.model, method.layer_factory(), self.num_classes)
+        check_against_model(content, path, self.model)
         stored = unpack_tensors(content["weights"])
         missing, unexpected = self.model.load_state_dict(stored, strict=False)
         # Only the weights stored as codes may be missing (their float values are never read).
@@ -175,8 +187,8 @@ class Subspace:
         for index, stored in enumerate(self.levels):
             if abs(float(level) - stored) <= 1e-9:
                 return index
-        raise ConfigError(f"{self.path}: level {level:g} is not stored; this run evaluated with BN statistics "
-                          f"re-estimated per level, and the subspace holds them for levels "
+        raise ConfigError(f"{self.path}: at(level): level {level:g} is not stored; this run evaluated with BN "
+                          f"statistics re-estimated per level, and the subspace holds them for levels "
                           f"{', '.join(f'{stored:g}' for stored in self.levels)} only")
 
     def content_at(self, level: float) -> dict:
@@ -196,13 +208,24 @@ class Subspace:
         width factors) is shared by all levels: the module returned sets its level before each
         forward, so a switch copies nothing. Other methods get the level's compressed network
         built (as the per-level export would be), as do levels with stored BN statistics."""
+        level = self.checked_level(level)
         if self.in_place and not self.bn_statistics:
-            try:
-                levels, _ = resolve_level(self.method, level)
-            except ConfigError as error:
-                raise ConfigError(f"{self.path}: {error}") from None
+            levels, _ = resolve_level(self.method, level)
             return LevelView(self.model, levels)
         return build_exported(self.content_at(level), self.path)
+
+    def checked_level(self, level) -> float:
+        """`level` as a float; ConfigError naming at(level) unless it is a number in the range
+        of the file's method."""
+        levels = self.method.level_range(self.config)
+        if not isinstance(level, numbers.Real) or isinstance(level, bool):
+            raise ConfigError(f"{self.path}: at(level): level must be a number, got {shown(level)} (a "
+                              f"{type(level).__name__}); this {self.config.setting}/{self.config.method} subspace "
+                              f"gives {levels.describe()}")
+        if float(level) not in levels:
+            raise ConfigError(f"{self.path}: at(level): level {float(level):g} is outside what this "
+                              f"{self.config.setting}/{self.config.method} subspace gives: {levels.describe()}")
+        return float(level)
 
 
 class LevelView(nn.Module):
@@ -220,7 +243,7 @@ class LevelView(nn.Module):
 
 
 def load_subspace(path: str) -> "Subspace":
-    content = read_export(path, FORMAT, VERSION, "subspace artefact", "python -m deploy.export --subspace")
+    content = read_export(path, FORMAT, READ_VERSIONS, "subspace artefact", "python -m deploy.export --subspace")
     return Subspace(content, path)
 
 

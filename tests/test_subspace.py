@@ -4,15 +4,21 @@ Models are the perturbed checkpoints of test_export (norms, statistics and activ
 away from their initialisation), compared with the training-time model at the same level.
 """
 
+import copy as copy_module
 import os
+import re
+import struct
+import zipfile
 
 import pytest
 import torch
 
 from deploy import load_subspace, make_subspace, save_subspace
 from utils import checkpoint as ckpt
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, ConfigError
 from deploy.compressed import build_exported, export_model
+from deploy.packing import pack_tensors
+from deploy.subspace_schema import checksum
 from deploy.export import main
 from test_export import inputs, make_checkpoint, training_time_logits
 
@@ -94,9 +100,11 @@ def test_subspace_levels_outside_the_range_are_one_line_errors(tmp_path, setting
     path, *_ = make_checkpoint(tmp_path, setting, method)
     out = str(tmp_path / "model.lcs.pt")
     save_subspace(out, make_subspace(ckpt.load(path), path))
-    with pytest.raises(Exception) as error:
+    with pytest.raises(ConfigError) as error:
         load_subspace(out).at(level)
-    assert message in str(error.value) and out in str(error.value) and "\n" not in str(error.value)
+    text = str(error.value)
+    assert text.startswith(f"{out}: at(level): level {level:g} is outside what this {setting}/{method} subspace "
+                           f"gives: ") and message in text and "--level" not in text and "\n" not in text, text
 
 
 @pytest.mark.parametrize("method,levels", [("us", (0.75, 0.25)), ("lec", (0.9, 0.5))])
@@ -123,7 +131,8 @@ def test_calibrated_subspace_equals_the_calibrated_per_level_export(tmp_path, ti
         sub.at(0.4 if method == "lec" else 0.3)
     message = str(error.value)
     held = ", ".join(f"{level:g}" for level in sub.levels)
-    assert "is not stored" in message and f"levels {held} only" in message and "\n" not in message
+    assert message.startswith(f"{out}: at(level): level ") and "is not stored" in message
+    assert f"levels {held} only" in message and "\n" not in message
 
 
 def test_subspace_cli_and_bad_flags(tmp_path, capsys):
@@ -165,14 +174,28 @@ def test_training_and_subspaces_need_no_onnx(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
+# A small artefact of each setting, for damaging copies of it (quantized LCS+L stores codes).
+ARTEFACTS = {"structured": ("structured_sparsity", "us"), "unstructured": ("unstructured_sparsity", "lcs_l"),
+             "quantized": ("quantized", "lcs_l")}
+
+
 @pytest.fixture(scope="module")
-def stored_subspace(tmp_path_factory):
-    """(path, content) of a structured us subspace artefact, for damaging copies of it."""
-    tmp_path = tmp_path_factory.mktemp("damaged")
-    path, *_ = make_checkpoint(tmp_path, "structured_sparsity", "us")
-    out = str(tmp_path / "model.lcs.pt")
-    save_subspace(out, make_subspace(ckpt.load(path), path))
-    return out, torch.load(out, weights_only=True)
+def artefacts(tmp_path_factory):
+    """{name: (path, content, checkpoint path)} of the ARTEFACTS."""
+    made = {}
+    for name, (setting, method) in ARTEFACTS.items():
+        tmp_path = tmp_path_factory.mktemp(name)
+        path, *_ = make_checkpoint(tmp_path, setting, method)
+        out = str(tmp_path / "model.lcs.pt")
+        save_subspace(out, make_subspace(ckpt.load(path), path))
+        made[name] = out, torch.load(out, weights_only=True), path
+    return made
+
+
+@pytest.fixture(scope="module")
+def stored_subspace(artefacts):
+    """(path, content) of the structured us artefact."""
+    return artefacts["structured"][:2]
 
 
 def damaged(content, key, value):
@@ -193,11 +216,12 @@ STORED_KEYS = ("config", "num_classes", "levels", "weights", "codes", "bn_statis
     *[(key, DELETE, f"{key} is missing, expected") for key in STORED_KEYS],
     *[(key, "text", f"{key} is 'text', expected") for key in STORED_KEYS],
     ("num_classes", 0, "num_classes is 0, expected a positive number of classes"),
+    ("config", torch.zeros(2, 2), "config is tensor([[0., 0.], [0., 0.]]), expected the run's config"),
     ("levels", [], "levels is [], expected a non-empty list of levels"),
     ("config", {"setting": "quantized", "method": "magic"}, "its config names method 'magic' of setting quantized; "
                                                             "this project has lcs_l, lcs_p, target_bit_width"),
     ("config", {"setting": "pruned", "method": "us"}, "its config names setting 'pruned'; this project has"),
-    ("num_classes", 7, "damaged subspace artefact (RuntimeError: "),
+    ("num_classes", 7, "damaged subspace artefact: num_classes is 7, but the stored classifier has 10 outputs"),
 ])
 def test_a_damaged_subspace_is_one_line_naming_the_file(tmp_path, stored_subspace, key, value, message):
     _, content = stored_subspace
@@ -215,8 +239,178 @@ def test_a_subspace_of_another_shape_is_one_line(tmp_path, stored_subspace):
     weights = dict(content["weights"], values=content["weights"]["values"][:100])
     path = str(tmp_path / "short.lcs.pt")
     torch.save(damaged(content, "weights", weights), path)
-    with pytest.raises(CheckpointError, match=r"short\.lcs\.pt: damaged subspace artefact \(RuntimeError: "):
+    with pytest.raises(CheckpointError, match=r"short\.lcs\.pt: damaged subspace artefact: weights\.values holds "
+                                              r"100 values, \d+ expected \(106 tensors of \d+ values\)$"):
         load_subspace(path)
+
+
+# -- stored tensors checked at load, and their checksum ---------------------------------------
+def flip_a_stored_byte(path):
+    """Flip one bit in the middle of the largest tensor record of a torch.save zip file, as a
+    disk or a copy might; torch.load does not check the zip's CRCs, so the file still loads."""
+    with zipfile.ZipFile(path) as archive:
+        record = max(archive.infolist(), key=lambda info: info.file_size)
+    with open(path, "r+b") as handle:
+        handle.seek(record.header_offset + 26)  # the local header's name and extra field lengths
+        name_length, extra_length = struct.unpack("<HH", handle.read(4))
+        handle.seek(record.header_offset + 30 + name_length + extra_length + record.file_size // 2)
+        byte = handle.read(1)[0]
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte ^ 0x10]))
+
+
+def non_finite_weight(content):
+    weights = content["weights"]
+    weights["values"][0] = float("inf")
+    return f"damaged subspace artefact: weights: non-finite values in {weights['names'][0]} (NaN or infinity)"
+
+
+def truncated_codes(content):
+    """The integer codes at 5 bits cut short (the weights where no codes are stored)."""
+    if content["codes"]:
+        group = content["codes"][5]
+        size = len(group["codes"])
+        group["codes"] = group["codes"][:-3]
+        return (f"damaged subspace artefact: integer codes at 5 bits hold {size - 3} bytes, {size} expected "
+                f"({len(group['names'])} convs of ")
+    size = len(content["weights"]["values"])
+    content["weights"]["values"] = content["weights"]["values"][:-3]
+    return f"damaged subspace artefact: weights.values holds {size - 3} values, {size} expected"
+
+
+def level_out_of_range(content):
+    content["levels"].append(100.0)
+    return "damaged subspace artefact: levels holds 100.0, outside this "
+
+
+def level_not_a_number(content):
+    content["levels"].append("0.5")
+    return "damaged subspace artefact: levels is ["
+
+
+def wrong_dtype(content):
+    """int64 codes (float64 weights where no codes are stored)."""
+    if content["codes"]:
+        group = content["codes"][3]
+        group["codes"] = group["codes"].long()
+        return (f"damaged subspace artefact: codes[3].codes is a torch.int64 tensor of shape [{len(group['codes'])}], "
+                f"expected a flat torch.uint8 tensor")
+    content["weights"]["values"] = content["weights"]["values"].double()
+    return "damaged subspace artefact: weights.values is a torch.float64 tensor of shape ["
+
+
+def codes_of_other_bit_widths(content):
+    """Quantized: the 8-bit codes left out; the others: codes stored at all."""
+    if content["codes"]:
+        del content["codes"][8]
+        return "damaged subspace artefact: codes holds bit widths [3, 4, 5, 6, 7], expected 3..8"
+    content["codes"] = {}
+    return "damaged subspace artefact: codes is stored, but "
+
+
+def statistics_of_another_run(content):
+    """BN statistics per level in the file of a run that kept its running statistics."""
+    content["bn_statistics"] = [pack_tensors({}) for _ in content["levels"]]
+    return "damaged subspace artefact: bn_statistics is stored, but this "
+
+
+def flipped_byte(content):
+    return None  # the file is damaged on disk, after it was written
+
+
+def missing_checksum(content):
+    del content["checksum"]
+    return "damaged subspace artefact: checksum is missing, expected a sha256 digest"
+
+
+DAMAGES = [non_finite_weight, truncated_codes, level_out_of_range, level_not_a_number, wrong_dtype,
+           codes_of_other_bit_widths, statistics_of_another_run, flipped_byte, missing_checksum]
+
+
+@pytest.mark.parametrize("damage", DAMAGES, ids=[damage.__name__ for damage in DAMAGES])
+@pytest.mark.parametrize("artefact", list(ARTEFACTS))
+def test_damaged_stored_tensors_are_one_line_naming_the_file(tmp_path, artefacts, artefact, damage):
+    """Each damage written as a program would write it (the checksum made anew over the damaged
+    tensors, so that the check of the damage itself speaks), but the flipped byte, which only
+    the checksum notices."""
+    _, content, _ = artefacts[artefact]
+    copy = copy_module.deepcopy(content)
+    message = damage(copy)
+    path = str(tmp_path / "damaged.lcs.pt")
+    if damage is flipped_byte:
+        save_subspace(path, {key: value for key, value in copy.items() if key != "checksum"})
+        flip_a_stored_byte(path)
+        assert torch.load(path, weights_only=True)["format"] == "lcs-subspace"
+        message = "damaged (checksum mismatch): its stored tensors are not those written"
+    else:
+        if "checksum" in copy:
+            copy["checksum"] = checksum(copy)
+        torch.save(copy, path)
+    with pytest.raises(CheckpointError) as error:
+        load_subspace(path)
+    text = str(error.value)
+    assert type(error.value) is CheckpointError and text.startswith(f"{path}: {message}"), text
+    assert "\n" not in text
+
+
+@pytest.mark.parametrize("artefact", list(ARTEFACTS))
+def test_an_undamaged_subspace_and_one_written_before_the_checksum_give_the_exported_logits(tmp_path, artefacts,
+                                                                                            artefact):
+    path, content, checkpoint = artefacts[artefact]
+    assert content["version"] == 2 and content["checksum"] == checksum(content)
+    older = str(tmp_path / "version1.lcs.pt")  # as written before the checksum: version 1, no checksum
+    torch.save(dict({key: value for key, value in content.items() if key != "checksum"}, version=1), older)
+    level = content["levels"][len(content["levels"]) // 2]
+    expected = build_exported(export_model(ckpt.load(checkpoint), level))
+    x = inputs()
+    with torch.no_grad():
+        for file in (path, older):
+            assert (load_subspace(file).at(level)(x) - expected(x)).abs().max() <= 1e-5, file
+
+
+@pytest.mark.parametrize("value,message", [
+    ("scales", "the scale of layer1.0.conv1.weight is -0.5, expected a positive finite number"),
+    ("zero_points", "the zero point of layer1.0.conv1.weight is 200, expected an integer in -16..15"),
+])
+def test_bad_scales_and_zero_points_are_one_line(tmp_path, artefacts, value, message):
+    _, content, _ = artefacts["quantized"]
+    copy = copy_module.deepcopy(content)
+    group = copy["codes"][5]
+    assert group["names"][0] == "layer1.0.conv1.weight"
+    group[value][0] = -0.5 if value == "scales" else 200
+    copy["checksum"] = checksum(copy)
+    path = str(tmp_path / "damaged.lcs.pt")
+    torch.save(copy, path)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(path)}: damaged subspace artefact: codes\[5\]: "
+                                              rf"{re.escape(message)}$"):
+        load_subspace(path)
+
+
+@pytest.mark.parametrize("level,message", [
+    ("0.5", "level must be a number, got '0.5' (a str)"),
+    (None, "level must be a number, got None (a NoneType)"),
+    (True, "level must be a number, got True (a bool)"),
+    (torch.tensor(0.5), "level must be a number, got tensor(0.5000) (a Tensor)"),
+    (float("nan"), "level nan is outside what this "),
+    (float("inf"), "level inf is outside what this "),
+])
+@pytest.mark.parametrize("artefact", list(ARTEFACTS))
+def test_a_level_of_the_wrong_type_is_one_line(artefacts, artefact, level, message):
+    path, content, _ = artefacts[artefact]
+    setting, method = ARTEFACTS[artefact]
+    with pytest.raises(ConfigError) as error:
+        load_subspace(path).at(level)
+    text = str(error.value)
+    assert type(error.value) is ConfigError and text.startswith(f"{path}: at(level): {message}"), text
+    assert f"{setting}/{method} subspace gives" in text and "--level" not in text and "\n" not in text
+
+
+def test_a_checkpoint_with_non_finite_weights_is_not_written_as_a_subspace(tmp_path):
+    path, payload, *_ = make_checkpoint(tmp_path, "structured_sparsity", "us")
+    payload = ckpt.load(path)
+    payload["model"]["conv1.weight"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"non-finite weights in conv1\.weight"):
+        make_subspace(payload, path)
 
 
 def test_check_images_with_a_pt_export_is_refused(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 import argparse
 import difflib
+import re
 
 
 class UserError(Exception):
@@ -37,8 +38,9 @@ MAX_MESSAGE = 600  # characters of an error line; the values in it are cut (see 
 
 
 def shown(value, limit=60):
-    """repr(value) cut to about `limit` characters, for quoting a user's value in a message."""
-    text = repr(value)
+    """repr(value) on one line (a tensor's repr spans several), cut to about `limit` characters,
+    for quoting a user's value in a message."""
+    text = re.sub(r"\s*\n\s*", " ", repr(value))
     return text if len(text) <= limit else f"{text[:limit - 3]}..."
 
 
