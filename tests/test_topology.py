@@ -86,6 +86,22 @@ def test_a_hand_written_chain():
     # run in eval mode (BN statistics untouched), and the model's modes restored
     assert torch.equal(model.stem_bn.running_mean, running_mean)
     assert all(m.training for m in model.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+class Failing(Chain):
+    def forward(self, x):
+        self.stem(x)
+        raise RuntimeError("stop")
+
+
+def test_a_failing_forward_leaves_the_model_as_it_was():
+    model = Failing().train()
+    with pytest.raises(RuntimeError, match="stop"):
+        analyze(model, image())
+    assert all(m.training for m in model.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert analyze(Chain(), image()).order[0] == "stem"   # the next trace starts clean
 
 
 # -- torchvision ------------------------------------------------------------------------------------
