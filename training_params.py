@@ -26,6 +26,7 @@ from engine.run_dir import RunOptions
 from methods import DEFAULT_METHOD, METHODS, SETTINGS
 from methods.config import COMMON_KEYS, Checks, Config
 from utils.errors import ConfigError, UsageParser, UserError, one_line, shown
+from utils.model_spec import parse_model_kwargs, parse_model_spec
 from utils.yaml_io import read_yaml
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -103,7 +104,10 @@ def method_yaml_path(setting, method):
 # -- flags -----------------------------------------------------------------------------
 def _add_common_flags(parser):
     add = parser.add_argument
-    add("--model", choices=sorted(MODELS), help="network (default: cpreresnet20)")
+    add("--model", help="network: cpreresnet20 (default), resnet18, vgg19, or a network converted from "
+                        "torchvision.<builder>, timm.<name> or package.module:callable (docs/own_network.md)")
+    add("--model_kwargs", help="arguments of a converted network's builder: key=value[,key=value...] "
+                               "(e.g. width_mult=0.5) or a YAML mapping")
     add("--dataset", choices=DATASETS, help="cifar10 (default) or imagenet")
     add("--imagenet_dir", help="ImageNet root with training/ + validation/ (or train/ + val/) class folders")
     add("--data_dir", help="CIFAR-10 root: torchvision's files (downloaded there when missing) or train/ and "
@@ -188,8 +192,8 @@ class _Layers:
         self.sources.pop(key, None)
 
 
-FLAG_KEYS = ("model", "dataset", "norm", "epochs", "test_freq", "learning_rate", "batch_size", "momentum",
-             "weight_decay", "save_dir", "data_dir", "imagenet_dir", "seed", "device", "num_workers",
+FLAG_KEYS = ("model", "model_kwargs", "dataset", "norm", "epochs", "test_freq", "learning_rate", "batch_size",
+             "momentum", "weight_decay", "save_dir", "data_dir", "imagenet_dir", "seed", "device", "num_workers",
              "train_subset", "test_subset", "image_size", "data_pipeline", "amp", "channels_last", "compile",
              "threads", "eval_at_start")
 
@@ -253,15 +257,16 @@ def validate(config, sources):
     """Every check of SPEC 1.1 / SPEC 5 and the project's own, first failure raised: the
     common keys here, then the setting's and method's (Method.validate)."""
     c, checks = config, Checks(sources)
-    checks.require(c.model in MODELS, "model", f"unknown model {c.model!r} (allowed: {', '.join(sorted(MODELS))})")
+    spec = _model_spec(c, checks)
     checks.require(c.dataset in DATASETS, "dataset",
                    f"unknown dataset {c.dataset!r} (allowed: {', '.join(DATASETS)})")
     allowed = DATASET_MODELS[c.dataset]
-    if "model" in sources:
-        checks.require(c.model in allowed, "model",
-                       f"{c.model} does not run on {c.dataset} (allowed: {', '.join(allowed)})")
-    checks.require(c.model in allowed, "dataset", f"{c.dataset} needs --model {' or '.join(allowed)} (the default "
-                                                  f"{c.model} is a CIFAR-10 network)")
+    if not spec.external:
+        if "model" in sources:
+            checks.require(c.model in allowed, "model",
+                           f"{c.model} does not run on {c.dataset} (allowed: {', '.join(allowed)})")
+        checks.require(c.model in allowed, "dataset", f"{c.dataset} needs --model {' or '.join(allowed)} (the "
+                                                      f"default {c.model} is a CIFAR-10 network)")
     checks.require(c.norm in NORMS, "norm", f"unknown norm {c.norm!r} (allowed: IN, BN, GN)")
     _validate_numbers(c, checks)
     _validate_data_source(c, checks)
@@ -285,6 +290,21 @@ MIN_IMAGE_SIZE = {"resnet18": 33, "vgg19": 32}
 UPPER_BOUNDS = {"epochs": 100_000, "batch_size": 65_536, "num_workers": 256, "threads": 1024, "image_size": 1024}
 
 
+def _model_spec(c, checks):
+    """The parsed --model (and --model_kwargs, made a mapping in the config), checked as text:
+    whether the builder exists is known once torch is imported (models/convert.py)."""
+    try:
+        spec = parse_model_spec(c.model, MODELS)
+        c.model_kwargs = parse_model_kwargs(c.model_kwargs, checks.source("model_kwargs")) or None
+    except ConfigError as error:
+        message = str(error).partition(": ")[2]
+        key = "model_kwargs" if str(error).startswith(checks.source("model_kwargs")) else "model"
+        raise ConfigError(f"{checks.source(key)}: {message}") from None
+    checks.require(spec.external or not c.model_kwargs, "model_kwargs",
+                   f"only for a converted network (torchvision., timm., package.module:callable), not {c.model}")
+    return spec
+
+
 def _validate_numbers(c, checks):
     for key in ("epochs", "batch_size", "test_freq"):
         checks.require(getattr(c, key) >= 1, key, f"must be at least 1, got {getattr(c, key)}")
@@ -303,7 +323,7 @@ def _validate_numbers(c, checks):
         value = getattr(c, key)
         checks.require(value is None or value >= 1, key, f"must be at least 1, got {value}")
     if c.image_size is not None and c.dataset == "imagenet":
-        minimum = MIN_IMAGE_SIZE[c.model]
+        minimum = MIN_IMAGE_SIZE.get(c.model, 1)
         checks.require(c.image_size >= minimum, "image_size",
                  f"{c.model} needs at least {minimum} (its last stage must keep more than one position), "
                  f"got {c.image_size}")

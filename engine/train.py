@@ -115,7 +115,10 @@ class Run:
         self.method = method_class(config, warmup)
         if config.compile:
             check_compile_support(self.method, config)
-        self.model = build_model(config.model, self.method.layer_factory(), self.data.num_classes)
+        self.model = build_model(config.model, self.method.layer_factory(), self.data.num_classes,
+                                 model_kwargs=config.model_kwargs, input_size=config.input_size)
+        if getattr(self.model, "conversion", None) is not None:
+            _log(context, f"{config.model}: {self.model.conversion.header()}")
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=memory_format)
         self.method.bind(self.model)

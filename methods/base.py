@@ -374,7 +374,7 @@ class LineMethod:
         for module in model.modules():
             if getattr(module, "weight1", None) is None:
                 continue
-            if isinstance(module, nn.Conv2d) or self.regularize_norms:
+            if isinstance(module, (nn.Conv2d, nn.Linear)) or self.regularize_norms:
                 pairs.append((module.weight, module.weight1))
         if not pairs:
             return None

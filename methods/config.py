@@ -31,7 +31,7 @@ class Key:
 
 
 KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-              "floats": "a list of numbers", "ints": "a list of integers"}
+              "floats": "a list of numbers", "ints": "a list of integers", "map": "a mapping of names to values"}
 
 
 def _type_ok(kind, value):
@@ -47,13 +47,17 @@ def _type_ok(kind, value):
         return isinstance(value, bool)
     if kind == "str":
         return isinstance(value, str)
+    if kind == "map":
+        return isinstance(value, dict) and all(isinstance(key, str) for key in value)
     if kind in ("floats", "ints"):
         return isinstance(value, list) and all(_type_ok(kind[:-1], v) for v in value)
     raise AssertionError(kind)
 
 
 COMMON_KEYS = {
-    "model": Key("str", "cpreresnet20", "cpreresnet20, resnet18 or vgg19"),
+    "model": Key("str", "cpreresnet20", "cpreresnet20, resnet18 or vgg19; or torchvision.<builder>, timm.<name>, "
+                                         "package.module:callable (converted, see docs/own_network.md)"),
+    "model_kwargs": Key("map?", None, "arguments of a converted network's builder (e.g. width_mult: 0.5)"),
     "dataset": Key("str", "cifar10", "cifar10 or imagenet"),
     "norm": Key("str", None, "IN, BN or GN"),
     "epochs": Key("int", 200),

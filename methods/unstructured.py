@@ -74,16 +74,17 @@ class UnstructuredMethod(WarmupMethod):
 
 def unstructured_metrics(model):
     """SPEC 3.3 from the masks actually applied: zeros in the TopK masks over all conv
-    weights (endpoint 0 counted once; norms ignored). Also the effective TopK of the body."""
+    weights (endpoint 0 counted once; norms ignored), and a converted network's linear layers.
+    Also the effective TopK of the body."""
     import torch
     import torch.nn as nn
 
-    from models.layers import TopKConv2d
+    from models.layers import TopKMixin
 
-    total = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
+    total = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     pruned, topk = 0, None
     for module in model.modules():
-        if isinstance(module, TopKConv2d):
+        if isinstance(module, TopKMixin):
             with torch.no_grad():
                 mask = module.mask()
             pruned += int(mask.numel() - mask.sum().item())

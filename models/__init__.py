@@ -14,12 +14,26 @@ MODELS = {
 }
 
 
-def build_model(name, factory, num_classes, widths=None, selected=None):
-    """Build a registered network from a layer factory (and an optional channel spec)."""
-    kwargs = {"widths": widths}
-    if selected:
-        kwargs["selected"] = selected
-    return MODELS[name](factory, num_classes=num_classes, **kwargs)
+def build_model(name, factory, num_classes, widths=None, selected=None, model_kwargs=None, input_size=32):
+    """Build a registered network from a layer factory (and an optional channel spec), or build
+    a network written elsewhere (`torchvision.<builder>`, `timm.<name>`, `package.module:callable`)
+    and convert it for the factory (models/convert.py; `model.conversion` says what was converted)."""
+    if name in MODELS:
+        kwargs = {"widths": widths}
+        if selected:
+            kwargs["selected"] = selected
+        return MODELS[name](factory, num_classes=num_classes, **kwargs)
+    from models.convert import build_converted
+    from utils.model_spec import parse_model_spec
+    from utils.errors import ConfigError
+
+    if widths or selected:
+        raise ConfigError(f"--model {name}: a narrower copy of a converted network (a per-level structured "
+                          f"export) is not built yet; the subspace and training work at every width")
+    model, conversion = build_converted(parse_model_spec(name, MODELS), model_kwargs, factory, num_classes,
+                                        input_size, structured=factory.body == "slim")
+    model.conversion = conversion
+    return model
 
 
 def count_parameters(model):

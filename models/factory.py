@@ -14,12 +14,14 @@ setting body norms are no-ops because each quantized conv carries its norm insid
 
 from dataclasses import dataclass
 
-from models.layers import (ChannelSelection, Conv2d, FrozenQuantConv2d, NoOp, Norm2d, QuantConv2d, SlimConv2d,
-                           TopKConv2d)
+from models.layers import (ChannelSelection, Conv2d, FrozenQuantConv2d, Linear, NoOp, Norm2d, QuantConv2d,
+                           QuantLinear, SlimConv2d, SlimLinear, TopKConv2d, TopKLinear)
 
 # "frozen_quant": the quantized body of an exported model (weights already quantized).
 BODY_KINDS = ("dense", "slim", "topk", "quant", "frozen_quant")
 QUANT_BODIES = ("quant", "frozen_quant")
+# A slimmable layer's role: the stem keeps its 3 inputs, the classifier its outputs.
+SLIM_ROLES = {"stem": "first", "classifier": "last"}
 
 
 @dataclass(frozen=True)
@@ -34,16 +36,34 @@ class LayerFactory:
     def __post_init__(self):
         assert self.body in BODY_KINDS, self.body
 
-    def conv(self, in_channels, out_channels, kernel_size, stride=1, padding=0, role="body"):
+    def conv(self, in_channels, out_channels, kernel_size, stride=1, padding=0, role="body",
+             groups=1, dilation=1, bias=False, norm_inside=True):
+        """The setting's conv. `norm_inside` (quantized bodies): the conv carries its own norm, as
+        every body conv of the three networks does; a converted network's conv that no BatchNorm
+        follows directly carries none."""
         args = (in_channels, out_channels, kernel_size, stride, padding)
+        shape = {"groups": groups, "dilation": dilation, "bias": bias}
         if self.body == "slim":
-            return SlimConv2d(*args, role={"stem": "first", "classifier": "last"}.get(role, "body"))
+            return SlimConv2d(*args, role=SLIM_ROLES.get(role, "body"), **shape)
         if role != "body" or self.body == "dense":
-            return Conv2d(*args, line=self.line_convs)
+            return Conv2d(*args, line=self.line_convs, **shape)
         if self.body == "topk":
-            return TopKConv2d(*args, line=self.line_convs)
+            return TopKConv2d(*args, line=self.line_convs, **shape)
         quant_class = FrozenQuantConv2d if self.body == "frozen_quant" else QuantConv2d
-        return quant_class(*args, norm=self._norm(out_channels), line=self.line_convs, num_bits=self.num_bits)
+        norm = self._norm(out_channels) if norm_inside else None
+        return quant_class(*args, norm=norm, line=self.line_convs, num_bits=self.num_bits, **shape)
+
+    def linear(self, in_features, out_features, bias=True, role="body"):
+        """The setting's fully connected layer (converted networks; the three networks end in a
+        1x1 conv instead)."""
+        if self.body == "slim":
+            return SlimLinear(in_features, out_features, bias=bias, role=SLIM_ROLES.get(role, "body"))
+        if role != "body" or self.body == "dense":
+            return Linear(in_features, out_features, bias=bias, line=self.line_convs)
+        if self.body == "topk":
+            return TopKLinear(in_features, out_features, bias=bias, line=self.line_convs)
+        assert self.body == "quant", "exported quantized linear layers are not built here"
+        return QuantLinear(in_features, out_features, bias=bias, line=self.line_convs, num_bits=self.num_bits)
 
     def norm(self, num_features, role="body"):
         if self.body in QUANT_BODIES and role == "body":

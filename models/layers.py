@@ -93,7 +93,7 @@ def set_level(model: nn.Module, level: Optional[Level] = None, **fields) -> None
 
 
 def quant_layers(model):
-    return [m for m in model.modules() if isinstance(m, QuantConv2d)]
+    return [m for m in model.modules() if isinstance(m, QuantMixin)]
 
 
 def set_layer_bits(model, bits_per_layer):
@@ -127,13 +127,34 @@ class LineMixin:
         return interpolate(self.bias, getattr(self, "bias1", None), self.alpha)
 
 
-class Conv2d(LineMixin, nn.Conv2d):
-    """Dense conv without bias; optionally on a line (stem/classifier of LCS+L)."""
+class ConvOp:
+    """The convolution of a conv layer with a given weight and bias: the layers below differ in
+    the weight they compute, not in how they apply it (groups and dilation as nn.Conv2d's)."""
+
+    channel_dim = 1
+
+    def apply_weight(self, x, weight, bias=None, groups=None):
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups or self.groups)
+
+
+class LinearOp:
+    """As ConvOp for the fully connected twins (converted networks' nn.Linear layers)."""
+
+    channel_dim = -1
+
+    def apply_weight(self, x, weight, bias=None, groups=None):
+        return F.linear(x, weight, bias)
+
+
+class Conv2d(LineMixin, ConvOp, nn.Conv2d):
+    """Dense conv (bias only where a converted network's conv has one); optionally on a line
+    (stem/classifier of LCS+L)."""
 
     level_attrs = ("alpha",)
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, line=False):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias=False)
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, line=False,
+                 groups=1, dilation=1, bias=False):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=bias)
         self.alpha = 1.0
         if line:
             self._add_endpoint1()
@@ -142,48 +163,91 @@ class Conv2d(LineMixin, nn.Conv2d):
         return self.line_weight()
 
     def forward(self, x):
-        return F.conv2d(x, self.effective_weight(), None, self.stride, self.padding)
+        return self.apply_weight(x, self.effective_weight(), self.line_bias())
 
 
-class SlimConv2d(nn.Conv2d):
-    """Slimmable conv (SPEC 3.4): the leading max(1, round(C_out * w)) output channels.
+class Linear(LineMixin, LinearOp, nn.Linear):
+    """Dense fully connected layer; optionally on a line (a converted network's classifier)."""
+
+    level_attrs = ("alpha",)
+
+    def __init__(self, in_features, out_features, bias=True, line=False):
+        super().__init__(in_features, out_features, bias=bias)
+        self.alpha = 1.0
+        if line:
+            self._add_endpoint1()
+
+    def effective_weight(self):
+        return self.line_weight()
+
+    def forward(self, x):
+        return self.apply_weight(x, self.effective_weight(), self.line_bias())
+
+
+class SlimMixin:
+    """Slimmable layer (SPEC 3.4): the leading max(1, round(C_out * w)) output channels.
 
     Input channels follow the incoming tensor, except for the stem (`role="first"`, fixed
-    3 inputs); the classifier (`role="last"`) keeps all its outputs.
+    3 inputs); the classifier (`role="last"`) keeps all its outputs. A depthwise conv
+    (groups == in == out channels, converted networks) keeps as many groups as channels.
     """
 
     level_attrs = ("width_factor",)
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, role="body"):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias=False)
+    def _init_slim(self, role):
         assert role in ("first", "body", "last"), role
         self.role = role
         self.width_factor = 1.0
 
+    @property
+    def full_out(self):
+        return self.out_channels if isinstance(self, nn.Conv2d) else self.out_features
+
+    @property
+    def full_in(self):
+        return self.in_channels if isinstance(self, nn.Conv2d) else self.in_features
+
     def active_channels(self, in_channels):
         """(C_in, C_out) used for an input with `in_channels` channels at this width."""
-        c_in = self.in_channels if self.role == "first" else in_channels
+        c_in = self.full_in if self.role == "first" else in_channels
         return c_in, self.out_channels_at(self.width_factor)
 
     def out_channels_at(self, width_factor: float) -> int:
         """C_out at `width_factor` (the classifier keeps all its outputs)."""
         if self.role == "last":
-            return self.out_channels
-        return max(1, int(round(self.out_channels * width_factor)))
+            return self.full_out
+        return max(1, int(round(self.full_out * width_factor)))
 
     def forward(self, x):
-        c_in, c_out = self.active_channels(x.shape[1])
-        weight = self.weight[:c_out, :c_in]
-        return F.conv2d(x, weight, None, self.stride, self.padding)
+        c_in, c_out = self.active_channels(x.shape[self.channel_dim])
+        bias = None if self.bias is None else self.bias[:c_out]
+        if getattr(self, "depthwise", False):
+            assert c_in == c_out, f"depthwise conv sees {c_in} channels at {c_out} outputs"
+            return self.apply_weight(x, self.weight[:c_out], bias, groups=c_out)
+        return self.apply_weight(x, self.weight[:c_out, :c_in], bias)
 
 
-class TopKConv2d(LineMixin, nn.Conv2d):
-    """Conv whose weight (theta(alpha) on a line) is masked to its per-layer TopK (SPEC 3.3)."""
+class SlimConv2d(SlimMixin, ConvOp, nn.Conv2d):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, role="body",
+                 groups=1, dilation=1, bias=False):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=bias)
+        self._init_slim(role)
+        self.depthwise = groups > 1
+        assert groups == 1 or groups == in_channels == out_channels, "slimmable convs: dense or depthwise"
+
+
+class SlimLinear(SlimMixin, LinearOp, nn.Linear):
+    def __init__(self, in_features, out_features, bias=True, role="body"):
+        super().__init__(in_features, out_features, bias=bias)
+        self._init_slim(role)
+
+
+class TopKMixin:
+    """Weight (theta(alpha) on a line) masked to its per-layer TopK (SPEC 3.3); the bias stays dense."""
 
     level_attrs = ("alpha", "topk")
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, line=False):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias=False)
+    def _init_topk(self, line):
         self.alpha = 1.0
         self.topk = 1.0
         if line:
@@ -216,11 +280,25 @@ class TopKConv2d(LineMixin, nn.Conv2d):
         return self._eval_cache[1]
 
     def forward(self, x):
-        return F.conv2d(x, self.effective_weight(), None, self.stride, self.padding)
+        return self.apply_weight(x, self.effective_weight(), self.line_bias())
 
 
-class QuantConv2d(LineMixin, nn.Conv2d):
-    """Fake-quantized conv followed by its own norm (SPEC 3.6; the original's ConvBn2d).
+class TopKConv2d(TopKMixin, LineMixin, ConvOp, nn.Conv2d):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, line=False,
+                 groups=1, dilation=1, bias=False):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=bias)
+        self._init_topk(line)
+
+
+class TopKLinear(TopKMixin, LineMixin, LinearOp, nn.Linear):
+    def __init__(self, in_features, out_features, bias=True, line=False):
+        super().__init__(in_features, out_features, bias=bias)
+        self._init_topk(line)
+
+
+class QuantMixin:
+    """Fake-quantized weights and inputs (SPEC 3.6), optionally followed by the layer's own norm
+    (the original's ConvBn2d).
 
     Weights are quantized at every forward (for a BN norm, after folding its scale
     gamma / sqrt(running_var + eps) into them, as PyTorch's QAT ConvBn does). Inputs are
@@ -233,9 +311,7 @@ class QuantConv2d(LineMixin, nn.Conv2d):
     level_attrs = ("alpha", "num_bits", "act_quant")
     ema_momentum = 0.1
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
-                 norm=None, line=False, num_bits=8):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias=False)
+    def _init_quant(self, norm, line, num_bits):
         self.norm = norm
         self.alpha = 1.0
         self.num_bits = num_bits
@@ -284,7 +360,7 @@ class QuantConv2d(LineMixin, nn.Conv2d):
         scale = self.fold_scale()
         weight = self.line_weight()
         if scale is not None:
-            weight = weight * scale.reshape(-1, 1, 1, 1)
+            weight = weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
         return weight, scale
 
     def quantized_weight(self):
@@ -295,10 +371,29 @@ class QuantConv2d(LineMixin, nn.Conv2d):
     def forward(self, x):
         x = self.quantize_input(x)
         weight, scale = self.quantized_weight()
-        out = F.conv2d(x, weight.to(x.dtype), None, self.stride, self.padding)
+        out = self.apply_weight(x, weight.to(x.dtype))
+        channels = (1, -1, 1, 1) if self.channel_dim == 1 else (1, -1)
         if scale is not None:
-            out = out / scale.reshape(1, -1, 1, 1).to(out.dtype)
+            out = out / scale.reshape(channels).to(out.dtype)
+        bias = self.line_bias()
+        if bias is not None:  # the float bias after the scale (a conv with bias, then its norm)
+            out = out + bias.reshape(channels).to(out.dtype)
         return self.norm(out) if self.norm is not None else out
+
+
+class QuantConv2d(QuantMixin, LineMixin, ConvOp, nn.Conv2d):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 norm=None, line=False, num_bits=8, groups=1, dilation=1, bias=False):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=bias)
+        self._init_quant(norm, line, num_bits)
+
+
+class QuantLinear(QuantMixin, LineMixin, LinearOp, nn.Linear):
+    """A converted network's fully connected body layer, quantized as the convs (no norm inside)."""
+
+    def __init__(self, in_features, out_features, bias=True, line=False, num_bits=8):
+        super().__init__(in_features, out_features, bias=bias)
+        self._init_quant(None, line, num_bits)
 
 
 class FrozenQuantConv2d(QuantConv2d):

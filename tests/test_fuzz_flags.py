@@ -160,7 +160,10 @@ def plausible_value(key, a_dir):
     base = {"int": st.integers(1, 300), "float": st.one_of(st.floats(0, 1), st.sampled_from([80.0, 1.0e-4])),
             "bool": st.booleans(), "str": st.sampled_from([a_dir, "runs"]),
             "floats": st.lists(st.one_of(st.floats(0, 1), st.sampled_from([0.25, 0.5, 1.0])), min_size=1, max_size=4),
-            "ints": st.lists(st.integers(3, 8), min_size=1, max_size=4)}[kind.rstrip("?")]
+            "ints": st.lists(st.integers(3, 8), min_size=1, max_size=4),
+            "map": st.dictionaries(st.sampled_from(["width_mult", "dropout", "num_classes", "not a name"]),
+                                   st.one_of(st.floats(0, 1), st.booleans(), st.text(max_size=5)), max_size=2),
+            }[kind.rstrip("?")]
     return st.one_of(base, st.none()) if kind.endswith("?") else base
 
 

@@ -77,20 +77,28 @@ def read_yaml(path):
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: cannot read: not UTF-8 text (byte {error.start})") from None
-    try:
-        _check_events(path, text)
-        loader = _UniqueKeyLoader(text)
-        loader.name = path
-        try:
-            data = loader.get_single_data()
-        finally:
-            loader.dispose()
-    except yaml.YAMLError as error:
-        raise _syntax_error(path, error) from None
-    except (ValueError, OverflowError) as error:  # e.g. an integer of 100,000 digits
-        raise ConfigError(f"{path}: a value cannot be read ({str(error).split(';')[0][:120]})") from None
+    data = parse_yaml_text(text, path)
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
     return data
+
+
+def parse_yaml_text(text, source):
+    """One YAML value from `text` (a file's contents or a flag's), under the same bounds as a
+    config file; ConfigError naming `source` on a syntax error or a refused construct."""
+    if len(text) > MAX_BYTES:
+        raise ConfigError(f"{source}: larger than {MAX_BYTES // 1024} KiB")
+    try:
+        _check_events(source, text)
+        loader = _UniqueKeyLoader(text)
+        loader.name = source
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as error:
+        raise _syntax_error(source, error) from None
+    except (ValueError, OverflowError) as error:  # e.g. an integer of 100,000 digits
+        raise ConfigError(f"{source}: a value cannot be read ({str(error).split(';')[0][:120]})") from None

@@ -1,0 +1,265 @@
+"""A network not written here, converted (models/convert.py): the conversion IS the hand-built
+network (cPreResNet20 written with torch.nn layers only gives the project's cPreResNet20's
+logits at every level of every setting), and converted torchvision networks train, evaluate,
+resume and refuse what they cannot do through the three scripts."""
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cli_helpers import micro_cifar  # noqa: F401 (a fixture)
+from cli_helpers import assert_ok, check_run, read_config, read_metrics, run_script, run_subprocess
+from models import build_model
+from models.convert import convert, group_count
+from models.factory import LayerFactory
+from models.layers import Level, set_level
+from models.topology import analyze
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# -- cPreResNet20 in torch.nn ------------------------------------------------------------
+class Block(nn.Module):
+    """The bottleneck of models/cpreresnet.py in plain layers. `conv_bn`: the form the quantized
+    setting builds (each conv followed by its norm, no pre-activation norm, the shortcut reads the
+    rectified input), which the conversion turns into convs carrying their norms."""
+
+    def __init__(self, cin, planes, stride, downsample, conv_bn):
+        super().__init__()
+        cout = 4 * planes
+        self.conv_bn = conv_bn
+        if not conv_bn:
+            self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, cout, 1, bias=False)
+        self.downsample = nn.Conv2d(cin, cout, 1, stride, bias=False) if downsample else None
+        if conv_bn:
+            self.bn4 = nn.BatchNorm2d(cout)
+            self.bn_down = nn.BatchNorm2d(cout) if downsample else None
+
+    def forward(self, x):
+        if self.conv_bn:
+            x = out = F.relu(x)
+            out = F.relu(self.bn2(self.conv1(out)))
+            out = F.relu(self.bn3(self.conv2(out)))
+            out = self.bn4(self.conv3(out))
+            residual = x if self.downsample is None else self.bn_down(self.downsample(x))
+            return out + residual
+        out = F.relu(self.bn1(x))
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        out = self.conv3(F.relu(self.bn3(out)))
+        residual = x if self.downsample is None else self.downsample(x)
+        return out + residual
+
+
+class TorchCPreResNet20(nn.Module):
+    def __init__(self, num_classes=10, conv_bn=False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        cin, stages = 16, []
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = [Block(cin, planes, stride, True, conv_bn), Block(4 * planes, planes, 1, False, conv_bn)]
+            cin = 4 * planes
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.bn = nn.BatchNorm2d(cin)
+        self.fc = nn.Conv2d(cin, num_classes, 1, bias=False)
+
+    def forward(self, x):
+        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        x = F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1)
+        return self.fc(x).flatten(1)
+
+
+# (setting, factory, levels): the factories of the methods' layer_factory()
+FIDELITY = [
+    ("structured lcs_l IN", LayerFactory(norm_kind="IN", body="slim", line_norms=True),
+     [Level(alpha=a, width_factor=w) for a, w in ((0.0, 0.25), (0.3, 0.475), (1.0, 1.0))]),
+    ("structured us BN", LayerFactory(norm_kind="BN", body="slim"),
+     [Level(width_factor=w) for w in (0.25, 0.6, 1.0)]),
+    ("unstructured lcs_l GN", LayerFactory(norm_kind="GN", body="topk", line_convs=True, line_norms=True),
+     [Level(alpha=a, topk=a) for a in (0.05, 0.5, 1.0)]),
+    ("unstructured target_topk BN", LayerFactory(norm_kind="BN", body="topk"),
+     [Level(topk=k) for k in (0.1, 0.9)]),
+    ("quantized lcs_l BN", LayerFactory(norm_kind="BN", body="quant", line_convs=True),
+     [Level(alpha=b / 8, num_bits=b) for b in range(3, 9)]),
+    ("quantized lcs_l IN", LayerFactory(norm_kind="IN", body="quant", line_convs=True, line_norms=True),
+     [Level(alpha=b / 8, num_bits=b) for b in range(3, 9)]),
+    ("quantized target_bit_width GN", LayerFactory(norm_kind="GN", body="quant"),
+     [Level(num_bits=b) for b in (3, 6)]),
+]
+
+
+@torch.no_grad()
+def randomized(model, seed):
+    """Every parameter and buffer drawn (norm statistics and activation ranges included), so a
+    weight that lands in the wrong place cannot go unnoticed."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.dtype == torch.bool:
+            tensor.fill_(True)
+        elif name.endswith("running_var"):
+            tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+        elif name.endswith("act_min"):
+            tensor.fill_(-0.5)
+        elif name.endswith("act_max"):
+            tensor.fill_(3.0)
+        elif name.endswith("indexes"):
+            continue
+        else:
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("label,factory,levels", FIDELITY, ids=[f[0] for f in FIDELITY])
+def test_converted_torch_nn_cpreresnet20_is_the_hand_built_one_at_every_level(label, factory, levels):
+    hand = randomized(build_model("cpreresnet20", factory, 10), seed=1).eval()
+    plain = TorchCPreResNet20(conv_bn=factory.body == "quant")
+    conversion = convert(plain, factory, analyze(plain, torch.zeros(2, 3, 32, 32)))
+    # The hand-built network's frozen channel-selection indexes (LEC's) are all ones: nothing maps.
+    state = {k: v for k, v in hand.state_dict().items() if not k.endswith("select.indexes")}
+    plain.load_state_dict(state, strict=True)
+    plain.eval()
+    assert conversion.stem == "conv1" and conversion.classifier == "fc"
+    assert len(conversion.convs) == 3 * (3 * 2 + 1) and conversion.linears == ()
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    for level in levels:
+        set_level(hand, level)
+        set_level(plain, level)
+        with torch.no_grad():
+            expected, got = hand(images), plain(images)
+        assert expected.abs().max() > 0.1, "a degenerate comparison"
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0, msg=f"{label} at {level}")
+
+
+def test_quantized_conversion_carries_each_batchnorm_a_conv_feeds_into_that_conv():
+    factory = LayerFactory(norm_kind="BN", body="quant", line_convs=True)
+    plain = TorchCPreResNet20(conv_bn=True)
+    conversion = convert(plain, factory, analyze(plain, torch.zeros(2, 3, 32, 32)))
+    assert "layer1.0.bn4" in conversion.folded_norms and "layer1.0.bn_down" in conversion.folded_norms
+    assert type(plain.layer1[0].bn4).__name__ == "NoOp"
+    assert plain.layer1[0].conv3.norm.kind == "BN"
+    assert plain.bn.kind == "BN"  # the final norm reads a sum, not a conv: a norm of its own
+    assert plain.conv1.__class__.__name__ == "Conv2d"  # the stem stays dense
+
+
+def test_group_norm_groups_follow_the_stated_rule():
+    assert [group_count(c) for c in (16, 24, 64, 96, 100, 7)] == [16, 24, 32, 32, 25, 7]
+
+
+# -- converted torchvision networks through the scripts -----------------------------------
+MOBILENET = ("--model", "torchvision.mobilenet_v2", "--model_kwargs", "width_mult=0.1")
+SCRIPTS = [("train_structured.py", "structured_sparsity", m, "BN") for m in ("lcs_l", "lcs_p", "us", "ns")] + \
+          [("train_unstructured.py", "unstructured_sparsity", m, "GN") for m in ("lcs_l", "lcs_p", "target_topk")] + \
+          [("train_quantized.py", "quantized", m, "BN") for m in ("lcs_l", "lcs_p", "target_bit_width")]
+
+
+@pytest.mark.parametrize("script,setting,method,norm", SCRIPTS, ids=[f"{s[1]}-{s[2]}" for s in SCRIPTS])
+def test_a_converted_torchvision_network_trains_and_evaluates_every_level(micro_cifar, tmp_path, script, setting,
+                                                                           method, norm):
+    save_dir = str(tmp_path / "run")
+    result = run_script(script, *MOBILENET, "--method", method, "--norm", norm, "--data_dir", micro_cifar,
+                        "--epochs", "1", "--batch_size", "10", "--save_dir", save_dir)
+    assert_ok(result)
+    assert "torchvision.mobilenet_v2: 51 convs and 0 linears compressed; dense: stem conv (features.0.0), " \
+           "classifier (classifier.1)" in result.stdout
+    config = read_config(save_dir)
+    assert config["model"] == "torchvision.mobilenet_v2" and config["model_kwargs"] == {"width_mult": 0.1}
+    rows = read_metrics(save_dir)
+    final = [row for row in rows if row["final"]]
+    assert len(final) == len(config["eval_param_grid"]) and all(row["model"] == "torchvision.mobilenet_v2"
+                                                                 for row in final)
+    assert all(0 <= row["accuracy"] <= 100 for row in final)
+
+
+def test_a_converted_network_resumes_exactly(micro_cifar, tmp_path):
+    """Stopped by SIGTERM in the middle of its first epoch, resumed: the same weights as a run
+    that was never stopped."""
+    import signal
+
+    from inprocess import run_script as run_inprocess
+    from inprocess import signal_during_step
+    args = (*MOBILENET, "--norm", "GN", "--data_dir", micro_cifar, "--batch_size", "5", "--test_freq", "1",
+            "--epochs", "2")
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    assert_ok(run_script("train_unstructured.py", *args, "--save_dir", whole))
+    with signal_during_step(1, signal.SIGTERM):
+        assert run_inprocess("unstructured_sparsity", *args, "--save_dir", parts) == 143
+    assert not os.path.exists(os.path.join(parts, "model_final.pt"))
+    assert_ok(run_script("train_unstructured.py", "--resume", "--save_dir", parts))
+    first = torch.load(os.path.join(whole, "model_final.pt"), weights_only=True)["model"]
+    second = torch.load(os.path.join(parts, "model_final.pt"), weights_only=True)["model"]
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+def user_network(num_classes, width=8):
+    """A user's own network (package.module:callable): a conv, a residual pair and a linear head."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, width, 3, padding=1)
+            self.bn0 = nn.BatchNorm2d(width)
+            self.a = nn.Conv2d(width, width, 3, padding=1, bias=False)
+            self.bn_a = nn.BatchNorm2d(width)
+            self.head = nn.Linear(width, num_classes)
+
+        def forward(self, x):
+            x = F.relu(self.bn0(self.stem(x)))
+            x = x + F.relu(self.bn_a(self.a(x)))
+            return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+    return Net()
+
+
+def test_a_user_callable_trains_with_its_arguments(micro_cifar, tmp_path):
+    sys.path.insert(0, HERE)
+    try:
+        result = run_script("train_quantized.py", "--model", "test_own_network:user_network", "--model_kwargs",
+                            "width=6", "--norm", "BN", "--data_dir", micro_cifar, "--epochs", "1",
+                            "--save_dir", str(tmp_path / "run"))
+    finally:
+        sys.path.remove(HERE)
+    assert_ok(result)
+    assert "test_own_network:user_network: 1 convs and 0 linears compressed; dense: stem conv (stem), " \
+           "classifier (head)" in result.stdout
+    state = torch.load(tmp_path / "run" / "model_final.pt", weights_only=True)["model"]
+    assert state["a.weight"].shape == (6, 6, 3, 3) and "a.norm.running_mean" in state  # bn_a carried inside
+    assert "bn0.running_mean" in state  # the stem's norm stays a norm of its own
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--model", "torchvision.no_such_net"), "torchvision has no classification builder 'no_such_net'"),
+    (("--model", "torchvision.mobilenet_v2", "--model_kwargs", "width_mul=0.5"),
+     "the builder refused its arguments"),
+    (("--model", "torchvision.mobilenet_v2", "--model_kwargs", "num_classes=3"), "num_classes is set from the"),
+    (("--model", "cpreresnet20", "--model_kwargs", "width_mult=0.5"), "only for a converted network"),
+    (("--model", "nosuchpackage.module:build"), "cannot import nosuchpackage.module"),
+    (("--model", "torch.nn"), "unknown network 'torch.nn'"),
+    (("--model", "timm.resnet18"), "timm"),
+])
+def test_model_mistakes_are_one_line(micro_cifar, tmp_path, args, message):
+    save_dir = tmp_path / "run"
+    result = run_script("train_unstructured.py", *args, "--data_dir", micro_cifar, "--epochs", "1",
+                        "--save_dir", str(save_dir))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not save_dir.exists()
+
+
+def test_instance_norm_on_a_1x1_map_is_refused_before_anything_is_written(micro_cifar, tmp_path):
+    save_dir = tmp_path / "run"
+    result = run_subprocess("train_structured.py", *MOBILENET, "--norm", "IN", "--data_dir", micro_cifar,
+                            "--epochs", "1", "--save_dir", str(save_dir))
+    assert result.returncode == 2
+    assert "--norm IN: torchvision.mobilenet_v2's features.14.conv.1.1 normalises a 1x1 map" in result.stderr
+    assert "Traceback" not in result.stderr and not save_dir.exists()
