@@ -443,19 +443,23 @@ def test_imagenet_preprocessing_is_that_of_its_test_transform():
     assert class_names(config) is None  # the config does not record the class folders
 
 
+@pytest.mark.parametrize("kind", ["export", "subspace artefact"])
 @pytest.mark.parametrize("key,value,message", [
-    ("preprocessing", {"mean": "0.5"}, "damaged export: preprocessing is {'mean': '0.5'}, expected a mapping of"),
-    ("class_names", ["cat", 3], "damaged export: class_names is ['cat', 3], expected None or a list of names"),
+    ("preprocessing", {"mean": "0.5"}, "preprocessing is {'mean': '0.5'}, expected a mapping of input_size, mean, "
+                                       "resize, std"),
+    ("class_names", ["cat", 3], "class_names is ['cat', 3], expected None or a list of names"),
 ])
-def test_stored_metadata_of_the_wrong_type_is_one_line(tmp_path, key, value, message):
+def test_stored_metadata_of_the_wrong_type_is_one_line(tmp_path, kind, key, value, message):
+    from deploy import load_subspace, make_subspace
     from utils.errors import CheckpointError
 
     path, payload, *_ = make_checkpoint(tmp_path, "structured_sparsity", "us")
-    content = export_model(payload, 0.5)
+    content = export_model(payload, 0.5) if kind == "export" else make_subspace(payload, path)
     out = str(tmp_path / "m.pt")
     save_export(out, dict(content, **{key: value}))
-    with pytest.raises(CheckpointError, match=f"^{out}: " + message.replace("[", r"\[").replace("(", r"\(")):
-        load_exported(out)
+    with pytest.raises(CheckpointError) as error:
+        (load_exported if kind == "export" else load_subspace)(out)
+    assert str(error.value) == f"{out}: damaged {kind}: {message}"
 
 
 @pytest.mark.parametrize("signum,status", [("SIGTERM", 143), ("SIGINT", 130)])
