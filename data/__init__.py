@@ -13,15 +13,16 @@ run resumed mid-epoch sees exactly the batches the uninterrupted run would have 
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from data.augment import (Normalizer, SeededTransformDataset, crop_coordinates, draw_crop_flip, gather_crops,
                           mix_seed, pad_images)
-from data.cifar import CIFAR_MEAN, CIFAR_STD, load_cifar10, subset_indices
-from data.imagenet import imagenet_datasets
+from data.cifar import CIFAR_CLASS_NAMES, CIFAR_MEAN, CIFAR_STD, load_cifar10, subset_indices
+from data.imagenet import IMAGENET_MEAN, IMAGENET_STD, imagenet_datasets, imagenet_resize
 from utils.errors import ConfigError
 
 def epoch_order(num_images, epoch, seed, rank, world_size):
@@ -141,6 +142,38 @@ class Data:
     num_test: int
     # Training images with the test transform, for re-estimating BN statistics (or None).
     calibration: object = None
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What an application does to an RGB image before the model, as the run's evaluation did:
+    values scaled to [0, 1]; resized so that its short side is `resize` pixels and centre-cropped
+    to `input_size` (ImageNet; `resize` None: CIFAR-10's 32x32 images are used as they are);
+    then each channel minus `mean`, divided by `std`."""
+
+    mean: tuple
+    std: tuple
+    input_size: int
+    resize: Optional[int] = None
+
+    def to_dict(self) -> dict:
+        """Plain data (lists, numbers), as export files store it."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+
+def preprocessing(config) -> Preprocessing:
+    """The input normalisation of the config's dataset, as its test transform applies it."""
+    if config.dataset == "imagenet":
+        size = config.input_size or 224
+        return Preprocessing(IMAGENET_MEAN, IMAGENET_STD, size, imagenet_resize(size))
+    return Preprocessing(CIFAR_MEAN, CIFAR_STD, config.input_size)
+
+
+def class_names(config) -> Optional[tuple]:
+    """The name of each class (label i: the i-th), or None for ImageNet: its labels are the
+    indexes of the sorted class folders of the run's training directory, which the config does
+    not record (the folders may have moved or changed since)."""
+    return CIFAR_CLASS_NAMES if config.dataset == "cifar10" else None
 
 
 def per_process_batch(config, world_size):

@@ -32,13 +32,18 @@ def imagenet_folders(root):
     raise DataError(f"--imagenet_dir {root}: expected training/ and validation/ (or train/ and val/) class folders")
 
 
+def imagenet_resize(size):
+    """The short side the test transform resizes to before its centre crop of `size`: 256 / 224
+    of the crop size, as Resize(256) + CenterCrop(224) at full size."""
+    return round(size * 256 / 224)
+
+
 def imagenet_transforms(size):
     import torchvision.transforms as T
 
     normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
-    # 256 / 224 of the crop size, as Resize(256) + CenterCrop(224) at full size.
-    test = T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), normalize])
+    test = T.Compose([T.Resize(imagenet_resize(size)), T.CenterCrop(size), T.ToTensor(), normalize])
     return train, test
 
 

@@ -14,7 +14,8 @@ the compressed model is stored: one module per format in deploy/formats/, regist
 deploy/formats/__init__.py (FORMATS).
 
 What the file holds (a torch.save'd dict of plain data, readable with weights_only=True): a
-header (setting, method, model, level and its unit, alpha, channel spec, ...), the packed dense
+header (setting, method, model, level and its unit, alpha, channel spec, the input normalisation
+and class names of the run's data, ...), the packed dense
 tensors, and what the format stores on its own (its module's docstring says what):
 
 * structured (deploy/formats/channels.py), LEC (slimmed_channels.py): a physically narrower
@@ -41,7 +42,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from data import build_data
+from data import Preprocessing, build_data, class_names, preprocessing
 from deploy.formats import FORMATS
 from deploy.formats.base import ExportFormat
 from deploy.state import implied_keys
@@ -190,10 +191,38 @@ def export_at(model: nn.Module, method: Method, num_classes: int, level: float, 
               "model_name": config.model, "level_name": method.level_unit.name, "level": level, "alpha": alpha,
               "num_classes": num_classes, "input_size": input_size_of(config), "norm": config.norm,
               "num_groups": method.norm_groups(config), "widths": None, "selected": None,
-              "round_to": round_to, "num_bits": None}
+              "round_to": round_to, "num_bits": None, **input_metadata(config)}
     header.update(extra)
     header["dense"] = pack_tensors(state)
     return header
+
+
+def input_metadata(config: Config) -> dict:
+    """What an application needs besides the network, as every export stores it: the input
+    normalisation of the run's dataset and its class names (None for ImageNet: see
+    data.class_names)."""
+    names = class_names(config)
+    return {"preprocessing": preprocessing(config).to_dict(), "class_names": list(names) if names else None}
+
+
+def read_input_metadata(content: dict, path: str, kind: str = "export") -> tuple[Optional[Preprocessing],
+                                                                                Optional[tuple]]:
+    """(Preprocessing, class names) stored in an export or subspace; None for what a file of an
+    earlier version does not hold; CheckpointError naming `path` for values of the wrong type."""
+    stored, names = content.get("preprocessing"), content.get("class_names")
+    fields = set(Preprocessing.__dataclass_fields__)
+    if stored is not None and not (isinstance(stored, dict) and set(stored) == fields
+                                   and all(isinstance(stored[key], list) for key in ("mean", "std"))
+                                   and isinstance(stored["input_size"], int)
+                                   and (stored["resize"] is None or isinstance(stored["resize"], int))):
+        raise CheckpointError(f"{path}: damaged {kind}: preprocessing is {shown(stored)}, expected a mapping of "
+                              f"{', '.join(sorted(fields))}")
+    if names is not None and not (isinstance(names, list) and all(isinstance(name, str) for name in names)):
+        raise CheckpointError(f"{path}: damaged {kind}: class_names is {shown(names)}, expected None or a list "
+                              f"of names")
+    normalisation = None if stored is None else Preprocessing(tuple(stored["mean"]), tuple(stored["std"]),
+                                                              stored["input_size"], stored["resize"])
+    return normalisation, None if names is None else tuple(names)
 
 
 def check_output(path, inputs=(), flag="--out"):
@@ -245,8 +274,13 @@ def format_of(content: dict, path: str = "export") -> ExportFormat:
 
 
 def load_exported(path: str, map_location="cpu") -> nn.Module:
-    """The exported network as a standard nn.Module in eval mode."""
-    return build_exported(read_export(path), path, map_location)
+    """The exported network as a standard nn.Module in eval mode, with what an application needs
+    besides it: `model.preprocessing` (a data.Preprocessing: mean, std, input_size, resize) and
+    `model.class_names` (a tuple, label i the i-th; None where the export holds none)."""
+    content = read_export(path)
+    model = build_exported(content, path, map_location)
+    model.preprocessing, model.class_names = read_input_metadata(content, path)
+    return model
 
 
 def build_exported(content: dict, path: str = "export", map_location="cpu") -> nn.Module:

@@ -7,22 +7,32 @@
 
 The level is in the unit of the checkpoint's method; deploy/compressed.py writes and loads the
 per-level export (what the file holds is described there), deploy/subspace.py the subspace
-artefact and deploy/onnx_export.py the ONNX file.
+artefact and deploy/onnx_export.py the ONNX file. Every artefact is compared with the
+training-time model before it is written (deploy/verify.py). An existing --out is replaced only
+with --force; SIGTERM and Ctrl-C leave nothing behind (exit status 143 and 130, as training).
 """
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 
-from deploy.compressed import check_output, export_model, format_of, save_export
+from deploy.compressed import (build_exported, check_output, export_at, format_of, num_classes_of, save_export,
+                               training_model)
 from deploy.onnx_export import write_checked
+from deploy.subspace import Subspace, make_subspace, save_subspace
 from deploy.subspace import describe as describe_subspace
-from deploy.subspace import make_subspace, save_subspace
+from deploy.verify import check_levels, level_text
 from methods import METHODS, SETTINGS
 from utils import checkpoint as ckpt
-from utils.errors import ConfigError, UsageParser, UserError, one_line
+from utils import checkpoint_schema as schema
+from utils.errors import EXIT_INTERRUPTED, ConfigError, UsageParser, UserError, one_line
 
 MAX_CHECK_IMAGES = 10_000  # the CIFAR-10 test split
 DEFAULT_CHECK_IMAGES = 256
+# What --out must end with, per thing written (a per-level .pt is not named like a subspace).
+SUFFIXES = {"pt": ".pt", "onnx": ".onnx", "subspace": ".lcs.pt"}
 
 
 def describe(content, size_bytes):
@@ -54,7 +64,9 @@ def build_parser():
     parser.add_argument("--subspace", action="store_true",
                         help="write the whole trained subspace instead of one level (load it with "
                              "deploy.load_subspace and pick the level at run time)")
-    parser.add_argument("--out", required=True, help="file to write")
+    parser.add_argument("--out", required=True, help="file to write: *.pt (--format pt), *.onnx (--format onnx) or "
+                                                     "*.lcs.pt (--subspace)")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists (else refused)")
     parser.add_argument("--round_to", type=int, help="round structured widths up to a multiple of this")
     parser.add_argument("--format", default="pt", choices=("pt", "onnx"),
                         help="pt (this project's file) or onnx (checked with ONNX Runtime; needs "
@@ -79,39 +91,102 @@ def main(argv=None):
         parser.error(f"--check_images {args.check_images}: checks ONNX exports only; give it with --format onnx "
                      f"and --level")
     try:
-        if args.check_images is not None and not 1 <= args.check_images <= MAX_CHECK_IMAGES:
-            raise ConfigError(f"--check_images {args.check_images}: must be in 1..{MAX_CHECK_IMAGES}")
-        check_output(args.out, [args.checkpoint])  # before the work of exporting
-        payload = ckpt.load(args.checkpoint)
-        if args.subspace:
-            content = make_subspace(payload, path=args.checkpoint, data_dir=args.data_dir)
-            save_subspace(args.out, content)
-            lines = [describe_subspace(content, os.path.getsize(args.out))]
-        else:
-            content = export_model(payload, args.level, path=args.checkpoint, round_to=args.round_to,
-                                   data_dir=args.data_dir)
-            lines = WRITERS[args.format](args, content)
+        with signals_raised():
+            lines = export(args)
     except UserError as error:
         print(f"deploy.export: error: {one_line(error)}", file=sys.stderr)
         sys.exit(error.exit_code)
+    except Interrupted as stop:
+        print(f"deploy.export: interrupted by {signal.Signals(stop.signum).name}; {args.out} was not written (a "
+              f"previous file there is intact)", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED[stop.signum])
     print("\n".join(lines))
     print(f"wrote {args.out}")
 
 
-def _write_pt(args, content):
+def export(args):
+    """Export, check against the training-time model, write; the lines describing what was written."""
+    if args.check_images is not None and not 1 <= args.check_images <= MAX_CHECK_IMAGES:
+        raise ConfigError(f"--check_images {args.check_images}: must be in 1..{MAX_CHECK_IMAGES}")
+    check_output(args.out, [args.checkpoint])  # before the work of exporting
+    check_suffix(args.out, "subspace" if args.subspace else args.format)
+    if os.path.exists(args.out) and not args.force:
+        raise ConfigError(f"--out {args.out}: already exists; pass --force to replace it")
+    payload = ckpt.load(args.checkpoint)
+    if args.subspace:
+        return _write_subspace(args, payload)
+    schema.check_model(payload, args.checkpoint)  # tensors only, all finite
+    model, method = training_model(payload, args.checkpoint)
+    content = export_at(model, method, num_classes_of(payload["model"]), args.level, args.round_to,
+                        data_dir=args.data_dir)
+    if args.round_to:
+        checked = (f"not checked against the training-time model: --round_to {args.round_to} keeps more channels "
+                   f"than the model at {level_text(method, content['level'])}")
+    else:
+        checked = check_levels(model, method, lambda level: build_exported(content, args.out), [content["level"]],
+                               args.out, args.data_dir)
+    return WRITERS[args.format](args, content, checked)
+
+
+def check_suffix(out, kind):
+    """ConfigError naming --out unless its name ends with the suffix of what is written."""
+    given = next((suffix for suffix in sorted(SUFFIXES.values(), key=len, reverse=True) if out.endswith(suffix)),
+                 os.path.splitext(out)[1])
+    if given != SUFFIXES[kind]:
+        allowed = ", ".join(f"{suffix} ({'--subspace' if name == 'subspace' else '--format ' + name})"
+                            for name, suffix in SUFFIXES.items())
+        raise ConfigError(f"--out {out}: suffix {given or '(none)'} does not fit "
+                          f"{'--subspace' if kind == 'subspace' else '--format ' + kind}; allowed: {allowed}")
+
+
+def _write_subspace(args, payload):
+    content = make_subspace(payload, path=args.checkpoint, data_dir=args.data_dir)
+    model, method = training_model(payload, args.checkpoint)
+    checked = check_levels(model, method, Subspace(content, args.out).at, content["levels"], args.out,
+                           args.data_dir)
+    save_subspace(args.out, content)
+    return [describe_subspace(content, os.path.getsize(args.out)), checked]
+
+
+def _write_pt(args, content, checked):
     save_export(args.out, content, inputs=[args.checkpoint])
-    return [describe(content, os.path.getsize(args.out))]
+    return [describe(content, os.path.getsize(args.out)), checked]
 
 
-def _write_onnx(args, content):
+def _write_onnx(args, content, checked):
     lines, _ = write_checked(content, args.out, args.data_dir, args.check_images or DEFAULT_CHECK_IMAGES)
     # The .pt storage lines (bitmasks, packed codes) do not describe the ONNX file.
     summary = [line for line in describe(content, os.path.getsize(args.out)).splitlines()
                if " stored as " not in line]
-    return [summary[0].replace("KiB", "KiB of ONNX", 1)] + summary[1:] + lines
+    return [summary[0].replace("KiB", "KiB of ONNX", 1)] + summary[1:] + [checked] + lines
 
 
 WRITERS = {"pt": _write_pt, "onnx": _write_onnx}
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT during an export: not an Exception, so that nothing treats it as a
+    failure to report; the atomic write in progress removes its temporary file."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_raised():
+    """SIGTERM and SIGINT raise Interrupted while the export runs (main thread only)."""
+    def stop(signum, frame):
+        raise Interrupted(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signum: signal.signal(signum, stop) for signum in EXIT_INTERRUPTED}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ onnx and onnxruntime are imported here only, when a function needs them
 """
 
 import importlib
+import json
 import os
 import warnings
 
@@ -28,6 +29,9 @@ from deploy.compressed import build_exported, format_of
 
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
+# Model metadata (metadata_props, values as JSON) an application reads with ONNX Runtime's
+# session.get_modelmeta().custom_metadata_map: the input normalisation and the class names.
+METADATA = ("preprocessing", "class_names")
 OPTIMIZED = ".optimized"  # suffix of the optimised graph ONNX Runtime writes while checking
 
 
@@ -76,10 +80,13 @@ def export_onnx(model, content, path):
         torch.onnx.export(module, (dummy,), path, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                           opset_version=OPSET, dynamo=False)
+    graph = onnx.load(path)
     if form:
-        graph = onnx.load(path)
         form.rewrite(graph, content)
-        onnx.save(graph, path)
+    for key in METADATA:
+        if content.get(key) is not None:
+            graph.metadata_props.add(key=key, value=json.dumps(content[key]))
+    onnx.save(graph, path)
     return path
 
 

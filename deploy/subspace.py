@@ -6,6 +6,7 @@
     sub = load_subspace("model.lcs.pt")
     sub.levels, sub.level_range        # the run's evaluation grid, the levels it accepts
     model = sub.at(0.5)                # a plain nn.Module in eval mode, at width 0.5
+    sub.preprocessing, sub.class_names # input normalisation and class names (deploy.compressed)
 
 What the file holds (plain data, readable with weights_only=True), without the training
 machinery (no optimiser, RNG states or counters):
@@ -40,8 +41,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from deploy.compressed import (build_exported, export_at, level_range, num_classes_of, read_export, resolve_level,
-                               save_export, training_model)
+from deploy.compressed import (build_exported, export_at, input_metadata, level_range, num_classes_of,
+                               read_export, read_input_metadata, resolve_level, save_export, training_model)
 from deploy.formats import FORMATS
 from deploy.packing import pack_tensors, unpack_tensors
 from deploy.subspace_schema import (BN_STATISTICS, check_against_model, check_checksum, check_layout, check_levels,
@@ -85,7 +86,8 @@ def make_subspace(payload: dict, path: str = "checkpoint", data_dir: Optional[st
     statistics = (_bn_statistics(model, method, num_classes, levels, data_dir) if calibrated(method)
                   else None)
     return {"format": FORMAT, "version": VERSION, "config": method.config.to_dict(), "num_classes": num_classes,
-            "levels": levels, "weights": pack_tensors(state), "codes": codes, "bn_statistics": statistics}
+            "levels": levels, "weights": pack_tensors(state), "codes": codes, "bn_statistics": statistics,
+            **input_metadata(method.config)}
 
 
 def save_subspace(path: str, content: dict) -> None:
@@ -169,6 +171,7 @@ class Subspace:
         self.codes = content["codes"]
         self.bn_statistics = content.get("bn_statistics")
         self.model_input_size = self.config.input_size or 224
+        self.preprocessing, self.class_names = read_input_metadata(content, path, "subspace artefact")
         self.model = build_model(self.config.model, method.layer_factory(), self.num_classes)
         check_against_model(content, path, self.model)
         stored = unpack_tensors(content["weights"])

@@ -37,12 +37,9 @@ from models import build_model
 from utils import checkpoint as ckpt
 from utils import checkpoint_schema as schema
 from utils.distributed import any_process, barrier, choose_threads, setup, teardown
-from utils.errors import CheckpointError, ConfigError, one_line
+from utils.errors import EXIT_INTERRUPTED, CheckpointError, ConfigError, one_line
 from utils.metrics import METRICS, evaluation_rows, format_table, latest_results, read_rows, update_outputs
 from utils.run_lock import RunDirLock, refuse_if_locked
-
-EXIT_INTERRUPTED = {signal.SIGTERM: 143, signal.SIGINT: 130}
-
 
 @dataclass
 class Progress:

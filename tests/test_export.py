@@ -24,6 +24,7 @@ from training_params import parse
 from utils import checkpoint as ckpt
 from deploy.compressed import export_model, load_exported, save_export
 from deploy.formats.channels import round_up_widths
+from deploy import verify
 from deploy.export import main
 from deploy.packing import pack_bits, unpack_bits
 
@@ -71,11 +72,9 @@ def make_checkpoint(tmp_path, setting, method, flags=()):
 
 
 def training_time_logits(model, trainer, level, alpha, x):
+    """The logits the run evaluated at `level` (after the warmup), as deploy.export checks them."""
     point = EvalPoint(level=level, alpha=alpha)
-    trainer.apply_levels(model, trainer.eval_levels(point, STEP))
-    net, _ = trainer.eval_model(model, point)
-    with torch.no_grad():
-        return net(x)
+    return verify.training_time_logits(model, trainer, point, x, levels=trainer.eval_levels(point, STEP))
 
 
 def inputs(count=8, size=16, seed=1):
@@ -324,3 +323,178 @@ def test_cli_export_and_benchmark_table(tmp_path):
     assert rows[0][3] == "1.00x"
     # Width 0.25 of cPreResNet20 has about 15x fewer MACs than the full network.
     assert float(rows[2][5].rstrip("x")) > 10
+
+
+# -- what deploy.export refuses, and what it stores beside the network ---------------------
+def refused(capsys, argv):
+    """The one stderr line of a refused export (exit status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("deploy.export: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_every_export_is_checked_against_the_training_time_model(tmp_path, capsys):
+    path, *_ = make_checkpoint(tmp_path, "structured_sparsity", "lcs_l")
+    main(["--checkpoint", path, "--level", "0.5", "--out", str(tmp_path / "half.pt")])
+    main(["--checkpoint", path, "--subspace", "--out", str(tmp_path / "model.lcs.pt")])
+    printed = capsys.readouterr().out
+    assert "checked against the training-time model at width factor 0.5: max |Δlogit| " in printed
+    assert "checked against the training-time model at width factor 1, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25: " \
+           "max |Δlogit| " in printed
+
+
+@pytest.mark.parametrize("kind", ["pt", "onnx"])
+def test_an_export_of_the_wrong_network_is_refused(tmp_path, capsys, monkeypatch, kind):
+    """The channels format writes the full width under the label of width 0.5: a file that loads
+    and agrees with itself (its ONNX graph with its torch network), but not with the model."""
+    import dataclasses
+
+    from deploy.formats import FORMATS
+    from deploy.formats import channels
+
+    def full_width(model, method, num_classes, level, round_to):
+        return channels.export(model, method, num_classes, 1.0, round_to)
+    monkeypatch.setitem(FORMATS, "channels", dataclasses.replace(FORMATS["channels"], export=full_width))
+    path, *_ = make_checkpoint(tmp_path, "structured_sparsity", "lcs_l")
+    out = tmp_path / f"half.{kind}"
+    err = refused(capsys, ["--checkpoint", path, "--level", "0.5", "--format", kind, "--out", str(out)])
+    assert f"{out}: not written: at width factor 0.5 the export does not reproduce the training-time model " \
+           f"(max |Δlogit| " in err
+    assert os.listdir(tmp_path) == [os.path.basename(path)]
+
+
+def test_a_subspace_of_the_wrong_network_is_refused(tmp_path, capsys, monkeypatch):
+    """The subspace serves every level at full width: each file would load and run."""
+    import deploy.subspace
+
+    real_resolve = deploy.subspace.resolve_level
+    monkeypatch.setattr(deploy.subspace, "resolve_level", lambda method, level: real_resolve(method, 1.0))
+    path, *_ = make_checkpoint(tmp_path, "structured_sparsity", "us")
+    out = tmp_path / "model.lcs.pt"
+    err = refused(capsys, ["--checkpoint", path, "--subspace", "--out", str(out)])
+    assert f"{out}: not written: at width factor 0.875 the export does not reproduce the training-time model" in err
+    assert os.listdir(tmp_path) == [os.path.basename(path)]
+
+
+@pytest.mark.parametrize("argv,name,given", [
+    (["--level", "0.5", "--format", "onnx"], "m.pt", ".pt"),
+    (["--level", "0.5"], "m.onnx", ".onnx"),
+    (["--level", "0.5"], "m.lcs.pt", ".lcs.pt"),
+    (["--level", "0.5"], "model", "(none)"),
+    (["--subspace"], "m.pt", ".pt"),
+])
+def test_an_out_suffix_that_does_not_fit_is_refused(tmp_path, capsys, argv, name, given):
+    path, *_ = make_checkpoint(tmp_path, "structured_sparsity", "us")
+    out = tmp_path / name
+    err = refused(capsys, ["--checkpoint", path, "--out", str(out), *argv])
+    assert f"--out {out}: suffix {given} does not fit " in err
+    assert "allowed: .pt (--format pt), .onnx (--format onnx), .lcs.pt (--subspace)" in err
+    assert os.listdir(tmp_path) == [os.path.basename(path)]
+
+
+def test_an_existing_out_is_replaced_only_with_force(tmp_path, capsys):
+    path, *_ = make_checkpoint(tmp_path, "structured_sparsity", "us")
+    out = tmp_path / "half.pt"
+    out.write_bytes(b"previous")
+    err = refused(capsys, ["--checkpoint", path, "--level", "0.5", "--out", str(out)])
+    assert f"--out {out}: already exists; pass --force to replace it" in err and out.read_bytes() == b"previous"
+    main(["--checkpoint", path, "--level", "0.5", "--out", str(out), "--force"])
+    assert load_exported(str(out)).preprocessing.input_size == 32
+
+
+def test_exports_carry_the_input_normalisation_and_the_class_names(tmp_path):
+    """pt: load_exported's attributes; subspace: load_subspace's; ONNX: metadata_props (JSON)."""
+    import json
+
+    from data.cifar import CIFAR_MEAN, CIFAR_STD
+    from deploy import load_subspace
+
+    from conftest import CIFAR_CLASSES
+
+    path, *_ = make_checkpoint(tmp_path, "quantized", "lcs_l")
+    main(["--checkpoint", path, "--level", "4", "--out", str(tmp_path / "m.pt")])
+    main(["--checkpoint", path, "--subspace", "--out", str(tmp_path / "m.lcs.pt")])
+    model, sub = load_exported(str(tmp_path / "m.pt")), load_subspace(str(tmp_path / "m.lcs.pt"))
+    for loaded in (model, sub):
+        assert loaded.class_names == CIFAR_CLASSES  # the sorted class folders the data pipeline labels by
+        assert (loaded.preprocessing.mean, loaded.preprocessing.std) == (CIFAR_MEAN, CIFAR_STD)
+        assert (loaded.preprocessing.input_size, loaded.preprocessing.resize) == (32, None)
+    onnx = pytest.importorskip("onnx", reason="ONNX export needs onnx (pip install -r requirements-deploy.txt)")
+    pytest.importorskip("onnxruntime", reason="ONNX checks need onnxruntime (pip install -r requirements-deploy.txt)")
+    main(["--checkpoint", path, "--level", "4", "--format", "onnx", "--out", str(tmp_path / "m.onnx"),
+          "--check_images", "8"])
+    stored = {prop.key: json.loads(prop.value) for prop in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert stored["class_names"] == list(CIFAR_CLASSES)
+    assert stored["preprocessing"] == {"mean": list(CIFAR_MEAN), "std": list(CIFAR_STD), "input_size": 32,
+                                       "resize": None}
+
+
+def test_imagenet_preprocessing_is_that_of_its_test_transform():
+    from types import SimpleNamespace
+
+    from data import class_names, preprocessing
+    from data.imagenet import IMAGENET_MEAN, IMAGENET_STD
+
+    config = SimpleNamespace(dataset="imagenet", input_size=224)
+    assert preprocessing(config).to_dict() == {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                                               "input_size": 224, "resize": 256}
+    assert class_names(config) is None  # the config does not record the class folders
+
+
+@pytest.mark.parametrize("kind", ["export", "subspace artefact"])
+@pytest.mark.parametrize("key,value,message", [
+    ("preprocessing", {"mean": "0.5"}, "preprocessing is {'mean': '0.5'}, expected a mapping of input_size, mean, "
+                                       "resize, std"),
+    ("class_names", ["cat", 3], "class_names is ['cat', 3], expected None or a list of names"),
+])
+def test_stored_metadata_of_the_wrong_type_is_one_line(tmp_path, kind, key, value, message):
+    from deploy import load_subspace, make_subspace
+    from utils.errors import CheckpointError
+
+    path, payload, *_ = make_checkpoint(tmp_path, "structured_sparsity", "us")
+    content = export_model(payload, 0.5) if kind == "export" else make_subspace(payload, path)
+    out = str(tmp_path / "m.pt")
+    save_export(out, dict(content, **{key: value}))
+    with pytest.raises(CheckpointError) as error:
+        (load_exported if kind == "export" else load_subspace)(out)
+    assert str(error.value) == f"{out}: damaged {kind}: {message}"
+
+
+@pytest.mark.parametrize("signum,status", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signalled_export_removes_its_temporary_file(tmp_path, signum, status):
+    """The signal arrives while the file is being written (a temporary beside --out): one line,
+    the conventional status, and nothing left behind."""
+    import signal
+
+    from utils.atomic import TEMPORARY
+
+    path, *_ = make_checkpoint(tmp_path, "structured_sparsity", "us")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "half.pt"
+    # The payload is written, then the writer waits for the signal (at most a minute).
+    code = ("import time\n"
+            "from utils import checkpoint\n"
+            "real = checkpoint._write_payload\n"
+            "def slow(path, payload):\n"
+            "    real(path, payload)\n"
+            "    print('writing', flush=True)\n"
+            "    time.sleep(60)\n"
+            "checkpoint._write_payload = slow\n"
+            "from deploy.export import main\n"
+            f"main(['--checkpoint', {path!r}, '--level', '0.5', '--out', {str(out)!r}])\n")
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline() == "writing\n"
+        temporaries = [name for name in os.listdir(out_dir) if TEMPORARY.match(name)]
+        process.send_signal(getattr(signal, signum))
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert temporaries and process.returncode == status, err
+    assert err == f"deploy.export: interrupted by {signum}; {out} was not written (a previous file there is " \
+                  f"intact)\n"
+    assert os.listdir(out_dir) == []

@@ -66,8 +66,9 @@ def reports_kernels(content):
 
 
 HALF_NOTE = "ONNX holds the float16 weights as float32"
+# float16 weights: a lossy format, so deploy.export allows its logits 5 % of the largest from the model's.
 HALF = ExportFormat("half", export_half, decode=decode_half, describe=describe_half,
-                    onnx=OnnxForm(module=__name__, note=HALF_NOTE))
+                    onnx=OnnxForm(module=__name__, note=HALF_NOTE), check_tolerance=0.05)
 
 
 @pytest.fixture

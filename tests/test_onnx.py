@@ -25,6 +25,7 @@ from utils import checkpoint as ckpt  # noqa: E402
 from deploy.compressed import build_exported, export_model, resolve_level  # noqa: E402
 from deploy.export import main  # noqa: E402
 from test_export import inputs, make_checkpoint  # noqa: E402
+from test_export import refused as one_line_error  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -375,17 +376,10 @@ def test_the_int32_dequantize_linear_form_is_refused_after_a_group_norm(tmp_path
 
 # -- ONNX and subspace writes: one line, exit status 2, nothing left behind -----------------
 def export_argv(path, out, kind):
+    """Arguments of an ONNX export or a subspace (`out` named with the suffix of the kind)."""
     if kind == "onnx":
         return ["--checkpoint", path, "--level", "0.5", "--format", "onnx", "--out", str(out), "--check_images", "8"]
     return ["--checkpoint", path, "--subspace", "--out", str(out)]
-
-
-def one_line_error(capsys, argv):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.startswith("deploy.export: error: ") and err.count("\n") == 1, err
-    return err
 
 
 @pytest.fixture
@@ -411,8 +405,9 @@ def unwritable_dir(tmp_path):
 def test_write_to_an_unwritable_directory_is_one_line(tmp_path, capsys, unwritable_dir, kind):
     path, *_ = make_checkpoint(tmp_path, "structured_sparsity", "us")
     before = sorted(os.listdir(unwritable_dir))
-    err = one_line_error(capsys, export_argv(path, os.path.join(str(unwritable_dir), "model.out"), kind))
-    assert "model.out: could not be written (" in err
+    name = "model.onnx" if kind == "onnx" else "model.lcs.pt"
+    err = one_line_error(capsys, export_argv(path, os.path.join(str(unwritable_dir), name), kind))
+    assert f"{name}: could not be written (" in err
     assert sorted(os.listdir(unwritable_dir)) == before
 
 
@@ -430,16 +425,16 @@ def test_full_disk_is_one_line_and_keeps_the_previous_file(tmp_path, capsys, mon
             handle.write(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     path, *_ = make_checkpoint(tmp_path, "structured_sparsity", "us")
-    out = tmp_path / "out" / "model.out"
+    out = tmp_path / "out" / ("model.onnx" if kind == "onnx" else "model.lcs.pt")
     out.parent.mkdir()
     out.write_bytes(b"previous")
     if kind == "onnx":
         monkeypatch.setattr(deploy.onnx_export, "export_onnx", fill_then_fail)
     else:
         monkeypatch.setattr(checkpoint, "_write_payload", fill_then_fail)
-    err = one_line_error(capsys, export_argv(path, out, kind))
+    err = one_line_error(capsys, export_argv(path, out, kind) + ["--force"])
     assert f"{out}: could not be written (No space left on device); the previous version, if any, is intact" in err
-    assert os.listdir(out.parent) == ["model.out"] and out.read_bytes() == b"previous"
+    assert os.listdir(out.parent) == [out.name] and out.read_bytes() == b"previous"
 
 
 @pytest.mark.parametrize("kind", ["onnx", "subspace", "pt"])

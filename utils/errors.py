@@ -3,6 +3,10 @@
 import argparse
 import difflib
 import re
+import signal
+
+# Exit status of a command stopped by a signal: the shell's 128 + signal number.
+EXIT_INTERRUPTED = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
 
 class UserError(Exception):

@@ -53,7 +53,10 @@ class ExportFormat:
     * subspace_codes(model, method, num_classes, state) -> {level: stored entries} that a subspace
       keeps instead of float weights (and removes from `state`), or None; subspace_entries(stored)
       -> the header entries of a level's export made from them;
-    * onnx: its ONNX form (OnnxForm above).
+    * onnx: its ONNX form (OnnxForm above);
+    * check_tolerance: how far the rebuilt network's logits may be from the training-time model's
+      at the level (deploy/verify.py), relative to the largest |logit| (at least 1). The formats
+      of this project store the model exactly, so only float rounding is allowed.
     """
 
     name: str
@@ -66,3 +69,4 @@ class ExportFormat:
     subspace_codes: Optional[Callable[..., Optional[dict]]] = None
     subspace_entries: Optional[Callable[[dict], dict]] = None
     onnx: OnnxForm = OnnxForm()
+    check_tolerance: float = 1e-4
