@@ -50,7 +50,7 @@ from deploy.packing import pack_tensors, unpack_tensors
 from methods import METHODS, config_from_dict
 from methods.base import Method
 from methods.config import Config
-from models import build_model
+from models import build_model, model_args
 from models.bn_calibration import calibrate_bn
 from models.layers import Level, set_level
 from utils import checkpoint as ckpt
@@ -65,9 +65,11 @@ MAX_ROUND_TO = 1024  # no layer of the three networks is wider
 
 # -- the training-time model ------------------------------------------------------------
 def num_classes_of(state: dict) -> int:
-    """Output channels of the last conv weight of a state dict (every model's classifier)."""
-    convs = [key for key, value in state.items() if key.endswith("weight") and value.dim() == 4]
-    return state[convs[-1]].shape[0]
+    """Output channels of the last conv or linear weight of a state dict: the classifier of the
+    three networks, and of the converted networks that register their classifier last (as
+    torchvision's and timm's do)."""
+    layers = [key for key, value in state.items() if key.endswith("weight") and value.dim() in (2, 4)]
+    return state[layers[-1]].shape[0]
 
 
 def checkpoint_config(payload: dict, path: str) -> Config:
@@ -89,7 +91,7 @@ def training_model(payload: dict, path: str) -> tuple[nn.Module, Method]:
     method = checkpoint_method(payload, path)
     config = method.config
     num_classes = num_classes_of(payload["model"])
-    model = build_model(config.model, method.layer_factory(), num_classes)
+    model = build_model(config.model, method.layer_factory(), num_classes, **model_args(config))
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as error:
@@ -188,7 +190,8 @@ def export_at(model: nn.Module, method: Method, num_classes: int, level: float, 
     for key in implied_keys(target):
         state.pop(key, None)
     header = {"format": FORMAT, "version": VERSION, "setting": config.setting, "method": config.method,
-              "model_name": config.model, "level_name": method.level_unit.name, "level": level, "alpha": alpha,
+              "model_name": config.model, "model_kwargs": config.model_kwargs, "level_name": method.level_unit.name,
+              "level": level, "alpha": alpha,
               "num_classes": num_classes, "input_size": input_size_of(config), "norm": config.norm,
               "num_groups": method.norm_groups(config), "widths": None, "selected": None,
               "round_to": round_to, "num_bits": None, **input_metadata(config)}
@@ -287,7 +290,8 @@ def build_exported(content: dict, path: str = "export", map_location="cpu") -> n
     """The network of an export's content (a dict as export_model returns it)."""
     export_format = format_of(content, path)
     model = build_model(content["model_name"], export_format.factory(content), content["num_classes"],
-                        widths=content["widths"], selected=content["selected"])
+                        widths=content["widths"], selected=content["selected"],
+                        model_kwargs=content.get("model_kwargs"), input_size=content["input_size"])
     state = unpack_tensors(content["dense"])
     state.update(export_format.decode(content))
     defaults = model.state_dict()

@@ -182,11 +182,18 @@ def conv_kernels(path, optimized_path):
 
 
 def module_name(node_name):
-    """The module path of a conv node ("/layer1/layer1.0/conv1/Conv_token_6" -> "layer1.0.conv1"):
-    the exporter names scopes by attribute, and the items of a Sequential by their full path."""
-    path = []
+    """The module path of a conv node ("/layer1/layer1.0/conv1/Conv_token_6" -> "layer1.0.conv1";
+    "/features/features.1/conv/conv.0/conv.0.0/Conv" -> "features.1.conv.0.0"): the exporter names
+    scopes by attribute, and the items of a Sequential by the Sequential's scope and their index."""
+    path, previous = [], None
     for part in node_name.strip("/").split("/")[:-1]:
-        path = part.split(".") if "." in part else path + [part]
+        if previous is not None and part.startswith(previous + "."):
+            path.append(part[len(previous) + 1:])
+        elif "." in part:
+            path = part.split(".")
+        else:
+            path.append(part)
+        previous = part
     return ".".join(path)
 
 

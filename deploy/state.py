@@ -2,7 +2,7 @@
 
 import torch
 
-from models.layers import ChannelSelection, LineMixin, QuantConv2d
+from models.layers import ChannelSelection, LineMixin, QuantMixin
 
 ACT_BUFFERS = ("act_min", "act_max", "act_range_ready")
 
@@ -18,6 +18,8 @@ def effective_state(model: torch.nn.Module) -> dict:
         local.update(module.named_buffers(recurse=False))
         if hasattr(module, "effective_weight"):
             local["weight"] = module.effective_weight()
+            if isinstance(module, LineMixin) and local.get("bias") is not None:
+                local["bias"] = module.line_bias()  # a converted network's conv or linear bias
         elif isinstance(module, LineMixin) and "weight" in local:
             local["weight"], local["bias"] = module.line_weight(), module.line_bias()
         for key, value in local.items():
@@ -34,6 +36,6 @@ def implied_keys(model: torch.nn.Module) -> set:
     for name, module in model.named_modules():
         if isinstance(module, ChannelSelection) and not module.active:
             keys.add(f"{name}.indexes")
-        elif isinstance(module, QuantConv2d):
+        elif isinstance(module, QuantMixin):
             keys.update(f"{name}.{buffer}" for buffer in ACT_BUFFERS)
     return keys

@@ -48,8 +48,8 @@ from deploy.packing import pack_tensors, unpack_tensors
 from deploy.subspace_schema import (BN_STATISTICS, check_against_model, check_checksum, check_layout, check_levels,
                                     checksum)
 from methods import METHODS, config_from_dict
-from models import build_model
-from models.layers import SlimConv2d, set_level
+from models import build_model, model_args
+from models.layers import SlimMixin, set_level
 from utils import checkpoint_schema as schema
 from utils.errors import CheckpointError, ConfigError, one_line, shown
 
@@ -172,7 +172,8 @@ class Subspace:
         self.bn_statistics = content.get("bn_statistics")
         self.model_input_size = self.config.input_size or 224
         self.preprocessing, self.class_names = read_input_metadata(content, path, "subspace artefact")
-        self.model = build_model(self.config.model, method.layer_factory(), self.num_classes)
+        self.model = build_model(self.config.model, method.layer_factory(), self.num_classes,
+                                 **model_args(self.config))
         check_against_model(content, path, self.model)
         stored = unpack_tensors(content["weights"])
         missing, unexpected = self.model.load_state_dict(stored, strict=False)
@@ -182,7 +183,7 @@ class Subspace:
             raise CheckpointError(f"{path}: damaged subspace (missing {missing[:3]}, unexpected {unexpected[:3]})")
         method.bind(self.model)
         self.model.eval()
-        self.in_place = any(isinstance(module, SlimConv2d) for module in self.model.modules())
+        self.in_place = any(isinstance(module, SlimMixin) for module in self.model.modules())
 
     def stored_level(self, level: float) -> int:
         """The index of `level` among the levels whose BN statistics are stored; ConfigError

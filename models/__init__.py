@@ -23,17 +23,24 @@ def build_model(name, factory, num_classes, widths=None, selected=None, model_kw
         if selected:
             kwargs["selected"] = selected
         return MODELS[name](factory, num_classes=num_classes, **kwargs)
-    from models.convert import build_converted
+    from models.convert import build_converted, narrow
     from utils.model_spec import parse_model_spec
     from utils.errors import ConfigError
 
-    if widths or selected:
-        raise ConfigError(f"--model {name}: a narrower copy of a converted network (a per-level structured "
-                          f"export) is not built yet; the subspace and training work at every width")
+    if selected:
+        raise ConfigError(f"--model {name}: LEC's channel selections exist in cpreresnet20 and vgg19 only")
     model, conversion = build_converted(parse_model_spec(name, MODELS), model_kwargs, factory, num_classes,
                                         input_size, structured=factory.body == "slim")
+    if widths:  # a per-level structured export: {layer: [c_in, c_out] or [channels]}
+        narrow(model, widths)
     model.conversion = conversion
     return model
+
+
+def model_args(config) -> dict:
+    """The build_model arguments of a run's network beyond its name (a converted network's
+    builder arguments and the input size its topology is traced at), from a Config."""
+    return {"model_kwargs": getattr(config, "model_kwargs", None), "input_size": config.input_size or 224}
 
 
 def count_parameters(model):

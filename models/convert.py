@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 
+from models.factory import QUANT_BODIES
 from models.layers import NoOp
 from models.topology import Topology, analyze
 from utils.errors import ConfigError
@@ -105,7 +106,7 @@ def build_external(spec: ModelSpec, model_kwargs: dict, num_classes: int):
 def convert(model: nn.Module, factory, topology: Topology, endpoint1: nn.Module = None) -> Conversion:
     """Swap `model`'s layers in place for the factory's (see the module docstring). `endpoint1`
     is a second build of the same network whose weights become endpoint 1 of line layers."""
-    quantized = factory.body == "quant"
+    quantized = factory.body in QUANT_BODIES
     modules = dict(model.named_modules())
     others = dict(endpoint1.named_modules()) if endpoint1 is not None else {}
     roles = {topology.stem: "stem", topology.classifier: "classifier"}
@@ -250,6 +251,55 @@ def _check_instance_norm_positions(model, image, spec):
         raise ConfigError(f"--norm IN: {spec_text(spec)}'s {single[0]} normalises a 1x1 map at "
                           f"{image.shape[-1]}x{image.shape[-1]} inputs and instance norm needs more than one "
                           f"position; use --norm BN or GN, or larger images")
+
+
+# -- a narrower copy (the per-level structured export) -------------------------------------
+@torch.no_grad()
+def layer_shapes(model: nn.Module, input_size: int) -> dict:
+    """{layer name: [C_in, C_out]} of every slimmable conv and linear, and {norm name: [C]}, as a
+    converted slimmable model at its current width uses them (one forward pass on a blank image:
+    a layer's inputs are whatever its producer keeps, which only the network's own code knows)."""
+    from models.layers import Norm2d, SlimMixin
+
+    shapes, hooks = {}, []
+
+    def record(name):
+        def hook(module, inputs, output):
+            channels = inputs[0].shape[module.channel_dim if isinstance(module, SlimMixin) else 1]
+            shapes[name] = list(module.active_channels(channels)) if isinstance(module, SlimMixin) else [channels]
+        return hook
+    for name, module in model.named_modules():
+        if isinstance(module, (SlimMixin, Norm2d)):
+            hooks.append(module.register_forward_hook(record(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        model(example_input(input_size)[:1].to(next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return shapes
+
+
+def narrow(model: nn.Module, shapes: dict) -> None:
+    """Replace the layers `shapes` names (a dense converted model's Conv2d, Linear and Norm2d) by
+    copies with those channel counts, in place: the physically narrower network of one width."""
+    from models.layers import Conv2d, Linear, Norm2d
+
+    for name, shape in shapes.items():
+        old = model.get_submodule(name)
+        if isinstance(old, nn.Conv2d):
+            c_in, c_out = shape
+            depthwise = old.groups > 1
+            new = Conv2d(c_in, c_out, old.kernel_size, old.stride, old.padding, groups=c_out if depthwise else 1,
+                         dilation=old.dilation, bias=old.bias is not None)
+        elif isinstance(old, nn.Linear):
+            new = Linear(shape[0], shape[1], bias=old.bias is not None)
+        else:
+            assert isinstance(old, Norm2d) and old.kind != "GN", f"{name}: no narrower copy of {old}"
+            new = Norm2d(old.kind, shape[0], eps=old.eps, momentum=old.momentum)
+        _set_module(model, name, new)
 
 
 def spec_text(spec: ModelSpec) -> str:

@@ -14,8 +14,8 @@ setting body norms are no-ops because each quantized conv carries its norm insid
 
 from dataclasses import dataclass
 
-from models.layers import (ChannelSelection, Conv2d, FrozenQuantConv2d, Linear, NoOp, Norm2d, QuantConv2d,
-                           QuantLinear, SlimConv2d, SlimLinear, TopKConv2d, TopKLinear)
+from models.layers import (ChannelSelection, Conv2d, FrozenQuantConv2d, FrozenQuantLinear, Linear, NoOp, Norm2d,
+                           QuantConv2d, QuantLinear, SlimConv2d, SlimLinear, TopKConv2d, TopKLinear)
 
 # "frozen_quant": the quantized body of an exported model (weights already quantized).
 BODY_KINDS = ("dense", "slim", "topk", "quant", "frozen_quant")
@@ -62,8 +62,8 @@ class LayerFactory:
             return Linear(in_features, out_features, bias=bias, line=self.line_convs)
         if self.body == "topk":
             return TopKLinear(in_features, out_features, bias=bias, line=self.line_convs)
-        assert self.body == "quant", "exported quantized linear layers are not built here"
-        return QuantLinear(in_features, out_features, bias=bias, line=self.line_convs, num_bits=self.num_bits)
+        quant_class = FrozenQuantLinear if self.body == "frozen_quant" else QuantLinear
+        return quant_class(in_features, out_features, bias=bias, line=self.line_convs, num_bits=self.num_bits)
 
     def norm(self, num_features, role="body"):
         if self.body in QUANT_BODIES and role == "body":

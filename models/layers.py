@@ -407,6 +407,15 @@ class FrozenQuantConv2d(QuantConv2d):
         return self.weight, self.fold_scale()
 
 
+class FrozenQuantLinear(QuantLinear):
+    """FrozenQuantConv2d's twin for a converted network's quantized linear layers."""
+
+    level_attrs = ()
+
+    def quantized_weight(self):
+        return self.weight, None
+
+
 class Norm2d(LineMixin, nn.Module):
     """BatchNorm / InstanceNorm / GroupNorm, optionally on a line and/or slimmable.
 

@@ -11,9 +11,9 @@ import torch
 from deploy.formats.base import ExportFormat, OnnxForm
 from deploy.packing import concat, pack_bits, unpack_bits
 from deploy.state import effective_state
-from models import build_model
+from models import build_model, model_args
 from models.factory import frozen_quant_factory
-from models.layers import QuantConv2d, set_level
+from models.layers import QuantMixin, set_level
 from models.quant import dequantize, grid_limits, quantize_tensor_to_int
 
 FLOAT_BITS = 32
@@ -24,13 +24,13 @@ def export(model, method, num_classes, level, round_to, float_weights=False):
     values instead (the same model, uncompressed)."""
     num_bits, config = int(level), method.config
     frozen = build_model(config.model, frozen_quant_factory(config.norm, num_bits, method.norm_groups(config)),
-                         num_classes)
+                         num_classes, **model_args(config))
     state = effective_state(model)
     q_min, _ = grid_limits(num_bits)
     names, shapes, codes, scales, zero_points = [], [], [], [], []
     act_names, act_min, act_max = [], [], []
     for name, module in model.named_modules():
-        if not isinstance(module, QuantConv2d):
+        if not isinstance(module, QuantMixin):
             continue
         folded, _ = module.folded_weight()
         layer_codes, scale, zero_point = quantize_tensor_to_int(folded, num_bits)
@@ -97,7 +97,7 @@ def subspace_codes(model, method, num_classes, state):
     """Per bit width, the quantized convs' codes (as the per-level export stores them), when
     they take fewer bits than the float weights; the stored float weights are then dropped
     from `state`. None otherwise."""
-    endpoints = 2 if any(layer.on_line for layer in model.modules() if isinstance(layer, QuantConv2d)) else 1
+    endpoints = 2 if any(layer.on_line for layer in model.modules() if isinstance(layer, QuantMixin)) else 1
     levels = method.level_range(method.config)
     bit_widths = list(range(int(levels.low), int(levels.high) + 1))
     if sum(bit_widths) >= FLOAT_BITS * endpoints:
@@ -107,7 +107,7 @@ def subspace_codes(model, method, num_classes, state):
         set_level(model, method.export_level(method.export_point(bits)))
         codes[bits] = export(model, method, num_classes, bits, None)[2]["quantized"]
     for name, module in model.named_modules():
-        if isinstance(module, QuantConv2d):
+        if isinstance(module, QuantMixin):
             state.pop(f"{name}.weight")
             state.pop(f"{name}.weight1", None)
     return codes

@@ -106,15 +106,17 @@ class QDQConv2d(nn.Module):
         self.integer = integer  # the graph's integer arithmetic (a reference for the check), not QDQ
         self.top_code = 2 ** num_bits - 1
         self.stride, self.padding = layer.stride, layer.padding
+        self.dilation, self.groups = layer.dilation, layer.groups
         self.norm = None if layer.folds_bn else layer.norm
         with torch.no_grad():
             weight = layer.weight.detach().clone()
             scale = layer.fold_scale()
-            bias = None
+            bias = None if layer.bias is None else layer.bias.detach().clone()  # a converted network's conv bias
             if scale is not None:
-                # BN(conv(x, W * s) / s) with s = gamma / sqrt(var + eps) is conv(x, W * s) + beta - mean * s.
+                # BN(conv(x, W * s) / s + b) with s = gamma / sqrt(var + eps) is conv(x, W * s) + beta + (b - mean) * s.
                 _, beta = layer.norm.affine()
-                bias = (beta - layer.norm.running_mean * scale).detach().clone()
+                shift = -layer.norm.running_mean if bias is None else bias - layer.norm.running_mean
+                bias = (beta + shift * scale).detach().clone()
         self.register_buffer("weight", weight)
         self.register_buffer("bias", bias)
         self.quantized = codes is not None
@@ -137,7 +139,8 @@ class QDQConv2d(nn.Module):
         if top is not None:
             codes = torch.clamp(codes, max=self.top_code)
         weight_codes = torch.round(self.weight / torch.tensor(self.w_scale, dtype=self.weight.dtype))
-        sums = F.conv2d((codes - zero_point).double(), weight_codes.double(), None, self.stride, self.padding)
+        sums = F.conv2d((codes - zero_point).double(), weight_codes.double(), None, self.stride, self.padding,
+                        self.dilation, self.groups)
         out = sums.float() * (torch.tensor(scale) * torch.tensor(self.w_scale))
         if self.bias is not None:
             out = out + self.bias.reshape(1, -1, 1, 1)
@@ -154,7 +157,7 @@ class QDQConv2d(nn.Module):
             x = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255)
         if self.quantized:
             weight = torch.fake_quantize_per_tensor_affine(weight, self.w_scale, self.w_zero_point, -128, 127)
-        out = F.conv2d(x, weight, self.bias, self.stride, self.padding)
+        out = F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return self.norm(out) if self.norm is not None else out
 
 
@@ -401,7 +404,8 @@ def check_layers(path, model, content, images):
             # float32 sums integers exactly while every partial sum stays below 2^24; else float64.
             shifted = codes - zero_point
             dtype = torch.float32 if weight_bound * float(shifted.abs().max()) < 2 ** 24 else torch.float64
-            sums = F.conv2d(shifted.to(dtype), weight.to(dtype), None, reference.stride, reference.padding).double()
+            sums = F.conv2d(shifted.to(dtype), weight.to(dtype), None, reference.stride, reference.padding,
+                            reference.dilation, reference.groups).double()
             rounding = 4 * torch.finfo(torch.float32).eps * (sums.abs() + bias.abs() / unit)
             worst_sum = float(((output.double() - (sums * unit + bias)).abs() / unit - rounding).max()) \
                 if output.shape == sums.shape else float("inf")

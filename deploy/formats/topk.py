@@ -8,18 +8,19 @@ import torch
 from deploy.formats.base import ExportFormat, OnnxForm
 from deploy.packing import concat, pack_bits, unpack_bits, unpack_tensors
 from deploy.state import effective_state
-from models import build_model
+from models import build_model, model_args
 from models.factory import dense_factory
-from models.layers import TopKConv2d
+from models.layers import TopKMixin
 
 
 def export(model, method, num_classes, level, round_to):
     config = method.config
-    dense = build_model(config.model, dense_factory(config.norm, method.norm_groups(config)), num_classes)
+    dense = build_model(config.model, dense_factory(config.norm, method.norm_groups(config)), num_classes,
+                        **model_args(config))
     state = effective_state(model)
     names, shapes, masks, values = [], [], [], []
     for name, module in model.named_modules():
-        if not isinstance(module, TopKConv2d):
+        if not isinstance(module, TopKMixin):
             continue
         mask = module.mask().bool()
         kept = int(mask.sum())
