@@ -36,7 +36,7 @@ from methods.levels import cosine_lr
 from models import build_model
 from utils import checkpoint as ckpt
 from utils import checkpoint_schema as schema
-from utils.distributed import any_process, barrier, choose_threads, setup, teardown
+from utils.distributed import any_process, barrier, choose_threads, choose_workers, setup, teardown
 from utils.errors import CheckpointError, ConfigError, one_line
 from utils.metrics import METRICS, evaluation_rows, format_table, latest_results, read_rows, update_outputs
 from utils.run_lock import RunDirLock, refuse_if_locked
@@ -370,6 +370,9 @@ def run(config: Config, options: RunOptions) -> int:
         torch.set_num_threads(threads.threads)
         _log(context, f"Device: {context.device}, {context.world_size} process(es), {threads.threads} CPU "
                       f"thread(s) per process ({threads.reason}; --threads N to choose){amp_note}")
+        config.num_workers, workers_note = choose_workers(config.num_workers)
+        if workers_note:
+            _log(context, workers_note)
         state = Run(config, options, context)
         # Again once locked: a run may have finished there meanwhile.
         lock = on_main_process(context, lambda: locked_and_free(config.save_dir, options), config.save_dir)

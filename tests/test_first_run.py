@@ -22,7 +22,8 @@ from engine import evaluate as evaluate_module
 from engine import progress
 from engine.step import TrainStep
 from utils import metrics
-from utils.distributed import Context, choose_threads
+from utils import distributed
+from utils.distributed import Context, choose_threads, choose_workers
 from utils.errors import ConfigError, DataError
 
 SCRIPT = "train_structured.py"
@@ -283,6 +284,25 @@ def test_threads_default_to_the_free_cores():
     assert choose_threads(None, {"LOCAL_WORLD_SIZE": "4"}, 16, 0.0).threads == 4      # shared by torchrun
     choice = choose_threads(None, {}, 2, 1.2)
     assert choice.reason == "2 usable cores, load average 1.2"
+
+
+def test_workers_are_capped_at_the_usable_cores():
+    assert choose_workers(2, usable_cores=2) == (2, None)
+    assert choose_workers(0, usable_cores=1) == (0, None)
+    assert choose_workers(64, usable_cores=2) == (2, "--num_workers 64: this process may use 2 CPU core(s); "
+                                                     "using 2 data-loading worker(s)")
+
+
+def test_too_many_workers_get_one_line_of_ours_and_no_dataloader_warning(micro_cifar, tmp_path, monkeypatch,
+                                                                          recwarn):
+    monkeypatch.setattr(distributed, "count_usable_cores", lambda: 1)
+    result = run_script(SCRIPT, "--data_dir", micro_cifar, "--data_pipeline", "dataloader", "--num_workers", 64,
+                        "--epochs", 1, "--batch_size", 10, "--test_subset", 4, "--no-eval_at_start",
+                        "--save_dir", tmp_path / "run")
+    assert_ok(result)
+    notes = [line for line in result.stdout.splitlines() if "--num_workers" in line]
+    assert notes == ["--num_workers 64: this process may use 1 CPU core(s); using 1 data-loading worker(s)"]
+    assert not [w for w in recwarn if "worker" in str(w.message)], [str(w.message) for w in recwarn]
 
 
 def test_duration_text_and_evaluations_still_to_come():
