@@ -372,7 +372,10 @@ def parse(setting, argv=None):
     _refuse_changes(base, config, sources, options.eval_only)
     if options.eval_only and args.save_dir is None:
         config.save_dir = None  # evaluation results go next to the checkpoint
-    return _resolved((config, sources), options), options
+    config = _resolved((config, sources), options)
+    if options.eval_only:
+        run_dir.check_own_model(config.save_dir, path, config.run_id)
+    return config, options
 
 
 def _resolved(merged, options):

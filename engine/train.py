@@ -220,7 +220,7 @@ class Run:
         if "warmup_iterations" in payload:
             self.method.warmup_iterations = payload["warmup_iterations"]
         if self.context.is_main:
-            os.makedirs(self.save_dir, exist_ok=True)
+            run_dir.prepare_evaluation(self.save_dir, self.config)
         self.rows = self.read_rows()
         self.record_evaluation(eval_only=True, checkpoint=path)
         self.print_summary("Evaluation")
@@ -381,7 +381,7 @@ def run(config: Config, options: RunOptions) -> int:
         if options.resume:
             state.resume(options.resume)
         if context.is_main:
-            run_dir.prepare(config.save_dir, config, options.overwrite)
+            run_dir.prepare(config.save_dir, config, options)
         return state.train()
     finally:
         torch.set_num_threads(threads_before)  # for callers in the same process (tests)
