@@ -7,17 +7,15 @@
 
 The level is in the unit of the checkpoint's method; deploy/compressed.py writes and loads the
 per-level export (what the file holds is described there), deploy/subspace.py the subspace
-artefact and deploy/onnx_export.py the ONNX file.
+artefact and deploy/onnx_export.py the ONNX file. The command, and --level against the
+checkpoint's config, are checked before torch is imported (it takes seconds): those modules
+are imported once the command is known to be right.
 """
 
 import os
 import sys
 
-from deploy.compressed import check_output, export_model, format_of, save_export
-from deploy.onnx_export import write_checked
-from deploy.subspace import describe as describe_subspace
-from deploy.subspace import make_subspace, save_subspace
-from methods import METHODS, SETTINGS
+from methods import METHODS, SETTINGS, config_from_dict
 from utils import checkpoint as ckpt
 from utils.errors import ConfigError, UsageParser, UserError, one_line
 
@@ -27,6 +25,8 @@ DEFAULT_CHECK_IMAGES = 256
 
 def describe(content, size_bytes):
     """What an export holds: its method, level and size, then its format's own lines."""
+    from deploy.compressed import format_of
+
     lines = [f"{content['setting']}/{content['method']} {content['model_name']}: {content['level_name']} "
              f"{content['level']:g}" + (f" (alpha {content['alpha']:g})" if content["alpha"] is not None else "")
              + f", {size_bytes / 1024:.1f} KiB"]
@@ -81,6 +81,12 @@ def main(argv=None):
     try:
         if args.check_images is not None and not 1 <= args.check_images <= MAX_CHECK_IMAGES:
             raise ConfigError(f"--check_images {args.check_images}: must be in 1..{MAX_CHECK_IMAGES}")
+        if args.level is not None:
+            check_level(args.checkpoint, args.level)
+        from deploy.compressed import check_output, export_model  # torch, once the command is right
+        from deploy.subspace import describe as describe_subspace
+        from deploy.subspace import make_subspace, save_subspace
+
         check_output(args.out, [args.checkpoint])  # before the work of exporting
         payload = ckpt.load(args.checkpoint)
         if args.subspace:
@@ -98,12 +104,27 @@ def main(argv=None):
     print(f"wrote {args.out}")
 
 
+def check_level(path, level):
+    """ConfigError when `level` lies outside what the checkpoint's method exports, from its config
+    read without torch; what cannot be read that way is left to the export, which checks again."""
+    header = ckpt.read_header(path)
+    try:
+        config = config_from_dict(header["config"])
+    except (TypeError, KeyError, ConfigError):  # no header, or a config the export will refuse
+        return
+    METHODS[config.setting][config.method].check_export_level(config, level)
+
+
 def _write_pt(args, content):
+    from deploy.compressed import save_export
+
     save_export(args.out, content, inputs=[args.checkpoint])
     return [describe(content, os.path.getsize(args.out))]
 
 
 def _write_onnx(args, content):
+    from deploy.onnx_export import write_checked
+
     lines, _ = write_checked(content, args.out, args.data_dir, args.check_images or DEFAULT_CHECK_IMAGES)
     # The .pt storage lines (bitmasks, packed codes) do not describe the ONNX file.
     summary = [line for line in describe(content, os.path.getsize(args.out)).splitlines()

@@ -92,8 +92,10 @@ def last_checkpoint(save_dir):
 
 def checkpoint_config(path, setting, training=False):
     """The config dict stored in a checkpoint made by the `setting` script (a training
-    checkpoint when `training`, e.g. to resume)."""
-    payload = ckpt.load(path)
+    checkpoint when `training`, e.g. to resume). Read without torch where the file allows
+    (ckpt.read_header): a command is checked against it in well under a second; the run loads
+    the whole checkpoint, and checks it, later."""
+    payload = ckpt.read_header(path) or ckpt.load(path)
     kind = "training checkpoint" if payload.get("kind") == "training" else "final model"
     held = f"a {kind} of {payload.get('setting')}/{payload.get('method')} ({payload.get('model_name')})"
     if payload.get("setting") != setting:

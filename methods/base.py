@@ -285,6 +285,14 @@ class Method:
                            f"{cls.setting}/{cls.name} evaluates {levels.describe()}, got {value}")
 
     @classmethod
+    def check_export_level(cls, config: Config, level: float) -> None:
+        """ConfigError naming --level when `level` lies outside what this method's checkpoints
+        of `config` can export (asked before torch is imported, and by export_point)."""
+        levels = cls.level_range(config)
+        if level not in levels:
+            raise ConfigError(f"--level {level:g}: {cls.setting}/{cls.name} checkpoints export {levels.describe()}")
+
+    @classmethod
     def validate_setting(cls, config: Config, checks: Checks) -> None:
         """Checks of the setting's and method's own keys, before the grid is checked against
         the level range (which may be built from them)."""
@@ -345,9 +353,7 @@ class Method:
     def export_point(self, level: float) -> EvalPoint:
         """The EvalPoint of an export level, or ConfigError naming --level when the level lies
         outside what this method's checkpoints can export."""
-        levels = self.level_range(self.config)
-        if level not in levels:
-            raise ConfigError(f"--level {level:g}: {self.setting}/{self.name} checkpoints export {levels.describe()}")
+        self.check_export_level(self.config, level)
         level = self.level_unit.type(level)
         return EvalPoint(level=level, alpha=self.alpha_of(level))
 
