@@ -331,6 +331,44 @@ def test_run_clock_estimates_from_the_pace_after_the_first_step(monkeypatch):
                     "2 more evaluations: 30 s each)"]
 
 
+def test_the_estimate_from_the_pace_timed_before_the_first_evaluation():
+    clock = progress.RunClock(SimpleNamespace(epochs=2, test_freq=1), steps_per_epoch=10)
+    said = []
+    clock.announce_probed(SimpleNamespace(global_step=0, epoch=0), 2.0, 30.0, said.append)
+    # 20 steps at 2 s, evaluations at epochs 0 and 1 and the final one at 30 s
+    assert said == ["Estimated duration of the run: 2 min 10 s (2 epochs of 10 steps at 2 s per step, "
+                    "3 evaluations of about 30 s each; timed on a few steps and test batches)"]
+    assert clock.seconds_left(SimpleNamespace(global_step=1, epoch=0), said.append) is None and len(said) == 1
+
+
+def test_the_estimate_comes_before_the_first_evaluation_and_changes_nothing(micro_cifar, tmp_path, monkeypatch):
+    """A run long enough to time its pace first (here every run: PROBE_MIN_STEPS 0) prints its
+    estimate before the start-of-run evaluation, then trains and evaluates the very model and
+    numbers of a run that did not time it."""
+    from engine import train
+
+    flags = ("--norm", "BN", "--epochs", 2, "--batch_size", 5, "--eval_width_factors", "1,0.25", "--data_dir",
+             micro_cifar)
+    outputs = {}
+    for name, min_steps in (("timed", 0), ("untimed", 10**9)):
+        monkeypatch.setattr(train, "PROBE_MIN_STEPS", min_steps)
+        result = run_script(SCRIPT, *flags, "--save_dir", tmp_path / name)
+        assert_ok(result)
+        outputs[name] = result.stdout
+    timed = outputs["timed"]
+    assert timed.count("Estimated duration of the run") == 1
+    assert timed.index("Estimated duration of the run") < timed.index("Evaluating 2 levels (width_factor) at epoch 0")
+    # 20 images in batches of 5; the start-of-run evaluation and the final one (--test_freq 20)
+    assert "(2 epochs of 4 steps at " in timed and "2 evaluations of about" in timed
+    assert "Estimated duration of the run" not in outputs["untimed"].split("epoch 1/2")[0]
+    models = [torch.load(tmp_path / name / "model_final.pt", weights_only=True)["model"]
+              for name in ("timed", "untimed")]
+    assert all(torch.equal(models[0][key], models[1][key]) for key in models[0])
+    rows = [[(row["level"], row["accuracy"], row["loss"]) for row in read_metrics(tmp_path / name)]
+            for name in ("timed", "untimed")]
+    assert rows[0] == rows[1] and len(rows[0]) == 4
+
+
 def test_a_resumed_run_clock_counts_the_evaluations_timed_before(monkeypatch):
     """Resumed after its epoch-0 evaluation (40 s, in the checkpoint), a run estimates its later
     evaluations at that pace without timing one again."""
