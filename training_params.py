@@ -21,6 +21,7 @@ import math
 import os
 import sys
 
+from data.layout import DEFAULT_DATA_DIR, data_dir_problem
 from engine import run_dir
 from engine.run_dir import RunOptions
 from methods import DEFAULT_METHOD, METHODS, SETTINGS
@@ -347,7 +348,6 @@ def _validate_data_source(c, checks):
     # explicitly must exist (a typo must not trigger a download into a new folder) and must
     # not be one of the common wrong places (a split folder, an archive, ...). The default is
     # checked when the data is read (data.cifar.load_cifar10).
-    from data.cifar import DEFAULT_DATA_DIR, data_dir_problem  # (imports torch)
     if os.path.normpath(c.data_dir) != DEFAULT_DATA_DIR:
         problem = data_dir_problem(c.data_dir)
         checks.require(problem is None, "data_dir", problem)
@@ -392,7 +392,10 @@ def parse(setting, argv=None):
     _refuse_changes(base, config, sources, options.eval_only)
     if options.eval_only and args.save_dir is None:
         config.save_dir = None  # evaluation results go next to the checkpoint
-    return _resolved((config, sources), options), options
+    config = _resolved((config, sources), options)
+    if options.eval_only:
+        run_dir.check_own_model(config.save_dir, path, config.run_id)
+    return config, options
 
 
 def _resolved(merged, options):

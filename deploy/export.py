@@ -10,6 +10,8 @@ per-level export (what the file holds is described there), deploy/subspace.py th
 artefact and deploy/onnx_export.py the ONNX file. Every artefact is compared with the
 training-time model before it is written (deploy/verify.py). An existing --out is replaced only
 with --force; SIGTERM and Ctrl-C leave nothing behind (exit status 143 and 130, as training).
+The command, and --level against the checkpoint's config, are checked before torch is imported
+(it takes seconds): the modules that need it are imported once the command is known to be right.
 """
 
 import contextlib
@@ -18,15 +20,8 @@ import signal
 import sys
 import threading
 
-from deploy.compressed import (build_exported, check_output, export_at, format_of, num_classes_of, save_export,
-                               training_model)
-from deploy.onnx_export import write_checked
-from deploy.subspace import Subspace, make_subspace, save_subspace
-from deploy.subspace import describe as describe_subspace
-from deploy.verify import check_levels, level_text
-from methods import METHODS, SETTINGS
+from methods import METHODS, SETTINGS, config_from_dict
 from utils import checkpoint as ckpt
-from utils import checkpoint_schema as schema
 from utils.errors import EXIT_INTERRUPTED, ConfigError, UsageParser, UserError, one_line
 
 MAX_CHECK_IMAGES = 10_000  # the CIFAR-10 test split
@@ -37,6 +32,8 @@ SUFFIXES = {"pt": ".pt", "onnx": ".onnx", "subspace": ".lcs.pt"}
 
 def describe(content, size_bytes):
     """What an export holds: its method, level and size, then its format's own lines."""
+    from deploy.compressed import format_of
+
     lines = [f"{content['setting']}/{content['method']} {content['model_name']}: {content['level_name']} "
              f"{content['level']:g}" + (f" (alpha {content['alpha']:g})" if content["alpha"] is not None else "")
              + f", {size_bytes / 1024:.1f} KiB"]
@@ -108,8 +105,14 @@ def export(args):
     """Export, check against the training-time model, write; the lines describing what was written."""
     if args.check_images is not None and not 1 <= args.check_images <= MAX_CHECK_IMAGES:
         raise ConfigError(f"--check_images {args.check_images}: must be in 1..{MAX_CHECK_IMAGES}")
-    check_output(args.out, [args.checkpoint])  # before the work of exporting
     check_suffix(args.out, "subspace" if args.subspace else args.format)
+    if args.level is not None:
+        check_level(args.checkpoint, args.level)
+    from deploy.compressed import build_exported, check_output, export_at, num_classes_of, training_model
+    from deploy.verify import check_levels, level_text  # torch, once the command is right
+    from utils import checkpoint_schema as schema
+
+    check_output(args.out, [args.checkpoint])  # before the work of exporting
     if os.path.exists(args.out) and not args.force:
         raise ConfigError(f"--out {args.out}: already exists; pass --force to replace it")
     payload = ckpt.load(args.checkpoint)
@@ -128,6 +131,17 @@ def export(args):
     return WRITERS[args.format](args, content, checked)
 
 
+def check_level(path, level):
+    """ConfigError when `level` lies outside what the checkpoint's method exports, from its config
+    read without torch; what cannot be read that way is left to the export, which checks again."""
+    header = ckpt.read_header(path)
+    try:
+        config = config_from_dict(header["config"])
+    except (TypeError, KeyError, ConfigError):  # no header, or a config the export will refuse
+        return
+    METHODS[config.setting][config.method].check_export_level(config, level)
+
+
 def check_suffix(out, kind):
     """ConfigError naming --out unless its name ends with the suffix of what is written."""
     given = next((suffix for suffix in sorted(SUFFIXES.values(), key=len, reverse=True) if out.endswith(suffix)),
@@ -140,6 +154,11 @@ def check_suffix(out, kind):
 
 
 def _write_subspace(args, payload):
+    from deploy.compressed import training_model
+    from deploy.subspace import Subspace, make_subspace, save_subspace
+    from deploy.subspace import describe as describe_subspace
+    from deploy.verify import check_levels
+
     content = make_subspace(payload, path=args.checkpoint, data_dir=args.data_dir)
     model, method = training_model(payload, args.checkpoint)
     checked = check_levels(model, method, Subspace(content, args.out).at, content["levels"], args.out,
@@ -149,11 +168,15 @@ def _write_subspace(args, payload):
 
 
 def _write_pt(args, content, checked):
+    from deploy.compressed import save_export
+
     save_export(args.out, content, inputs=[args.checkpoint])
     return [describe(content, os.path.getsize(args.out)), checked]
 
 
 def _write_onnx(args, content, checked):
+    from deploy.onnx_export import write_checked
+
     lines, _ = write_checked(content, args.out, args.data_dir, args.check_images or DEFAULT_CHECK_IMAGES)
     # The .pt storage lines (bitmasks, packed codes) do not describe the ONNX file.
     summary = [line for line in describe(content, os.path.getsize(args.out)).splitlines()

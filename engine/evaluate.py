@@ -1,6 +1,7 @@
 """Evaluation of a model over its method's grid of compression levels (SPEC 3.11)."""
 
 import contextlib
+import itertools
 from typing import Optional
 
 import torch
@@ -66,12 +67,12 @@ class NoProgress:
 
 
 @torch.no_grad()
-def test_pass(net, test, context, amp=False, progress=NoProgress()):
-    """(accuracy, mean loss per image, number of images) over the whole test set, each image
-    counted once across processes."""
+def test_pass(net, test, context, amp=False, progress=NoProgress(), max_batches=None):
+    """(accuracy, mean loss per image, number of images) over the whole test set (its first
+    `max_batches` batches when given), each image counted once across processes."""
     device = context.device
     totals = torch.zeros(3, dtype=torch.float64, device=device)
-    for images, labels in test.batches():
+    for images, labels in itertools.islice(test.batches(), max_batches):
         with autocast(device, amp):
             logits = net(images)
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")
@@ -84,9 +85,10 @@ def test_pass(net, test, context, amp=False, progress=NoProgress()):
 
 def evaluate(model: torch.nn.Module, method: Method, data: Data, context: Context, step: Optional[int],
              amp: bool = False, bn_statistics: bool = True, test_batch_bn: bool = False,
-             progress=NoProgress()) -> list[dict]:
+             progress=NoProgress(), max_batches: Optional[int] = None) -> list[dict]:
     """One dict per grid point: level, alpha, accuracy, loss and the method's metrics; each
-    test batch and each finished point are told to `progress`.
+    test batch and each finished point are told to `progress`. `max_batches`: only the first
+    test and calibration batches of each point (to time an evaluation).
 
     BN statistics of the evaluated network: re-estimated on `data.calibration` when there is
     one (the model's own are restored afterwards), each test batch's own with `test_batch_bn`,
@@ -103,12 +105,12 @@ def evaluate(model: torch.nn.Module, method: Method, data: Data, context: Contex
                 calibrated = 0
                 if calibration is not None:
                     with autocast(context.device, amp):
-                        calibrated = calibrate_bn(net, calibration.batches())
+                        calibrated = calibrate_bn(net, itertools.islice(calibration.batches(), max_batches))
                 metrics = dict(method.compression_metrics(net, data.input_size))
                 metrics.update(extra)
                 statistics = BNStatistics(net) if bn_statistics else None
                 with own_batch_statistics(net) if test_batch_bn else contextlib.nullcontext():
-                    accuracy, loss, count = test_pass(net, data.test, context, amp, progress)
+                    accuracy, loss, count = test_pass(net, data.test, context, amp, progress, max_batches)
                 row = {"level": point.level, "alpha": point.alpha, "accuracy": accuracy, "loss": loss,
                        "num_images": count, **metrics, "bn_calibration_images": calibrated,
                        "lec_test_batch_statistics": test_batch_bn}

@@ -32,8 +32,9 @@ def evaluations_after(epoch, epochs, test_freq):
 
 class RunClock:
     """The pace of this process's training steps and evaluations, for the estimate of the
-    run's duration (printed once after the first few steps, then kept on the progress line).
-    The first measured step is left out: it warms up (memory, kernels)."""
+    run's duration: printed once, before the run's first evaluation when the run measured its
+    pace then (announce_probed), else after the first few steps; then kept on the progress
+    line. The first measured step is left out: it warms up (memory, kernels)."""
 
     def __init__(self, config, steps_per_epoch, evaluation_s=None):
         self.config, self.steps_per_epoch = config, steps_per_epoch
@@ -44,6 +45,18 @@ class RunClock:
         self.evaluation_s = [] if evaluation_s is None else evaluation_s
         self.evaluation_since_base_s = 0.0
         self.announced = False
+
+    def announce_probed(self, progress, step_s, evaluation_s, announce):
+        """The estimate from a pace measured before the evaluation now due: `step_s` per training
+        step, `evaluation_s` per evaluation (passed to `announce` as a sentence)."""
+        config = self.config
+        evaluations = 1 + evaluations_after(progress.epoch, config.epochs, config.test_freq)
+        steps = config.epochs * self.steps_per_epoch - progress.global_step
+        self.announced = True
+        announce(f"Estimated duration of the run: {format_duration(step_s * steps + evaluation_s * evaluations)} "
+                 f"({config.epochs} epochs of {self.steps_per_epoch} steps at {step_s:.3g} s per step, "
+                 f"{evaluations} evaluation{'s' if evaluations > 1 else ''} of about {format_duration(evaluation_s)} "
+                 f"each; timed on a few steps and test batches)")
 
     def evaluated(self, seconds):
         self.evaluation_s.append(seconds)

@@ -10,10 +10,17 @@ Every decision about a run's directory lives here:
 * resuming:    --resume alone continues from <save_dir>/checkpoint_last.pt; a checkpoint must
                come from the same setting, and resuming needs a training checkpoint
 * files:       the resolved config.yaml (written when a run starts), the checkpoints' names
+* whose:       a run's files describe its own model only. Each run gets a run id when it starts
+               (a new one when overwritten; kept when resumed), written into its config.yaml and
+               into every checkpoint's config; --eval_only writes into a directory holding a run
+               only a model of that run (same id), and makes a new directory the evaluated model's
+               (its config.yaml). A run or model of an earlier version has no id: then only the
+               checkpoints lying in the directory itself are its own.
 """
 
 import os
 import shlex
+import uuid
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,6 +29,7 @@ import yaml
 from utils import checkpoint as ckpt
 from utils.errors import CheckpointError, ConfigError
 from utils.metrics import METRICS, PLOT, RESULTS
+from utils.yaml_io import read_yaml
 
 CONFIG_FILE = "config.yaml"
 LAST, FINAL = ckpt.LAST, ckpt.FINAL
@@ -84,8 +92,10 @@ def last_checkpoint(save_dir):
 
 def checkpoint_config(path, setting, training=False):
     """The config dict stored in a checkpoint made by the `setting` script (a training
-    checkpoint when `training`, e.g. to resume)."""
-    payload = ckpt.load(path)
+    checkpoint when `training`, e.g. to resume). Read without torch where the file allows
+    (ckpt.read_header): a command is checked against it in well under a second; the run loads
+    the whole checkpoint, and checks it, later."""
+    payload = ckpt.read_header(path) or ckpt.load(path)
     kind = "training checkpoint" if payload.get("kind") == "training" else "final model"
     held = f"a {kind} of {payload.get('setting')}/{payload.get('method')} ({payload.get('model_name')})"
     if payload.get("setting") != setting:
@@ -106,16 +116,50 @@ def check_free(save_dir, options):
                           f"pass --resume to continue it or --overwrite to replace it")
 
 
-def prepare(save_dir, config, overwrite):
-    """Create the directory, remove the files of a run being overwritten, write config.yaml."""
+def prepare(save_dir, config, options):
+    """Create the directory, remove the files of a run being overwritten, give a run that starts
+    its run id (a resumed one keeps its own), write config.yaml."""
     os.makedirs(save_dir, exist_ok=True)
-    if overwrite:
+    if options.overwrite:
         for name in RUN_FILES:
             path = os.path.join(save_dir, name)
             if os.path.exists(path):
                 os.remove(path)
+    if not options.resume:
+        config.run_id = uuid.uuid4().hex
+    write_config(save_dir, config)
+
+
+def write_config(save_dir, config):
     text = yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None)
     ckpt.write_text(os.path.join(save_dir, CONFIG_FILE), text)
+
+
+def prepare_evaluation(save_dir, config):
+    """The directory an --eval_only call writes into; a new one becomes the evaluated model's
+    (its config.yaml, run id included), so that later calls know whose results it holds."""
+    os.makedirs(save_dir, exist_ok=True)
+    if not os.path.exists(path(save_dir, CONFIG_FILE)):
+        write_config(save_dir, config)
+
+
+def check_own_model(save_dir, checkpoint, run_id):
+    """--eval_only --checkpoint `checkpoint` (a model of the run `run_id`) may write into
+    `save_dir` when the directory holds no run yet or that very run (see the module docstring)."""
+    if not any(os.path.exists(path(save_dir, name)) for name in RUN_FILES):
+        return
+    config_file = path(save_dir, CONFIG_FILE)
+    own_id = read_yaml(config_file).get("run_id") if os.path.exists(config_file) else None
+    if own_id and run_id:
+        if own_id == run_id:
+            return
+        whose = f"a model of run {run_id}, but {save_dir} holds run {own_id}"
+    elif os.path.realpath(os.path.dirname(checkpoint) or os.curdir) == os.path.realpath(save_dir):
+        return
+    else:
+        whose = f"without a run id (an earlier version's), only a model in {save_dir} itself may be evaluated there"
+    raise ConfigError(f"--checkpoint {checkpoint}: {whose}; a run directory holds its own model's results only "
+                      f"(evaluate it into its own run directory or a new --save_dir)")
 
 
 def path(save_dir, name):

@@ -14,6 +14,7 @@ engine/step.py's TrainStep; what the run shows while it runs (progress lines, th
 estimate, an evaluation's progress) is engine/progress.py.
 """
 
+import copy
 import os
 import random
 import signal
@@ -36,10 +37,19 @@ from methods.levels import cosine_lr
 from models import build_model
 from utils import checkpoint as ckpt
 from utils import checkpoint_schema as schema
-from utils.distributed import any_process, barrier, choose_threads, setup, teardown
+from utils.distributed import any_process, barrier, choose_threads, choose_workers, setup, teardown
 from utils.errors import EXIT_INTERRUPTED, CheckpointError, ConfigError, one_line
 from utils.metrics import METRICS, evaluation_rows, format_table, latest_results, read_rows, update_outputs
 from utils.run_lock import RunDirLock, refuse_if_locked
+
+# The pace timed before a run's first evaluation (for its duration estimate): steps after one
+# warm-up step, and the first test batches of each level. Runs of fewer steps than
+# PROBE_MIN_STEPS (tests, smoke runs) start at once: their estimate after the first steps
+# comes soon enough, and timing would cost a noticeable share of them.
+PROBE_STEPS = 3
+PROBE_TEST_BATCHES = 2
+PROBE_MIN_STEPS = 100
+
 
 @dataclass
 class Progress:
@@ -220,7 +230,7 @@ class Run:
         if "warmup_iterations" in payload:
             self.method.warmup_iterations = payload["warmup_iterations"]
         if self.context.is_main:
-            os.makedirs(self.save_dir, exist_ok=True)
+            run_dir.prepare_evaluation(self.save_dir, self.config)
         self.rows = self.read_rows()
         self.record_evaluation(eval_only=True, checkpoint=path)
         self.print_summary("Evaluation")
@@ -236,6 +246,9 @@ class Run:
         self.clock = RunClock(config, self.data.train.steps_per_epoch, self.evaluation_seconds)
         _log(self.context, f"Training loss shown: {LOSS_LABEL}, the mean cross-entropy of the step's forward "
                            f"passes (one per compression level trained; regulariser included)")
+        steps_left = config.epochs * self.data.train.steps_per_epoch - progress.global_step
+        if self.evaluation_due() and steps_left >= PROBE_MIN_STEPS:
+            self.clock.announce_probed(progress, *self.time_pace(step), lambda text: _log(self.context, text))
         with StopFlag() as stop:
             try:
                 while progress.epoch < config.epochs:
@@ -268,6 +281,35 @@ class Run:
             self.save_checkpoint()
         self.print_summary("Final evaluation")
         return 0
+
+    def time_pace(self, step):
+        """(seconds per training step, seconds per evaluation), timed on a few training steps and
+        the first test batches of each level; the weights, optimiser and random states are
+        restored afterwards, so the run trains and evaluates exactly what it would have."""
+        saved = (copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.optimizer.state_dict()),
+                 ckpt.rng_state(self.generator))
+        try:
+            batches = self.data.train.batches(self.progress.epoch, self.progress.step_in_epoch)
+            step_s = []
+            for index, (images, labels) in zip(range(PROBE_STEPS + 1), batches):
+                started = time.perf_counter()
+                loss, _ = step(self.method.train_levels(self.progress.global_step + index, self.generator), images,
+                               labels)
+                loss.item()  # waits for the device
+                step_s.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            evaluate(self.model, self.method, self.data, self.context, self.progress.global_step, amp=self.config.amp,
+                     test_batch_bn=self.bn_at_evaluation.test_batch, max_batches=PROBE_TEST_BATCHES)
+            probe_s = time.perf_counter() - started
+        finally:
+            self.model.load_state_dict(saved[0])
+            self.optimizer.load_state_dict(saved[1])
+            ckpt.restore_rng_state(saved[2], self.generator)
+        streams = [self.data.test] + ([self.data.calibration] if self.data.calibration is not None else [])
+        timed = sum(min(stream.num_batches, PROBE_TEST_BATCHES) for stream in streams)
+        evaluation_s = probe_s * sum(stream.num_batches for stream in streams) / max(timed, 1)
+        timed_steps = step_s[1:] or step_s  # the first warms up, when there are others
+        return sum(timed_steps) / len(timed_steps), evaluation_s
 
     def evaluation_due(self):
         """Every test_freq epochs, at the start of the epoch (epoch 0 only with eval_at_start)."""
@@ -370,6 +412,9 @@ def run(config: Config, options: RunOptions) -> int:
         torch.set_num_threads(threads.threads)
         _log(context, f"Device: {context.device}, {context.world_size} process(es), {threads.threads} CPU "
                       f"thread(s) per process ({threads.reason}; --threads N to choose){amp_note}")
+        config.num_workers, workers_note = choose_workers(config.num_workers)
+        if workers_note:
+            _log(context, workers_note)
         state = Run(config, options, context)
         # Again once locked: a run may have finished there meanwhile.
         lock = on_main_process(context, lambda: locked_and_free(config.save_dir, options), config.save_dir)
@@ -378,7 +423,7 @@ def run(config: Config, options: RunOptions) -> int:
         if options.resume:
             state.resume(options.resume)
         if context.is_main:
-            run_dir.prepare(config.save_dir, config, options.overwrite)
+            run_dir.prepare(config.save_dir, config, options)
         return state.train()
     finally:
         torch.set_num_threads(threads_before)  # for callers in the same process (tests)

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
-from methods.config import COMMON_KEYS, Config, Key
+from methods.config import COMMON_KEYS, Checks, Config, Key
 from methods.levels import cosine_squared, warmup_iterations
 from utils.errors import ConfigError
 
@@ -196,20 +196,21 @@ class Method:
         return key in cls.config_keys()
 
     @classmethod
-    def evaluation_keys(cls):
+    def evaluation_keys(cls) -> set[str]:
         return {key for klass in cls.__mro__ for key in klass.__dict__.get("own_evaluation_keys", ())}
 
     @classmethod
-    def uses_flag(cls, flag):
+    def uses_flag(cls, flag: Flag) -> bool:
         return flag.name not in cls.refused_flags and set(flag.keys) <= set(cls.config_keys())
 
     @classmethod
-    def file_keys(cls):
+    def file_keys(cls) -> dict[str, Key]:
         """Keys a YAML file or checkpoint config may hold for this method (legacy ones included)."""
         return {**cls.config_keys(), **collect(cls, "legacy_keys")}
 
     @classmethod
-    def flag_values(cls, args, siblings, skip=()):
+    def flag_values(cls, args: argparse.Namespace, siblings: dict[str, type[Method]],
+                    skip: Iterable[str] = ()) -> list[tuple[str, Any, str]]:
         """[(key, value, source)] from the flags given in `args` (but those in `skip`, which the
         caller maps itself); ConfigError for a flag this method does not use (naming the
         `siblings` of the setting that do)."""
@@ -223,14 +224,14 @@ class Method:
         return entries
 
     @classmethod
-    def setting_flags(cls, siblings):
+    def setting_flags(cls, siblings: dict[str, type[Method]]) -> dict[str, Flag]:
         flags = {}
         for method in siblings.values():
             flags.update(method.flags())
         return flags
 
     @classmethod
-    def check_flag_used(cls, flag, siblings):
+    def check_flag_used(cls, flag: Flag, siblings: dict[str, type[Method]]) -> None:
         if flag.name in cls.refused_flags:
             raise ConfigError(f"{flag.name}: {cls.refused_flags[flag.name]}")
         if not cls.uses_flag(flag):
@@ -238,11 +239,11 @@ class Method:
             raise ConfigError(f"{flag.name}: not used by --method {cls.name} (only by {', '.join(users)})")
 
     @classmethod
-    def upgrade(cls, values, sources):
+    def upgrade(cls, values: dict[str, Any], sources: dict[str, str]) -> None:
         """Convert keys of earlier versions (legacy_keys) in merged config values, in place."""
 
     @classmethod
-    def complete(cls, config):
+    def complete(cls, config: Config) -> None:
         """Fill values that follow from others (after merging, before validation)."""
 
     @classmethod
@@ -266,7 +267,7 @@ class Method:
         return 32
 
     @classmethod
-    def validate(cls, config: Config, checks) -> None:
+    def validate(cls, config: Config, checks: Checks) -> None:
         """Every check of this setting and method; ConfigError (via `checks`) on the first failure."""
         for key, spec in collect(cls, "own_keys").items():
             checks.require(not spec.required or getattr(config, key) is not None, key,
@@ -284,7 +285,15 @@ class Method:
                            f"{cls.setting}/{cls.name} evaluates {levels.describe()}, got {value}")
 
     @classmethod
-    def validate_setting(cls, config, checks):
+    def check_export_level(cls, config: Config, level: float) -> None:
+        """ConfigError naming --level when `level` lies outside what this method's checkpoints
+        of `config` can export (asked before torch is imported, and by export_point)."""
+        levels = cls.level_range(config)
+        if level not in levels:
+            raise ConfigError(f"--level {level:g}: {cls.setting}/{cls.name} checkpoints export {levels.describe()}")
+
+    @classmethod
+    def validate_setting(cls, config: Config, checks: Checks) -> None:
         """Checks of the setting's and method's own keys, before the grid is checked against
         the level range (which may be built from them)."""
 
@@ -344,9 +353,7 @@ class Method:
     def export_point(self, level: float) -> EvalPoint:
         """The EvalPoint of an export level, or ConfigError naming --level when the level lies
         outside what this method's checkpoints can export."""
-        levels = self.level_range(self.config)
-        if level not in levels:
-            raise ConfigError(f"--level {level:g}: {self.setting}/{self.name} checkpoints export {levels.describe()}")
+        self.check_export_level(self.config, level)
         level = self.level_unit.type(level)
         return EvalPoint(level=level, alpha=self.alpha_of(level))
 

@@ -83,6 +83,8 @@ COMMON_KEYS = {
     "compile": Key("bool", False),
     "threads": Key("int?", None, "CPU threads per process (null: chosen at start, see --threads)"),
     "eval_at_start": Key("bool", True, "evaluate the grid before the first training step (epoch 0)"),
+    "run_id": Key("str?", None, "the run's identity, new at each run's start (engine.run_dir), kept in its "
+                                "checkpoints"),
 }
 
 

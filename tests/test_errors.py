@@ -587,7 +587,7 @@ def _checkpoints(tiny_cifar, root):
                                                           "--train_subset", "16", "--test_subset", "10",
                                                           "--save_dir", save_dir] + flags)
         state = Run(config, options, Context())
-        run_dir.prepare(config.save_dir, config, options.overwrite)
+        run_dir.prepare(config.save_dir, config, options)
         state.save_checkpoint()
         return state
 

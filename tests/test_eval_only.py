@@ -8,6 +8,8 @@ import shutil
 import signal
 
 import pytest
+import torch
+import yaml
 
 from inprocess import (assert_same_tensors, load_checkpoint, one_thread, read_rows, run_script,  # noqa: F401
                        signal_during_step, single_thread)
@@ -185,3 +187,68 @@ def test_eval_only_usage_errors(structured_run, capsys):
     assert run_script("quantized", "--eval_only", "--checkpoint", structured_run / ckpt.FINAL) == 2
     assert ("holds a final model of structured_sparsity/lcs_l (cpreresnet20), but this script trains quantized"
             in capsys.readouterr().err)
+
+
+# -- whose results a run directory holds ------------------------------------------------------------
+def run_files(save_dir):
+    return {path.name: digest(path) for path in save_dir.iterdir() if path.is_file() and path.name != ".lock"}
+
+
+def test_a_run_directory_takes_the_evaluations_of_its_own_model_only(structured_run, tiny_cifar, tmp_path, capsys):
+    """A same-shape model of another seed is refused in one line naming both; the run's own
+    model_final.pt and checkpoint_last.pt are evaluated into it; a new directory becomes the
+    evaluated model's and then refuses the other model too."""
+    run = tmp_path / "run"
+    shutil.copytree(structured_run, run)
+    other = tmp_path / "other"
+    with one_thread():
+        assert run_script("structured_sparsity", *TINY, "--epochs", 1, "--eval_width_factors", "1,0.5,0.25",
+                          "--seed", 1, "--no-eval_at_start", "--data_dir", tiny_cifar, "--save_dir", other) == 0
+    run_id = yaml.safe_load((run / "config.yaml").read_text())["run_id"]
+    other_id = load_checkpoint(other / ckpt.FINAL)["config"]["run_id"]
+    assert len({run_id, other_id}) == 2 and load_checkpoint(run / ckpt.LAST)["config"]["run_id"] == run_id
+    capsys.readouterr()
+    before = run_files(run)
+    assert run_script("structured_sparsity", "--eval_only", "--checkpoint", other / ckpt.FINAL,
+                      "--save_dir", run) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (f"train_structured.py: error: --checkpoint {other / ckpt.FINAL}: a model of run {other_id}, "
+                     f"but {run} holds run {run_id}; a run directory holds its own model's results only "
+                     f"(evaluate it into its own run directory or a new --save_dir)")
+    assert run_files(run) == before
+    for name in (ckpt.FINAL, ckpt.LAST):
+        rows = len(read_rows(run))
+        assert run_script("structured_sparsity", "--eval_only", "--checkpoint", run / name, "--save_dir", run,
+                          "--eval_width_factors", "0.3") == 0
+        assert len(read_rows(run)) == rows + 1
+    new = tmp_path / "new"
+    assert run_script("structured_sparsity", "--eval_only", "--checkpoint", other / ckpt.FINAL,
+                      "--save_dir", new) == 0
+    assert yaml.safe_load((new / "config.yaml").read_text())["run_id"] == other_id
+    assert run_script("structured_sparsity", "--eval_only", "--checkpoint", other / ckpt.LAST,
+                      "--save_dir", new, "--eval_width_factors", "0.3") == 0
+    assert run_script("structured_sparsity", "--eval_only", "--checkpoint", run / ckpt.FINAL,
+                      "--save_dir", new) == 2
+    assert [row["checkpoint"] for row in read_rows(new)] == [str(other / ckpt.FINAL)] * 3 + [str(other / ckpt.LAST)]
+
+
+def test_a_model_without_run_id_goes_into_its_own_directory_only(structured_run, tmp_path, capsys):
+    """Runs of earlier versions hold no run id: a checkpoint lying in the run directory is its
+    own, one from elsewhere is refused there."""
+    legacy, elsewhere = tmp_path / "legacy", tmp_path / "elsewhere"
+    shutil.copytree(structured_run, legacy)
+    elsewhere.mkdir()
+    config = yaml.safe_load((legacy / "config.yaml").read_text())
+    del config["run_id"]
+    (legacy / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    for name in (ckpt.FINAL, ckpt.LAST):
+        payload = load_checkpoint(legacy / name)
+        del payload["config"]["run_id"]
+        torch.save(payload, legacy / name)
+    shutil.move(legacy / ckpt.LAST, elsewhere / ckpt.LAST)
+    assert run_script("structured_sparsity", "--eval_only", "--checkpoint", legacy / ckpt.FINAL,
+                      "--eval_width_factors", "0.3") == 0
+    capsys.readouterr()
+    assert run_script("structured_sparsity", "--eval_only", "--checkpoint", elsewhere / ckpt.LAST,
+                      "--save_dir", legacy) == 2
+    assert f"without a run id (an earlier version's), only a model in {legacy} itself" in capsys.readouterr().err

@@ -22,7 +22,8 @@ from engine import evaluate as evaluate_module
 from engine import progress
 from engine.step import TrainStep
 from utils import metrics
-from utils.distributed import Context, choose_threads
+from utils import distributed
+from utils.distributed import Context, choose_threads, choose_workers
 from utils.errors import ConfigError, DataError
 
 SCRIPT = "train_structured.py"
@@ -285,6 +286,25 @@ def test_threads_default_to_the_free_cores():
     assert choice.reason == "2 usable cores, load average 1.2"
 
 
+def test_workers_are_capped_at_the_usable_cores():
+    assert choose_workers(2, usable_cores=2) == (2, None)
+    assert choose_workers(0, usable_cores=1) == (0, None)
+    assert choose_workers(64, usable_cores=2) == (2, "--num_workers 64: this process may use 2 CPU core(s); "
+                                                     "using 2 data-loading worker(s)")
+
+
+def test_too_many_workers_get_one_line_of_ours_and_no_dataloader_warning(micro_cifar, tmp_path, monkeypatch,
+                                                                          recwarn):
+    monkeypatch.setattr(distributed, "count_usable_cores", lambda: 1)
+    result = run_script(SCRIPT, "--data_dir", micro_cifar, "--data_pipeline", "dataloader", "--num_workers", 64,
+                        "--epochs", 1, "--batch_size", 10, "--test_subset", 4, "--no-eval_at_start",
+                        "--save_dir", tmp_path / "run")
+    assert_ok(result)
+    notes = [line for line in result.stdout.splitlines() if "--num_workers" in line]
+    assert notes == ["--num_workers 64: this process may use 1 CPU core(s); using 1 data-loading worker(s)"]
+    assert not [w for w in recwarn if "worker" in str(w.message)], [str(w.message) for w in recwarn]
+
+
 def test_duration_text_and_evaluations_still_to_come():
     assert [progress.format_duration(s) for s in (42, 185, 7620, 3 * 86400 + 4 * 3600 + 59)] == \
         ["42 s", "3 min 05 s", "2 h 07 min", "3 d 4 h"]
@@ -309,6 +329,44 @@ def test_run_clock_estimates_from_the_pace_after_the_first_step(monkeypatch):
     assert clock.seconds_left(SimpleNamespace(global_step=6, epoch=0), said.append) == pytest.approx(14 * 2 + 60)
     assert said == ["Estimated duration of the run: 2 min 13 s (2 epochs of 10 steps at 2 s per step, "
                     "2 more evaluations: 30 s each)"]
+
+
+def test_the_estimate_from_the_pace_timed_before_the_first_evaluation():
+    clock = progress.RunClock(SimpleNamespace(epochs=2, test_freq=1), steps_per_epoch=10)
+    said = []
+    clock.announce_probed(SimpleNamespace(global_step=0, epoch=0), 2.0, 30.0, said.append)
+    # 20 steps at 2 s, evaluations at epochs 0 and 1 and the final one at 30 s
+    assert said == ["Estimated duration of the run: 2 min 10 s (2 epochs of 10 steps at 2 s per step, "
+                    "3 evaluations of about 30 s each; timed on a few steps and test batches)"]
+    assert clock.seconds_left(SimpleNamespace(global_step=1, epoch=0), said.append) is None and len(said) == 1
+
+
+def test_the_estimate_comes_before_the_first_evaluation_and_changes_nothing(micro_cifar, tmp_path, monkeypatch):
+    """A run long enough to time its pace first (here every run: PROBE_MIN_STEPS 0) prints its
+    estimate before the start-of-run evaluation, then trains and evaluates the very model and
+    numbers of a run that did not time it."""
+    from engine import train
+
+    flags = ("--norm", "BN", "--epochs", 2, "--batch_size", 5, "--eval_width_factors", "1,0.25", "--data_dir",
+             micro_cifar)
+    outputs = {}
+    for name, min_steps in (("timed", 0), ("untimed", 10**9)):
+        monkeypatch.setattr(train, "PROBE_MIN_STEPS", min_steps)
+        result = run_script(SCRIPT, *flags, "--save_dir", tmp_path / name)
+        assert_ok(result)
+        outputs[name] = result.stdout
+    timed = outputs["timed"]
+    assert timed.count("Estimated duration of the run") == 1
+    assert timed.index("Estimated duration of the run") < timed.index("Evaluating 2 levels (width_factor) at epoch 0")
+    # 20 images in batches of 5; the start-of-run evaluation and the final one (--test_freq 20)
+    assert "(2 epochs of 4 steps at " in timed and "2 evaluations of about" in timed
+    assert "Estimated duration of the run" not in outputs["untimed"].split("epoch 1/2")[0]
+    models = [torch.load(tmp_path / name / "model_final.pt", weights_only=True)["model"]
+              for name in ("timed", "untimed")]
+    assert all(torch.equal(models[0][key], models[1][key]) for key in models[0])
+    rows = [[(row["level"], row["accuracy"], row["loss"]) for row in read_metrics(tmp_path / name)]
+            for name in ("timed", "untimed")]
+    assert rows[0] == rows[1] and len(rows[0]) == 4
 
 
 def test_a_resumed_run_clock_counts_the_evaluations_timed_before(monkeypatch):

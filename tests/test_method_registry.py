@@ -148,3 +148,22 @@ def test_a_new_method_plugs_in(thin_width, micro_cifar, tmp_path):
     with pytest.raises(ConfigError, match="--level 0.75: structured_sparsity/thin_width checkpoints export "
                                           "width factors in"):
         export_model(payload, 0.75)
+
+
+def test_the_class_level_interface_is_annotated():
+    """Every public classmethod of Method (its schema: keys, flags, levels, validation) says the
+    types it takes and returns, resolvable without torch (methods/ imports it only to train)."""
+    import inspect
+    import typing
+
+    from methods.base import Method
+
+    classmethods = [name for name, value in vars(Method).items()
+                    if isinstance(value, classmethod) and not name.startswith("_")]
+    assert {"flag_values", "setting_flags", "complete", "validate_setting", "upgrade"} <= set(classmethods)
+    for name in classmethods:
+        function = getattr(Method, name)
+        hints = typing.get_type_hints(function)
+        parameters = [p for p in inspect.signature(function).parameters if p != "cls"]
+        missing = [p for p in parameters + ["return"] if p not in hints]
+        assert not missing, f"Method.{name}: no annotation for {missing}"

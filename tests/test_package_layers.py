@@ -116,31 +116,89 @@ def test_no_import_cycle():
         visit(module)
 
 
-# In a fresh interpreter: a mistyped flag, a bad YAML value and a value out of range are
-# answered (exit status 2) without torch ever being imported (it takes seconds).
+# In a fresh interpreter: a mistyped flag, a bad YAML value, a value out of range, a wrong
+# --data_dir, evaluation levels outside the method's range (of a new run and of a checkpoint) and
+# an export --level outside the checkpoint's range are answered (exit status 2, one line) without
+# torch ever being imported (it takes seconds).
 TORCH_FREE_ANSWERS = """
+import json
 import sys
 import training_params
-for argv in (["--epoch", "3"], ["--config", sys.argv[1]], ["--epochs", "0"], ["--eval_topk_grid", "0.5"]):
+from deploy import export
+bad_yaml, missing, split, checkpoint = sys.argv[1:]
+commands = [(training_params.main, "structured_sparsity", argv) for argv in (
+    ["--epoch", "3"], ["--config", bad_yaml], ["--epochs", "0"], ["--eval_topk_grid", "0.5"],
+    ["--data_dir", missing], ["--data_dir", split], ["--eval_width_factors", "1.5"],
+    ["--eval_only", "--checkpoint", checkpoint, "--eval_width_factors", "1.5"])]
+commands += [(training_params.main, "unstructured_sparsity", ["--eval_topk_grid", "1.5"]),
+             (training_params.main, "quantized", ["--eval_bit_widths", "9"]),
+             (export.main, None, ["--checkpoint", checkpoint, "--level", "1.5", "--out", checkpoint + ".out"])]
+for main, setting, argv in commands:
     try:
-        training_params.main("structured_sparsity", argv)
+        main(setting, argv) if setting else main(argv)
     except SystemExit as stop:
         assert stop.code == 2, (argv, stop.code)
     else:
         raise AssertionError(f"{argv} was accepted")
-print(sorted(name for name in ("torch", "numpy", "models", "data") if name in sys.modules))
+print(json.dumps(sorted(name for name in ("torch", "numpy", "models", "data.streams", "data.cifar",
+                                          "deploy.compressed", "deploy.subspace") if name in sys.modules)))
 """
 
 
-def test_flags_and_yaml_are_checked_before_torch_is_imported(tmp_path):
+def test_commands_are_checked_before_torch_is_imported(tmp_path):
+    import torch
+
+    import training_params
+    from utils import checkpoint as ckpt
+
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("weight_decay: 1e-4\n")
-    done = subprocess.run([sys.executable, "-c", TORCH_FREE_ANSWERS, str(bad_yaml)], cwd=REPO, capture_output=True,
+    (tmp_path / "cifar" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "cifar" / "train" / "cat" / "0.png").write_bytes(b"")
+    config, _ = training_params.parse("structured_sparsity", ["--save_dir", str(tmp_path / "run")])
+    checkpoint = tmp_path / "run" / ckpt.FINAL
+    checkpoint.parent.mkdir()
+    torch.save({"format": ckpt.FORMAT, "kind": "model", "setting": config.setting, "method": config.method,
+                "model_name": config.model, "config": config.to_dict(), "model": {"weight": torch.zeros(2)},
+                "epoch": 1, "global_step": 1, "warmup_iterations": None}, checkpoint)
+    done = subprocess.run([sys.executable, "-c", TORCH_FREE_ANSWERS, str(bad_yaml), str(tmp_path / "missing"),
+                           str(tmp_path / "cifar" / "train"), str(checkpoint)], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     errors = done.stderr.splitlines()
-    assert len(errors) == 4 and "did you mean --epochs?" in errors[0] and "write 1.0e-4" in errors[1], errors
+    assert len(errors) == 11, errors
+    assert "did you mean --epochs?" in errors[0] and "write 1.0e-4" in errors[1], errors
+    assert errors[4].endswith(f"--data_dir: no such directory: {tmp_path / 'missing'}"), errors
+    assert errors[5].endswith(f"is one split of class folders (train/<class>/ or test/<class>/): pass --data_dir "
+                              f"{tmp_path / 'cifar'}"), errors
+    assert errors[6].endswith("--eval_width_factors: structured_sparsity/lcs_l evaluates width factors in "
+                              "[0.25, 1] (the trained width_factor_limits), got 1.5"), errors
+    assert errors[7] == errors[6], errors
+    assert "--eval_topk_grid: unstructured_sparsity/lcs_l evaluates" in errors[8] and "got 1.5" in errors[8]
+    assert "--eval_bit_widths: quantized/lcs_l evaluates" in errors[9] and "got 9" in errors[9]
+    assert errors[10] == ("deploy.export: error: --level 1.5: structured_sparsity/lcs_l checkpoints export width "
+                          "factors in [0.25, 1] (the trained width_factor_limits)"), errors
     assert done.stdout.strip() == "[]"
+    assert not (tmp_path / "run" / (ckpt.FINAL + ".out")).exists()
+
+
+def test_a_checkpoints_header_is_read_without_torch_or_not_at_all(tmp_path):
+    """ckpt.read_header gives the checkpoint's entries with its tensors left out, and None for
+    what it cannot read that way (load() then reports it)."""
+    import pickle
+
+    import torch
+
+    from utils import checkpoint as ckpt
+
+    payload = {"format": ckpt.FORMAT, "config": {"seed": 3}, "model": {"weight": torch.ones(3)}, "epoch": 2}
+    torch.save(payload, tmp_path / "good.pt")
+    assert ckpt.read_header(str(tmp_path / "good.pt")) == {**payload, "model": {"weight": None}}
+    torch.save({**payload, "extra": torch.nn.Linear(1, 1)}, tmp_path / "module.pt")   # a pickled class
+    (tmp_path / "pickle.pt").write_bytes(pickle.dumps(payload))                      # not torch's zip
+    torch.save({**payload, "format": 0}, tmp_path / "foreign.pt")
+    for name in ("module.pt", "pickle.pt", "foreign.pt", "missing.pt"):
+        assert ckpt.read_header(str(tmp_path / name)) is None, name
 
 
 def test_the_command_lines_model_names_are_the_registrys():

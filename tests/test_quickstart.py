@@ -90,12 +90,17 @@ def test_every_quick_start_block_runs(tmp_path):
     with open(os.path.join(REPO, "README.md")) as handle:
         blocks = quick_start_blocks(handle.read())
     commands = [command for block in blocks for command in block]
-    # The quick start the README promises: the offline recipe first, then the CPU wheels,
-    # the two set-up commands and the short run.
+    # The quick start the README promises: the offline recipe first, then the CPU wheels, the
+    # short run (installing the requirements) and its evaluation at new widths, then the two
+    # set-up commands: the default job and the tests.
     assert [command.split()[0:2] for command in commands] == [
         ["git", "clone"], ["tar", "czf"], ["mkdir", "-p"], ["pip", "install"], ["pip", "install"],
-        ["pip", "install"], ["python", "train_structured.py"], ["python", "train_structured.py"]]
+        ["python", "train_structured.py"], ["pip", "install"], ["pip", "install"]]
     assert "--index-url https://download.pytorch.org/whl/cpu" in commands[3]
+    assert commands[4].startswith("pip install -r requirements.txt && python train_structured.py") and \
+        "--save_dir runs/quick" in commands[4]
+    assert commands[6] == "pip install -r requirements.txt && python train_structured.py --data_dir data/cifar10-jpeg"
+    assert commands[7] == "pip install -r requirements.txt -r requirements-dev.txt && python -m pytest"
     repo = tmp_path / "repo"
     fresh_copy(repo)
     source = cifar_images_repository(tmp_path / "source" / "CIFAR-10-images")
@@ -112,13 +117,12 @@ def test_every_quick_start_block_runs(tmp_path):
     for split, count in (("train", 2), ("test", 1)):
         assert sorted(os.listdir(repo / "data" / "cifar10-jpeg" / split)) == list(CIFAR_CLASSES)
         assert len(os.listdir(repo / "data" / "cifar10-jpeg" / split / "airplane")) == count
-    default_job = outputs[3]
+    short_run, default_job, tests = outputs[3:6]
     assert "Device: cpu, 1 process(es), 1 CPU thread(s) per process (OMP_NUM_THREADS" in default_job
     assert "Final evaluation (structured_sparsity, lcs_l, cpreresnet20, epoch 1)" in default_job
     run_dir = re.search(r"^Files in (\S+):$", default_job, re.M).group(1)
     assert run_dir.startswith("saved_models/") and (repo / run_dir / "model_final.pt").is_file()
-    assert re.search(r"\d+ passed", outputs[4])
-    short_run = outputs[5]
+    assert re.search(r"\d+ passed", tests)
     assert "Final evaluation (structured_sparsity, lcs_l, cpreresnet20, epoch 3)" in short_run
     assert "Test (" not in short_run.split("epoch 1/3")[0]  # --no-eval_at_start
     with open(repo / "runs" / "quick" / "results.csv") as handle:

@@ -13,10 +13,13 @@ imports this module (through the run directory's rules) before torch, to check a
 well under a second.
 """
 
+import collections
 import os
+import pickle
 import random
 import stat
 import warnings
+import zipfile
 
 from utils.atomic import atomic_write  # noqa: F401  (callers write through this module)
 from utils.errors import CheckpointError, TrainingError
@@ -72,6 +75,51 @@ def load(path, map_location="cpu"):
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or damaged? {first[:160]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or not isinstance(payload.get("model"), dict):
         raise CheckpointError(f"{path}: not a checkpoint of this project (no format-{FORMAT} header)")
+    return payload
+
+
+# The pickled part of a checkpoint (its dict; tensors' data are records of their own) is
+# small: a few hundred kB for ResNet18's optimiser state.
+HEADER_MAX_BYTES = 64 * 1024 * 1024
+
+
+class _HeaderUnpickler(pickle.Unpickler):
+    """Unpickles torch.save's data.pkl with every tensor left out (None) and nothing but an
+    OrderedDict and torch's tensor and storage names allowed (no code of the file runs)."""
+
+    def find_class(self, module, name):
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module in ("torch", "torch._utils") and (name.endswith("Storage") or name.startswith("_rebuild_tensor")):
+            return _left_out
+        raise pickle.UnpicklingError(f"{module}.{name} is not read without torch")
+
+    def persistent_load(self, pid):
+        return None  # a storage record
+
+
+def _left_out(*args):
+    return None
+
+
+def read_header(path):
+    """The checkpoint dict with its tensors left out (None), read without torch, so that the
+    command line checks a command against a checkpoint's config in well under a second; None
+    when the file cannot be read that way (not a regular file, not torch.save's zip format,
+    objects other than tensors): load() then says what is wrong with it."""
+    try:
+        require_regular_file(path, "checkpoint")
+        with zipfile.ZipFile(path) as archive:
+            pickled = [info for info in archive.infolist() if info.filename.endswith("data.pkl")]
+            if len(pickled) != 1 or pickled[0].file_size > HEADER_MAX_BYTES:
+                return None
+            with archive.open(pickled[0]) as handle:
+                payload = _HeaderUnpickler(handle).load()
+    except Exception:  # a damaged or foreign file fails in many ways; load() reports it
+        return None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or not isinstance(payload.get("model"), dict) \
+            or not isinstance(payload.get("config"), dict):
+        return None
     return payload
 
 

@@ -74,6 +74,23 @@ def barrier(context):
         dist.barrier()
 
 
+def count_usable_cores():
+    """The cores this process may run on (its CPU affinity where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def choose_workers(requested, usable_cores=None):
+    """(data-loading worker processes, a note when fewer than `requested`): at most one per
+    usable core. More workers than cores only wait on each other (torch's DataLoader warns
+    about it at every epoch and evaluation); the run goes on with as many as there are cores."""
+    if usable_cores is None:
+        usable_cores = count_usable_cores()
+    if requested <= usable_cores:
+        return requested, None
+    return usable_cores, (f"--num_workers {requested}: this process may use {usable_cores} CPU core(s); "
+                          f"using {usable_cores} data-loading worker(s)")
+
+
 MAX_DEFAULT_THREADS = 16  # small CIFAR networks gain little beyond this
 
 
@@ -94,7 +111,7 @@ def choose_threads(requested, environ=os.environ, usable_cores=None, load_averag
     if omp.isdigit() and int(omp) >= 1:
         return ThreadChoice(int(omp), "OMP_NUM_THREADS")
     if usable_cores is None:
-        usable_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        usable_cores = count_usable_cores()
     if load_average is None:
         load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     local_processes = max(1, int(environ.get("LOCAL_WORLD_SIZE", "1")))
