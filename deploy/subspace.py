@@ -85,9 +85,12 @@ def make_subspace(payload: dict, path: str = "checkpoint", data_dir: Optional[st
     levels = [point.level for point in method.eval_points()]
     statistics = (_bn_statistics(model, method, num_classes, levels, data_dir) if calibrated(method)
                   else None)
-    return {"format": FORMAT, "version": VERSION, "config": method.config.to_dict(), "num_classes": num_classes,
-            "levels": levels, "weights": pack_tensors(state), "codes": codes, "bn_statistics": statistics,
-            **input_metadata(method.config)}
+    content = {"format": FORMAT, "version": VERSION, "config": method.config.to_dict(), "num_classes": num_classes,
+               "levels": levels, "weights": pack_tensors(state), "codes": codes, "bn_statistics": statistics,
+               **input_metadata(method.config)}
+    # With its checksum, the content loads as it will from the file (Subspace(content)), so the
+    # export can check it against the training-time model before writing it.
+    return dict(content, checksum=checksum(content))
 
 
 def save_subspace(path: str, content: dict) -> None:

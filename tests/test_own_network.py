@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli_helpers import micro_cifar  # noqa: F401 (a fixture)
-from cli_helpers import assert_ok, check_run, read_config, read_metrics, run_script, run_subprocess
+from cli_helpers import assert_ok, read_config, read_metrics, run_script, run_subprocess
 from models import build_model
 from models.convert import convert, group_count
 from models.factory import LayerFactory

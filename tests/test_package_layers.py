@@ -132,7 +132,7 @@ commands = [(training_params.main, "structured_sparsity", argv) for argv in (
     ["--eval_only", "--checkpoint", checkpoint, "--eval_width_factors", "1.5"])]
 commands += [(training_params.main, "unstructured_sparsity", ["--eval_topk_grid", "1.5"]),
              (training_params.main, "quantized", ["--eval_bit_widths", "9"]),
-             (export.main, None, ["--checkpoint", checkpoint, "--level", "1.5", "--out", checkpoint + ".out"])]
+             (export.main, None, ["--checkpoint", checkpoint, "--level", "1.5", "--out", checkpoint + ".w15.pt"])]
 for main, setting, argv in commands:
     try:
         main(setting, argv) if setting else main(argv)
@@ -179,7 +179,7 @@ def test_commands_are_checked_before_torch_is_imported(tmp_path):
     assert errors[10] == ("deploy.export: error: --level 1.5: structured_sparsity/lcs_l checkpoints export width "
                           "factors in [0.25, 1] (the trained width_factor_limits)"), errors
     assert done.stdout.strip() == "[]"
-    assert not (tmp_path / "run" / (ckpt.FINAL + ".out")).exists()
+    assert not (tmp_path / "run" / (ckpt.FINAL + ".w15.pt")).exists()
 
 
 def test_a_checkpoints_header_is_read_without_torch_or_not_at_all(tmp_path):
