@@ -273,6 +273,11 @@ class Run:
     last_line: str = ""
     seed: int = 0
 
+    @property
+    def shown_name(self):
+        """setting/<its directory's name>: the run of the recipe and, past seed 0, its seed."""
+        return f"{self.spec.setting}/{os.path.basename(self.run_dir)}"
+
 
 def script_of(setting):
     from methods import SETTINGS
@@ -500,7 +505,7 @@ class Sweep:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(slot)
         where = f" on GPU {','.join(slot)}" if slot is not None else ""
         verb = {"resume": "resuming", "restart": "restarting (no checkpoint was saved)"}.get(run.state, "starting")
-        print(f"[{_now()}] {verb} {run.spec.setting}/{run.spec.name}{where}: {shown_command(command)}", flush=True)
+        print(f"[{_now()}] {verb} {run.shown_name}{where}: {shown_command(command)}", flush=True)
         record.setdefault("segments", [])
         record.update(command=shown_command(run.base_command), setting=run.spec.setting, method=run.spec.method,
                       seed=run.base_command[run.base_command.index("--seed") + 1], status="running")
@@ -533,7 +538,7 @@ class Sweep:
             run.outcome = "failed"
         record["status"] = run.outcome
         write_record(run.run_dir, record)
-        print(f"[{_now()}] {run.spec.setting}/{run.spec.name}: {run.outcome} after {_duration(wall)} "
+        print(f"[{_now()}] {run.shown_name}: {run.outcome} after {_duration(wall)} "
               f"(exit status {status})" + (f": {run.last_line}" if run.outcome == "failed" else ""), flush=True)
         self.running.remove(run)
         self.slots.append(run.gpus)
@@ -735,7 +740,7 @@ def summary_text(recipe, args, runs, commit, machine_name):
         status = run.outcome or record.get("status", "not started")
         if status == "failed" and run.last_line:
             status += f": {run.last_line}"
-        lines.append(f"| {run.spec.setting}/{os.path.basename(run.run_dir)} | {run.seed} | {status} | {wall} | "
+        lines.append(f"| {run.shown_name} | {run.seed} | {status} | {wall} | "
                      f"{train_images} | {config.get('epochs', '-')} | {test_images} | {commits} | {machines} |")
     by_setting = {}
     for run in runs:
@@ -1028,7 +1033,7 @@ def print_dry_run(recipe, args, runs, slots, gpus):
             cost += f"; on this machine: ~{format_duration(seconds)}, {how}" if seconds is not None else \
                 f"; on this machine: no estimate, {how}"
             estimated.append(seconds)
-        print(f"# {run.spec.setting}/{os.path.basename(run.run_dir)}: {cost}")
+        print(f"# {run.shown_name}: {cost}")
         note = {"finished": "# finished, skipped: ", "resume": "# interrupted, resumed: "}.get(run.state, "")
         print(f"{note}{shown_command(command_for(run))}", flush=True)
     todo = [run for run in runs if run.state != "finished"]
@@ -1070,7 +1075,7 @@ def main(argv=None):
         for run in runs:
             if run.state == "finished":
                 run.outcome = "finished"
-                print(f"{run.spec.setting}/{run.spec.name}: finished before, skipped ({run.run_dir})")
+                print(f"{run.shown_name}: finished before, skipped ({run.run_dir})")
             else:
                 todo.append(run)
         sweep = Sweep(todo, slots, commit, machine_name, echo=len(slots) == 1)
@@ -1084,7 +1089,7 @@ def main(argv=None):
             lock.release()
     failed = [run for run in runs if run.outcome != "finished"]
     for run in failed:
-        print(f"{run.spec.setting}/{run.spec.name}: {run.outcome}"
+        print(f"{run.shown_name}: {run.outcome}"
               + (f" ({run.last_line})" if run.last_line and run.outcome == "failed" else ""), file=sys.stderr)
     if sweep.stop_signal is not None:
         return 128 + sweep.stop_signal

@@ -280,7 +280,8 @@ def test_run_flags_are_checked_by_the_scripts_parser_before_anything_runs(tmp_pa
     assert not out.exists()
 
 
-@pytest.mark.parametrize("flag", ["--method lcs_p", "--seed=3", "--data_dir /tmp", "--save_dir runs/x", "--resume",
+@pytest.mark.parametrize("flag", ["--method lcs_p", "--seed=3", "--data_dir /tmp", "--imagenet_dir /tmp",
+                                  "--save_dir runs/x", "--resume",
                                   "--overwrite", "--eval_only --checkpoint m.pt"])
 def test_recipe_flags_may_not_set_what_the_sweep_sets(tmp_path, flag):
     recipe = write_recipe(tmp_path / "own.yaml", "--epochs 2", [{"run": "quantized/lcs_l", "flags": flag}])
@@ -476,7 +477,7 @@ def test_seeds_run_in_their_own_directories_and_the_summary_shows_mean_and_sprea
     result = sweep("--recipe", recipe, "--data_dir", micro_cifar, "--out", out, "--seed", "1")
     assert result.returncode == 0, result.stderr
     skipped = [line for line in result.stdout.splitlines() if "finished before, skipped" in line]
-    assert skipped == [f"unstructured_sparsity/t{topk}: finished before, skipped ({setting}/t{topk}_seed1)"
+    assert skipped == [f"unstructured_sparsity/t{topk}_seed1: finished before, skipped ({setting}/t{topk}_seed1)"
                        for topk in ("0.5", "1.0")], result.stdout
     summary = (out / "summary.md").read_text()
     assert summary.startswith("# Sweep: recipe `seeds`, seed 1\n") and "| 0 |" not in summary.split("## ")[0]
