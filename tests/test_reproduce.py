@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from cli_helpers import micro_cifar  # noqa: F401  (fixture)
+import training_params
 from conftest import REPO
 
 SCRIPT = os.path.join(REPO, "experiments", "reproduce.py")
@@ -79,12 +80,12 @@ def test_dry_run_cpu_recipe_lists_the_six_runs_with_its_budget():
 TOPK_GRID = ["0.025", "0.05", "0.1", "0.25", "0.5", "0.75", "0.9", "0.95", "1.0"]
 
 
-def paper_grid(lines, script_word):
+def paper_grid(lines, script_word, structured=("lcs_l", "lcs_p", "ns", "us", "lec")):
     """(script, method, target) of each command: the paper's grid, one target model per level."""
     runs = [(line.split()[script_word], flag(line, "--method"),
              flag(line, "--topk") if "--topk" in line else flag(line, "--bit_width") if "--bit_width" in line else None)
             for line in lines]
-    assert runs == [("train_structured.py", m, None) for m in ("lcs_l", "lcs_p", "ns", "us", "lec")] + \
+    assert runs == [("train_structured.py", m, None) for m in structured] + \
         [("train_unstructured.py", m, None) for m in ("lcs_l", "lcs_p")] + \
         [("train_unstructured.py", "target_topk", topk) for topk in TOPK_GRID] + \
         [("train_quantized.py", m, None) for m in ("lcs_l", "lcs_p")] + \
@@ -111,13 +112,21 @@ def test_dry_run_paper_recipe_lists_the_grid_with_a_target_model_per_level():
 def test_dry_run_paper_imagenet_recipe_lists_the_grid_for_resnet18_and_vgg19(tiny_imagenet):
     comments = []
     lines = recipe_commands("paper-imagenet", data=("--imagenet_dir", tiny_imagenet), comments=comments)
-    assert len(lines) == 48
-    for model, half in (("resnet18", lines[:24]), ("vgg19", lines[24:])):
-        paper_grid(half, 1)
+    # LEC's channel selection exists for cPreResNet20 and VGG19: no ResNet18 LEC run.
+    assert len(lines) == 47
+    for model, half in (("resnet18", lines[:23]), ("vgg19", lines[23:])):
+        paper_grid(half, 1, ("lcs_l", "lcs_p", "ns", "us") + ("lec",) * (model == "vgg19"))
         for line in half:
             assert (flag(line, "--model"), flag(line, "--dataset"), flag(line, "--imagenet_dir")) == \
                 ("resnet18" if model == "resnet18" else "vgg19", "imagenet", tiny_imagenet)
             assert os.path.basename(flag(line, "--save_dir")).startswith(model + "_") and "--data_dir" not in line
+        # Each run's config passes its script's own checks (the sweep's check parses and merges).
+        for line in half:
+            words = line.split()
+            setting = {"train_structured.py": "structured_sparsity", "train_unstructured.py": "unstructured_sparsity",
+                       "train_quantized.py": "quantized"}[words[1]]
+            parser = training_params.build_parser(setting)
+            training_params.validate(*training_params.merge(setting, parser.parse_args(words[2:])))
     # The configs' ImageNet budgets: 90 epochs of the whole training set.
     assert "# quantized/vgg19_target_bit_width_3: 90 epochs x 1,281,167 training images = 115,305,030 images " \
            "trained" in comments
