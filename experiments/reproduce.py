@@ -618,16 +618,19 @@ def setting_curves(groups):
     """(curves, grids) of one setting's runs with results: the curves of its figure, each run's
     whole grid, except the per-target baselines (Method.target_key): the runs of one that
     differ only in their target are one curve, each model at the level it trained, as the
-    paper draws them; `grids` keeps their whole-grid evaluations for the tables."""
+    paper draws them; `grids` keeps their whole-grid evaluations for the tables. A model whose
+    own level was not evaluated is drawn with its whole grid."""
     curves, grids, joined = [], [], {}
     for group in groups:
         rows = mean_over_seeds([_final_rows(run.run_dir) for run in group])
         if not rows:
             continue
         run, config = group[0], run_config(group)
-        curve = Curve(run_label(run), rows)
+        curve = Curve(run_label(run, config), rows)
         key = METHODS[run.spec.setting][run.spec.method].target_key
-        if key is None or config.get(key) is None:
+        own = [row for row in rows if key and config.get(key) is not None
+               and math.isclose(row["level"], config[key], rel_tol=1e-9)]
+        if not own:  # not a per-target baseline, or its own level was not evaluated: its whole grid
             curves.append(curve)
             continue
         grids.append(curve)
@@ -637,17 +640,17 @@ def setting_curves(groups):
         if identity not in joined:
             joined[identity] = (Curve(run.spec.method, []), config)
             curves.append(joined[identity][0])
-        joined[identity][0].rows += [row for row in rows if math.isclose(row["level"], config[key], rel_tol=1e-9)]
+        joined[identity][0].rows += own
     several_models = len({config.get("model") for _, config in joined.values()}) > 1
     for curve, config in joined.values():
         details = f"{config.get('model')}, {config.get('norm')}" if several_models else config.get("norm")
         curve.label = f"{curve.label} ({details}): one model per level"
-    return [curve for curve in curves if curve.rows], grids
+    return curves, grids
 
 
-def run_label(run):
+def run_label(run, config=None):
     """The run's name and its norm (the baselines' configs use other norms than LCS)."""
-    norm = _run_config(run.run_dir).get("norm")
+    norm = (config if config is not None else _run_config(run.run_dir)).get("norm")
     return f"{run.spec.name} ({norm})" if norm else run.spec.name
 
 
