@@ -2,11 +2,14 @@
 
     python experiments/reproduce.py --recipe cpu --data_dir data/cifar10-jpeg --out results/cpu
     python experiments/reproduce.py --recipe paper --data_dir data/cifar10-jpeg --out results/paper --gpus 0,1,2,3
-    python experiments/reproduce.py --recipe cpu --dry_run          # the commands, nothing run
+    python experiments/reproduce.py --recipe cpu --dry_run          # the commands and their cost, nothing run
+    python experiments/reproduce.py --recipe paper-imagenet --imagenet_dir /data/imagenet --dry_run --estimate
+    python experiments/reproduce.py --recipe cpu --data_dir data/cifar10-jpeg --seeds 0,1,2
 
 A recipe (experiments/recipes.yaml, or a YAML file of the same shape) is a set of flags added to
 every run and the setting/method pairs run by default. Each run is the project's own entry
-script (train_structured.py, ...) in a subprocess, writing into <out>/<setting>/<run>/; the
+script (train_structured.py, ...) in a subprocess, writing into <out>/<setting>/<run>/ (seed k
+of --seeds into <out>/<setting>/<run>_seed<k>/, seed 0 where a one-seed sweep writes it); the
 sweep adds no training code of its own.
 
 * Runs go one after another on one device, or side by side with --gpus (one run per GPU, or
@@ -18,21 +21,29 @@ sweep adds no training code of its own.
   a failed one reported with the last line of its log while the others go on. SIGTERM or
   Ctrl-C stops the running runs after their current step, each with a checkpoint. The exit
   status is 0 only when every selected run has finished.
-* At the end, per setting: compare_runs' figure and table of its runs; for the sweep:
-  summary.md (per run: the accuracy at every level, wall time, the exact command, seed,
-  the project's commit and the machine).
+* The dry run prints each run's cost (epochs x training images); --estimate times the first
+  steps of each run on this machine (in a temporary directory) and estimates the durations.
+* At the end, per setting: comparison.png/.csv, the paper's curves (a per-target baseline's
+  models joined into one curve, each at the level it trained; mean and standard deviation over
+  the seeds), and runs.png/.csv, compare_runs' figure and table of every run directory; for the
+  sweep: summary.md (per run and seed: status, wall time, budget, commit, machine; per setting
+  the curves and each model's whole grid, mean ± spread over seeds, and the exact commands).
 """
 
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,11 +55,12 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import training_params  # noqa: E402  (the scripts' parsers and config merge; no torch)
+from engine.progress import format_duration  # noqa: E402
 from engine.run_dir import CONFIG_FILE, check_directory  # noqa: E402
-from methods import METHODS, in_current_units  # noqa: E402
+from methods import METHODS, in_current_units, level_units  # noqa: E402
 from utils.checkpoint import write_text  # noqa: E402
 from utils.errors import ConfigError, UsageParser, UserError, one_line, shown  # noqa: E402
-from utils.metrics import METRICS, latest_results, read_rows  # noqa: E402
+from utils.metrics import METRICS, latest_results, plot_runs, protocol, read_rows, write_csv  # noqa: E402
 from utils.run_lock import RunDirLock  # noqa: E402
 from utils.yaml_io import read_yaml  # noqa: E402
 
@@ -58,11 +70,18 @@ LOG = "train.log"           # the run's stdout and stderr, appended over its seg
 FINAL_MODEL = "model_final.pt"
 LAST_CHECKPOINT = "checkpoint_last.pt"
 SUMMARY = "summary.md"
-FIGURE = "comparison.png"
+FIGURE = "comparison.png"      # per setting: the curves, mean and spread over seeds (and its .csv)
+RUNS_FIGURE = "runs.png"       # per setting: every run directory's whole grid (and its .csv)
 POLL_S = 0.5
 # What the sweep sets in every run itself (--resume and --overwrite from the run's state) or
 # what would make a run something else than a training run: a recipe may not give them.
-SWEEP_FLAGS = ("method", "seed", "data_dir", "save_dir", "resume", "overwrite", "eval_only", "checkpoint")
+SWEEP_FLAGS = ("method", "seed", "data_dir", "imagenet_dir", "save_dir", "resume", "overwrite", "eval_only",
+               "checkpoint")
+# The whole training sets (CIFAR-10, ILSVRC-2012), for a run without --train_subset.
+TRAIN_IMAGES = {"cifar10": 50_000, "imagenet": 1_281_167}
+# A run's script prints this once it has timed its first steps (engine/progress.py, RunClock).
+PROBE_LINE = re.compile(r"Estimated duration of the run: .*\((\d+) epochs of (\d+) steps at ([0-9.eE+-]+) s per step")
+PROBE_LIMIT_S = 600   # a probe that times no step by then is given up
 NAME_MAX = 255    # bytes of one name in a path (Linux and macOS file systems)
 PATH_MAX = 4096   # bytes of a whole path (Linux)
 
@@ -191,8 +210,8 @@ def check_recipe_flags(recipe, spec):
     for key in SWEEP_FLAGS:
         if getattr(given, key) not in (None, False):
             why = ("a sweep trains its runs" if key in ("eval_only", "checkpoint") else
-                   "the sweep sets --method, --seed, --data_dir and --save_dir of each run, and --resume or "
-                   "--overwrite from its state")
+                   "the sweep sets --method, --seed, --data_dir, --imagenet_dir and --save_dir of each run, "
+                   "and --resume or --overwrite from its state")
             raise ConfigError(f"{recipe.where}: run {spec.setting}/{spec.name}: --{key} is not a recipe flag "
                               f"({why}); remove it from the recipe")
 
@@ -252,6 +271,12 @@ class Run:
     expected: dict = None    # the config the run's script resolves from its flags (held keys compared)
     outcome: str = ""        # finished, failed, interrupted, skipped
     last_line: str = ""
+    seed: int = 0
+
+    @property
+    def shown_name(self):
+        """setting/<its directory's name>: the run of the recipe and, past seed 0, its seed."""
+        return f"{self.spec.setting}/{os.path.basename(self.run_dir)}"
 
 
 def script_of(setting):
@@ -259,18 +284,20 @@ def script_of(setting):
     return SETTINGS[setting].script
 
 
-def base_command(spec, recipe, args, run_dir, gpus_per_run):
+def base_command(spec, recipe, args, run_dir, gpus_per_run, seed):
     launcher = [sys.executable]
     if gpus_per_run > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus_per_run}"]
-    return launcher + [_script_path(script_of(spec.setting))] + run_flags(spec, recipe, args, run_dir)
+    return launcher + [_script_path(script_of(spec.setting))] + run_flags(spec, recipe, args, run_dir, seed)
 
 
-def run_flags(spec, recipe, args, run_dir):
+def run_flags(spec, recipe, args, run_dir, seed):
     """The flags of a run's script (without --resume / --overwrite)."""
-    flags = ["--method", spec.method, "--seed", str(args.seed)]
+    flags = ["--method", spec.method, "--seed", str(seed)]
     if args.data_dir:
         flags += ["--data_dir", args.data_dir]
+    if args.imagenet_dir:
+        flags += ["--imagenet_dir", args.imagenet_dir]
     flags += ["--save_dir", run_dir] + recipe.flags + spec.flags
     if args.gpus:
         flags += ["--device", "cuda"]
@@ -478,7 +505,7 @@ class Sweep:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(slot)
         where = f" on GPU {','.join(slot)}" if slot is not None else ""
         verb = {"resume": "resuming", "restart": "restarting (no checkpoint was saved)"}.get(run.state, "starting")
-        print(f"[{_now()}] {verb} {run.spec.setting}/{run.spec.name}{where}: {shown_command(command)}", flush=True)
+        print(f"[{_now()}] {verb} {run.shown_name}{where}: {shown_command(command)}", flush=True)
         record.setdefault("segments", [])
         record.update(command=shown_command(run.base_command), setting=run.spec.setting, method=run.spec.method,
                       seed=run.base_command[run.base_command.index("--seed") + 1], status="running")
@@ -511,7 +538,7 @@ class Sweep:
             run.outcome = "failed"
         record["status"] = run.outcome
         write_record(run.run_dir, record)
-        print(f"[{_now()}] {run.spec.setting}/{run.spec.name}: {run.outcome} after {_duration(wall)} "
+        print(f"[{_now()}] {run.shown_name}: {run.outcome} after {_duration(wall)} "
               f"(exit status {status})" + (f": {run.last_line}" if run.outcome == "failed" else ""), flush=True)
         self.running.remove(run)
         self.slots.append(run.gpus)
@@ -545,35 +572,162 @@ def gpu_slots(gpus, gpus_per_run):
 
 # ----------------------------------------------------------------------------- the summary
 
-def compare_setting(out, setting, runs):
-    """compare_runs' figure and table of a setting's runs that have results; its text or None."""
+@dataclass
+class Curve:
+    """One line of a setting's figure and one column of its tables: a run's rows as read, one
+    per level (and series), the accuracy the mean over its seeds with results, with
+    `accuracy_spread` their standard deviation (None for one seed) and `seeds` their number."""
+    label: str
+    rows: list
+
+
+def seed_groups(runs):
+    """The runs of each run of the recipe, one per seed, in the order of `runs`."""
+    groups = {}
+    for run in runs:
+        groups.setdefault((run.spec.setting, run.spec.name), []).append(run)
+    return list(groups.values())
+
+
+def mean_over_seeds(rows_per_seed):
+    """One row per series and level of the seeds' final rows (utils.metrics.protocol: rows
+    measured another way are never averaged together)."""
+    by_level = {}
+    for rows in rows_per_seed:
+        for row in rows:
+            by_level.setdefault((protocol(row), row["level"]), []).append(row)
+    mean = []
+    for rows in by_level.values():
+        values = [row["accuracy"] for row in rows]
+        mean.append(dict(rows[0], accuracy=statistics.fmean(values), seeds=len(values),
+                         accuracy_spread=statistics.stdev(values) if len(values) > 1 else None))
+    return mean
+
+
+def run_config(group):
+    """The config a run of the recipe trains (the first seed's config.yaml, else the one the
+    sweep expects)."""
+    for run in group:
+        config = _run_config(run.run_dir)
+        if config:
+            return config
+    return group[0].expected or {}
+
+
+def setting_curves(groups):
+    """(curves, grids) of one setting's runs with results: the curves of its figure, each run's
+    whole grid, except the per-target baselines (Method.target_key): the runs of one that
+    differ only in their target are one curve, each model at the level it trained, as the
+    paper draws them; `grids` keeps their whole-grid evaluations for the tables. A model whose
+    own level was not evaluated is drawn with its whole grid."""
+    curves, grids, joined = [], [], {}
+    for group in groups:
+        rows = mean_over_seeds([_final_rows(run.run_dir) for run in group])
+        if not rows:
+            continue
+        run, config = group[0], run_config(group)
+        curve = Curve(run_label(run, config), rows)
+        key = METHODS[run.spec.setting][run.spec.method].target_key
+        own = [row for row in rows if key and config.get(key) is not None
+               and math.isclose(row["level"], config[key], rel_tol=1e-9)]
+        if not own:  # not a per-target baseline, or its own level was not evaluated: its whole grid
+            curves.append(curve)
+            continue
+        grids.append(curve)
+        ignored = {key, "seed", "eval_param_grid", *training_params.RUNTIME_KEYS}
+        identity = json.dumps({name: value for name, value in config.items() if name not in ignored},
+                              sort_keys=True, default=str)
+        if identity not in joined:
+            joined[identity] = (Curve(run.spec.method, []), config)
+            curves.append(joined[identity][0])
+        joined[identity][0].rows += own
+    several_models = len({config.get("model") for _, config in joined.values()}) > 1
+    for curve, config in joined.values():
+        details = f"{config.get('model')}, {config.get('norm')}" if several_models else config.get("norm")
+        curve.label = f"{curve.label} ({details}): one model per level"
+    return curves, grids
+
+
+def run_label(run, config=None):
+    """The run's name and its norm (the baselines' configs use other norms than LCS)."""
+    norm = (config if config is not None else _run_config(run.run_dir)).get("norm")
+    return f"{run.spec.name} ({norm})" if norm else run.spec.name
+
+
+def write_figures(out, setting, runs):
+    """<setting>/comparison.png and .csv: the setting's curves (setting_curves), mean and
+    standard deviation over the seeds; <setting>/runs.png and .csv: compare_runs' figure and
+    table of every run directory with results, its whole grid. compare_runs' text, or None."""
     import compare_runs
     with_results = [run for run in runs if os.path.isfile(os.path.join(run.run_dir, METRICS))]
     if not with_results:
         return None
-    figure = os.path.join(out, setting, FIGURE)
-    return compare_runs.compare([run.run_dir for run in with_results], figure,
-                                labels=[run_label(run) for run in with_results])
+    text = compare_runs.compare([run.run_dir for run in with_results], os.path.join(out, setting, RUNS_FIGURE),
+                                labels=[_dir_label(run) for run in with_results])
+    curves, grids = setting_curves(seed_groups(runs))
+    if not curves:
+        return text
+    seeds = sorted({run.seed for run in with_results})
+    models = sorted({str(row["model"]) for curve in curves for row in curve.rows})
+    datasets = sorted({str(row["dataset"]) for curve in curves for row in curve.rows})
+    title = f"{', '.join(models)} on {', '.join(datasets)}" + (
+        f"; mean and standard deviation over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else "")
+    plot_runs(os.path.join(out, setting, FIGURE), [(curve.label, curve.rows) for curve in curves], title=title,
+              units=level_units())
+    header, lines = ["level_name", "level"], []
+    columns = curves + grids
+    for curve in columns:
+        header += [f"{curve.label}: accuracy", f"{curve.label}: spread", f"{curve.label}: seeds"]
+    for level_name, level in sorted({(row["level_name"], row["level"]) for curve in columns for row in curve.rows}):
+        line = [level_name, level]
+        for curve in columns:
+            row = _row_at(curve, level_name, level)
+            line += [row["accuracy"], row["accuracy_spread"], row["seeds"]] if row else [None] * 3
+        lines.append(["" if value is None else round(value, 6) if isinstance(value, float) else value
+                      for value in line])
+    write_csv(os.path.join(out, setting, FIGURE[:-4] + ".csv"), header, lines)
+    return text
 
 
-def run_label(run):
-    """The run's name and its norm (the baselines' configs use other norms than LCS)."""
+def _row_at(curve, level_name, level):
+    """The curve's row at a level (its first series)."""
+    return next((row for row in curve.rows if (row["level_name"], row["level"]) == (level_name, level)), None)
+
+
+def _dir_label(run):
+    """A run directory's label in runs.png: its name (the seed in it) and norm."""
     norm = _run_config(run.run_dir).get("norm")
-    return f"{run.spec.name} ({norm})" if norm else run.spec.name
+    name = os.path.basename(run.run_dir)
+    return f"{name} ({norm})" if norm else name
 
 
 def _percent(value):
     return "" if value is None else f"{100 * value:.2f} %"
 
 
+def _cell(row, seeds):
+    """Mean ± standard deviation over the seeds, and how many where fewer than the sweep's."""
+    if row is None:
+        return ""
+    if row["accuracy_spread"] is None:
+        text = _percent(row["accuracy"])
+    else:
+        text = f"{100 * row['accuracy']:.2f} ± {100 * row['accuracy_spread']:.2f} %"
+    return text + (f" (n={row['seeds']})" if row["seeds"] < seeds else "")
+
+
+def _seeds_text(seeds):
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+
+
 def summary_text(recipe, args, runs, commit, machine_name):
-    lines = [f"# Sweep: recipe `{recipe.name}`, seed {args.seed}", "",
+    seeds = sorted({run.seed for run in runs})
+    lines = [f"# Sweep: recipe `{recipe.name}`, {_seeds_text(seeds)}", "",
              f"Recipe `{recipe.name}`: {recipe.about or '(no description)'}.", "",
              f"Written {_now()} by `experiments/reproduce.py` at commit {commit} on {machine_name}. "
-             f"Data: `{args.data_dir or './data'}`.", "",
-             "| run | status | wall time | training images | epochs | test images | commit | machine |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    tables = []
+             f"Data: `{args.imagenet_dir or args.data_dir or './data'}`.", "",
+             "| run | seed | status | wall time | training images | epochs | test images | commit | machine |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run in runs:
         record = read_record(run.run_dir)
         config = _run_config(run.run_dir)
@@ -589,38 +743,51 @@ def summary_text(recipe, args, runs, commit, machine_name):
         status = run.outcome or record.get("status", "not started")
         if status == "failed" and run.last_line:
             status += f": {run.last_line}"
-        lines.append(f"| {run.spec.setting}/{run.spec.name} | {status} | {wall} | {train_images} | "
-                     f"{config.get('epochs', '-')} | {test_images} | {commits} | {machines} |")
-        tables.append((run, record, rows))
+        lines.append(f"| {run.shown_name} | {run.seed} | {status} | {wall} | "
+                     f"{train_images} | {config.get('epochs', '-')} | {test_images} | {commits} | {machines} |")
     by_setting = {}
-    for run, record, rows in tables:
-        by_setting.setdefault(run.spec.setting, []).append((run, record, rows))
-    for setting, entries in by_setting.items():
+    for run in runs:
+        by_setting.setdefault(run.spec.setting, []).append(run)
+    for setting, setting_runs in by_setting.items():
         lines += ["", f"## {setting}", ""]
         if os.path.isfile(os.path.join(args.out, setting, FIGURE)):
             lines += [f"![{setting}]({setting}/{FIGURE})", ""]
-        if not any(rows for _, _, rows in entries):
+        curves, grids = setting_curves(seed_groups(setting_runs))
+        if not curves:
             lines.append("No final evaluation yet.")
-            continue
-        # One table per level unit: LEC's kept channel fraction is no width factor.
-        by_unit = {}
-        for entry in entries:
-            if entry[2]:
-                by_unit.setdefault(entry[2][0]["level_name"], []).append(entry)
-        for number, (level_name, unit_entries) in enumerate(by_unit.items()):
-            levels = sorted({row["level"] for _, _, rows in unit_entries for row in rows})
-            lines += [""] * (number > 0) + [
-                "| " + " | ".join([level_name] + [run_label(run) for run, _, _ in unit_entries]) + " |",
-                "| " + " | ".join(["---"] * (len(unit_entries) + 1)) + " |"]
-            for level in levels:
-                cells = []
-                for _, _, rows in unit_entries:
-                    row = next((row for row in rows if row["level"] == level), None)
-                    cells.append(_percent(row["accuracy"]) if row else "")
-                lines.append(f"| {level:g} | " + " | ".join(cells) + " |")
+        else:
+            lines += _accuracy_tables(curves + grids, len(seeds))
+            notes = []
+            if len(seeds) > 1:
+                notes.append(f"Accuracy: mean ± standard deviation over the {_seeds_text(seeds)} (n: the seeds "
+                             f"with results where fewer).")
+            if grids:
+                notes.append("A curve `...: one model per level` joins a per-target baseline's models, each at "
+                             "the level it trained; the columns after it hold each model's whole grid.")
+            if os.path.isfile(os.path.join(args.out, setting, RUNS_FIGURE)):
+                notes.append(f"Each run directory's whole grid: [{setting}/{RUNS_FIGURE}]({setting}/{RUNS_FIGURE}).")
+            lines += [""] + [" ".join(notes)] * bool(notes)
         lines += ["", "Commands (each run resumed with the same command plus `--resume`):", ""]
-        lines += [f"    {record.get('command') or shown_command(run.base_command)}" for run, record, _ in entries]
+        lines += [f"    {read_record(run.run_dir).get('command') or shown_command(run.base_command)}"
+                  for run in setting_runs]
     return "\n".join(lines) + "\n"
+
+
+def _accuracy_tables(columns, seeds):
+    """One table per level unit (LEC's kept channel fraction is no width factor): a row per
+    level, a column per curve."""
+    by_unit, lines = {}, []
+    for column in columns:
+        by_unit.setdefault(column.rows[0]["level_name"], []).append(column)
+    for number, (level_name, unit_columns) in enumerate(by_unit.items()):
+        levels = sorted({row["level"] for column in unit_columns for row in column.rows})
+        lines += [""] * (number > 0) + [
+            "| " + " | ".join([level_name] + [column.label for column in unit_columns]) + " |",
+            "| " + " | ".join(["---"] * (len(unit_columns) + 1)) + " |"]
+        for level in levels:
+            cells = [_cell(_row_at(column, level_name, level), seeds) for column in unit_columns]
+            lines.append(f"| {level:g} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _final_rows(run_dir):
@@ -645,7 +812,7 @@ def summarise(recipe, args, runs, commit, machine_name):
         by_setting.setdefault(run.spec.setting, []).append(run)
     for setting, setting_runs in by_setting.items():
         try:
-            text = compare_setting(args.out, setting, setting_runs)
+            text = write_figures(args.out, setting, setting_runs)
         except UserError as error:
             print(f"reproduce.py: {setting}: no comparison figure: {one_line(error)}", file=sys.stderr)
             continue
@@ -664,30 +831,60 @@ def build_parser():
                          formatter_class=argparse.RawDescriptionHelpFormatter,
                          epilog="Recipes: experiments/recipes.yaml (docs/results.md tells what each produced).")
     parser.add_argument("--recipe", default="cpu",
-                        help="a recipe of experiments/recipes.yaml (paper, cpu) or a YAML file of one recipe "
-                             "(default: cpu)")
+                        help="a recipe of experiments/recipes.yaml (paper, paper-imagenet, cpu) or a YAML file of "
+                             "one recipe (default: cpu)")
     parser.add_argument("--select", help="comma-separated runs: setting/method (setting as structured, "
                                          "unstructured, quantized or its full name) or a whole setting of the "
                                          "recipe (default: the recipe's runs)")
     parser.add_argument("--data_dir", help="CIFAR-10 root, passed to every run (default: the scripts' ./data)")
+    parser.add_argument("--imagenet_dir", help="ImageNet root (training/ + validation/), passed to every run "
+                                               "(the recipe paper-imagenet needs it)")
     parser.add_argument("--out", default=None, help="folder of every run and the summary (default: "
                                                      "results/<recipe>)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every run (default: 0)")
+    parser.add_argument("--seed", type=int, help="seed of every run (default: 0); the same as --seeds SEED")
+    parser.add_argument("--seeds", help="comma-separated seeds: each run once per seed, seed 0 in <run>/, seed k "
+                                        "in <run>_seed<k>/; the summary shows mean and spread (default: 0)")
     parser.add_argument("--gpus", help="comma-separated GPU indices to run on side by side (default: one run at "
                                        "a time on the scripts' default device)")
     parser.add_argument("--gpus_per_run", type=int, default=1,
                         help="GPUs per run; above 1 each run is started under torchrun (default: 1)")
-    parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing, write nothing")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="print the commands and what each costs (epochs x training images), run nothing, "
+                             "write nothing")
+    parser.add_argument("--estimate", action="store_true",
+                        help="with --dry_run: time the first steps of each run on this machine (in a temporary "
+                             "directory, removed after) and estimate each run's and the sweep's duration")
     parser.add_argument("--summary_only", action="store_true",
                         help="write the figures and summary.md of the runs as they stand, run nothing")
     return parser
 
 
+def parse_seeds(args):
+    """--seeds as a list of distinct seeds (--seed N is --seeds N; default 0)."""
+    if args.seed is not None and args.seeds is not None:
+        raise ConfigError("--seed: cannot be combined with --seeds (give every seed in --seeds)")
+    if args.seeds is None:
+        seed = 0 if args.seed is None else args.seed
+        if not 0 <= seed < 2**32:
+            raise ConfigError(f"--seed {seed}: must lie in 0 .. 2^32-1")
+        return [seed]
+    parts = [part.strip() for part in args.seeds.split(",")]
+    if (not all(part.isdigit() for part in parts) or len(set(map(int, parts))) != len(parts)
+            or not all(int(part) < 2**32 for part in parts)):
+        raise ConfigError(f"--seeds {args.seeds!r}: expected distinct seeds in 0 .. 2^32-1, such as 0,1,2")
+    return [int(part) for part in parts]
+
+
+def seed_dir_name(name, seed):
+    """Each seed of a run in its own directory: seed 0 in <name>/ (where a sweep of one seed
+    has always written it), seed k in <name>_seed<k>/."""
+    return name if seed == 0 else f"{name}_seed{seed}"
+
+
 def plan(args):
     """The selected runs, every flag, name and place checked (what the run directories hold is
     not read yet; nothing is written)."""
-    if not 0 <= args.seed < 2**32:
-        raise ConfigError(f"--seed {args.seed}: must lie in 0 .. 2^32-1")
+    args.seeds = parse_seeds(args)
     gpus = None
     if args.gpus is not None:
         gpus = [part.strip() for part in args.gpus.split(",")]
@@ -695,12 +892,15 @@ def plan(args):
             raise ConfigError(f"--gpus {args.gpus!r}: expected distinct GPU indices such as 0,1,2,3")
     if not 1 <= args.gpus_per_run <= 64:
         raise ConfigError(f"--gpus_per_run {args.gpus_per_run}: must lie in 1..64")
+    if args.estimate and not args.dry_run:
+        raise ConfigError("--estimate: needs --dry_run (it estimates a sweep before it runs)")
     if args.dry_run and args.summary_only:
         raise ConfigError("--summary_only: cannot be combined with --dry_run (it writes the summary)")
     if args.gpus_per_run > 1 and not gpus:
         raise ConfigError("--gpus_per_run: needs --gpus (the GPUs each group of runs uses)")
-    if args.data_dir is not None and not os.path.isdir(args.data_dir):
-        raise ConfigError(f"--data_dir {args.data_dir}: no such directory")
+    for flag in ("data_dir", "imagenet_dir"):
+        if getattr(args, flag) is not None and not os.path.isdir(getattr(args, flag)):
+            raise ConfigError(f"--{flag} {getattr(args, flag)}: no such directory")
     pairs = known_pairs()
     recipe = load_recipe(args.recipe, pairs)
     specs = select_runs(recipe, args.select, pairs)
@@ -708,16 +908,40 @@ def plan(args):
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ConfigError(f"--out {args.out}: exists and is not a directory")
     out_shown = args.out if len(args.out) <= 200 else shown(args.out, 200)  # a path too long is cut
-    runs = []
+    runs, places = [], {}
     for spec in specs:
         if spec not in recipe.runs:  # a pair named by --select: the recipe's flags, checked for it
             check_recipe_flags(recipe, spec)
-        run_dir = os.path.join(args.out, spec.setting, spec.name)
-        check_place(run_dir, f"--out {out_shown}: run {spec.setting}/{spec.name}")
-        run = Run(spec, run_dir, base_command(spec, recipe, args, run_dir, args.gpus_per_run))
-        run.expected = expected_config(spec, run_flags(spec, recipe, args, run_dir), recipe.where)
-        runs.append(run)
+        for seed in args.seeds:
+            run_dir = os.path.join(args.out, spec.setting, seed_dir_name(spec.name, seed))
+            where = f"run {spec.setting}/{spec.name}" + (f" (seed {seed})" if seed else "")
+            if run_dir in places:
+                raise ConfigError(f"--seeds: {where} and {places[run_dir]} would share the directory {run_dir}; "
+                                  f"rename the recipe's run")
+            places[run_dir] = where
+            check_place(run_dir, f"--out {out_shown}: {where}")
+            run = Run(spec, run_dir, base_command(spec, recipe, args, run_dir, args.gpus_per_run, seed), seed=seed)
+            run.expected = expected_config(spec, run_flags(spec, recipe, args, run_dir, seed), recipe.where)
+            runs.append(run)
+    check_data_flags(args, runs)
     return recipe, runs, gpu_slots(gpus, args.gpus_per_run), gpus
+
+
+def check_data_flags(args, runs):
+    """--imagenet_dir for the runs on ImageNet, --data_dir (or the scripts' ./data) for those on
+    CIFAR-10: each is passed to every run, and a script refuses the other dataset's flag."""
+    for run in runs:
+        where = f"run {run.spec.setting}/{run.spec.name}"
+        if run.expected["dataset"] == "imagenet":
+            if not args.imagenet_dir:
+                raise ConfigError(f"--imagenet_dir: missing; {where} trains on ImageNet (give the ImageNet root "
+                                  f"with training/ + validation/ class folders)")
+            if args.data_dir:
+                raise ConfigError(f"--data_dir {args.data_dir}: {where} trains on ImageNet, read from "
+                                  f"--imagenet_dir; leave --data_dir out")
+        elif args.imagenet_dir:
+            raise ConfigError(f"--imagenet_dir {args.imagenet_dir}: {where} trains on {run.expected['dataset']}, "
+                              f"not ImageNet; leave --imagenet_dir out")
 
 
 def expected_config(spec, flags, where):
@@ -745,14 +969,86 @@ def lock_out(out):
         raise ConfigError(f"--out {out}: cannot be made or locked ({error.strerror or error})") from None
 
 
-def print_dry_run(recipe, runs, slots, gpus):
+def training_images(config):
+    """The images one epoch of a run trains on: its --train_subset, or the whole training set."""
+    whole = TRAIN_IMAGES[config["dataset"]]
+    return min(config["train_subset"], whole) if config.get("train_subset") else whole
+
+
+def cost_text(run):
+    epochs, images = run.expected["epochs"], training_images(run.expected)
+    return f"{epochs} epochs x {images:,} training images = {epochs * images:,} images trained"
+
+
+def probe(run, recipe, args, slot):
+    """(seconds, how) the run would take on this machine: its own command, in a temporary
+    directory, stopped once the script has timed its first steps (its estimate line: seconds per
+    step, steps per epoch, epochs); the directory is removed after. Training steps only (the
+    script times no evaluation before then); None and why where no step was timed."""
+    probe_dir = tempfile.mkdtemp(prefix="reproduce-estimate-")
+    try:
+        command = base_command(run.spec, recipe, args, os.path.join(probe_dir, "run"), args.gpus_per_run, run.seed)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if slot is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(slot)
+        started = time.monotonic()
+        process = subprocess.Popen(command + ["--no-eval_at_start"], env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+        timer = threading.Timer(PROBE_LIMIT_S, _send, (process, signal.SIGKILL))
+        timer.start()
+        found, last = None, ""
+        try:
+            for line in process.stdout:
+                last = line.strip() or last
+                found = PROBE_LINE.search(line)
+                if found:
+                    break
+        finally:
+            timer.cancel()
+            _send(process, signal.SIGKILL)
+            process.wait()
+            process.stdout.close()
+        wall = time.monotonic() - started
+        if found:
+            epochs, steps, step_s = int(found[1]), int(found[2]), float(found[3])
+            return (step_s * epochs * steps,
+                    f"{step_s:.3g} s per step x {epochs * steps:,} steps (timed training steps; evaluations "
+                    f"not included)")
+        if process.returncode == 0 and is_finished(os.path.join(probe_dir, "run")):
+            return wall, f"the whole run took {format_duration(wall)} in the probe"
+        return None, f"no step timed ({shown(last, 200) if last else 'no output'})"
+    finally:
+        shutil.rmtree(probe_dir, ignore_errors=True)
+
+
+def print_dry_run(recipe, args, runs, slots, gpus):
     print(f"# recipe {recipe.name}: {recipe.about}")
+    if len(args.seeds) > 1:
+        print(f"# seeds {', '.join(map(str, args.seeds))}: seed 0 in <run>/, seed k in <run>_seed<k>/")
     if gpus:
         groups = " | ".join(",".join(slot) for slot in slots)
         print(f"# side by side, CUDA_VISIBLE_DEVICES set per run to a free group of: {groups}")
+    estimated = []
     for run in runs:
+        cost = cost_text(run)
+        if args.estimate and run.state != "finished":
+            seconds, how = probe(run, recipe, args, slots[0])
+            cost += f"; on this machine: ~{format_duration(seconds)}, {how}" if seconds is not None else \
+                f"; on this machine: no estimate, {how}"
+            estimated.append(seconds)
+        print(f"# {run.shown_name}: {cost}")
         note = {"finished": "# finished, skipped: ", "resume": "# interrupted, resumed: "}.get(run.state, "")
-        print(f"{note}{shown_command(command_for(run))}")
+        print(f"{note}{shown_command(command_for(run))}", flush=True)
+    todo = [run for run in runs if run.state != "finished"]
+    total = sum(run.expected["epochs"] * training_images(run.expected) for run in todo)
+    line = f"# the sweep: {len(todo)} run(s) to do, {total:,} images trained"
+    timed = [seconds for seconds in estimated if seconds is not None]
+    if timed:
+        side = f", ~{format_duration(sum(timed) / len(slots))} on {len(slots)} GPU groups" if len(slots) > 1 else ""
+        untimed = len(estimated) - len(timed)
+        line += (f"; ~{format_duration(sum(timed))} one run after another{side}"
+                 + (f" ({untimed} run(s) not timed)" if untimed else ""))
+    print(line)
 
 
 def main(argv=None):
@@ -762,7 +1058,7 @@ def main(argv=None):
         recipe, runs, slots, gpus = plan(args)
         if args.dry_run:
             examine(runs)
-            print_dry_run(recipe, runs, slots, gpus)
+            print_dry_run(recipe, args, runs, slots, gpus)
             return 0
         commit, machine_name = project_commit(), machine(gpus)
         if args.summary_only:
@@ -782,7 +1078,7 @@ def main(argv=None):
         for run in runs:
             if run.state == "finished":
                 run.outcome = "finished"
-                print(f"{run.spec.setting}/{run.spec.name}: finished before, skipped ({run.run_dir})")
+                print(f"{run.shown_name}: finished before, skipped ({run.run_dir})")
             else:
                 todo.append(run)
         sweep = Sweep(todo, slots, commit, machine_name, echo=len(slots) == 1)
@@ -796,7 +1092,7 @@ def main(argv=None):
             lock.release()
     failed = [run for run in runs if run.outcome != "finished"]
     for run in failed:
-        print(f"{run.spec.setting}/{run.spec.name}: {run.outcome}"
+        print(f"{run.shown_name}: {run.outcome}"
               + (f" ({run.last_line})" if run.last_line and run.outcome == "failed" else ""), file=sys.stderr)
     if sweep.stop_signal is not None:
         return 128 + sweep.stop_signal

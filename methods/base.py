@@ -175,6 +175,9 @@ class Method:
     # None never, "" always, else the condition ("with discrete_alpha_map").
     compiles_when: Optional[str] = None
     deploy_levels = ()       # levels the deploy benchmark compares by default
+    # A per-target baseline trains one model per level: the config key of the level it trained
+    # (topk, num_bits, width_factor); its own point of the paper's curves is that level.
+    target_key: Optional[str] = None
     # cuDNN autotuning times every kernel for each new input shape; off where almost every
     # step meets new shapes (slimmable widths, LEC's slimmed networks).
     cudnn_benchmark = True

@@ -8,6 +8,7 @@ class TargetBitWidth(QuantizedMethod):
     """Weights quantized at `num_bits` from the first step, activations after the warmup."""
 
     name = "target_bit_width"
+    target_key = "num_bits"
     compiles_when = ""
     own_keys = {"num_bits": Key("int?", MAX_BITS, "target bit width")}
 

@@ -10,6 +10,7 @@ class TargetTopK(UnstructuredMethod):
     same decay factor."""
 
     name = "target_topk"
+    target_key = "topk"
     own_keys = {"topk": Key("float?", 0.0, "target TopK fraction (target_topk)")}
 
     @classmethod

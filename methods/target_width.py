@@ -13,6 +13,7 @@ class TargetWidth(StructuredMethod):
     up to the trained one: wider networks would use channels that never trained."""
 
     name = "target_width"
+    target_key = "width_factor"
     compiles_when = ""
     own_keys = {"width_factor": Key("float?", 0.5, "width factor trained (target_width)")}
     own_flags = (Flag("--width_factor", ("width_factor",),

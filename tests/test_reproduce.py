@@ -2,10 +2,14 @@
 
 Two pairs; one run interrupted by SIGTERM and resumed by a second call; one run made to fail
 (reported with its log's last line while the other finishes); the summary and the figures
-written; --dry_run of the two shipped recipes listing the expected commands.
+written; --dry_run of the shipped recipes listing the expected commands and their cost; --estimate timing
+the first steps of a run; --seeds running each seed in its own directory, the summary's tables and
+figures showing mean and spread and joining per-target baselines into one curve.
 """
 
+import csv
 import json
+import re
 import os
 import signal
 import subprocess
@@ -16,14 +20,15 @@ import pytest
 import yaml
 
 from cli_helpers import micro_cifar  # noqa: F401  (fixture)
+import training_params
 from conftest import REPO
 
 SCRIPT = os.path.join(REPO, "experiments", "reproduce.py")
 
 
-def sweep(*args, **kwargs):
+def sweep(*args, env=None, **kwargs):
     return subprocess.run([sys.executable, SCRIPT, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"), **kwargs)
+                          timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})), **kwargs)
 
 
 def write_recipe(path, flags, runs):
@@ -31,14 +36,22 @@ def write_recipe(path, flags, runs):
     return str(path)
 
 
-def recipe_commands(recipe, *extra):
-    result = sweep("--recipe", recipe, "--dry_run", "--data_dir", REPO, "--out", "/nonexistent/out", *extra)
+def recipe_commands(recipe, *extra, data=("--data_dir", REPO), comments=None):
+    result = sweep("--recipe", recipe, "--dry_run", *data, "--out", "/nonexistent/out", *extra)
     assert result.returncode == 0, result.stderr
+    if comments is not None:
+        comments += [line for line in result.stdout.splitlines() if line.startswith("#")]
     return [line for line in result.stdout.splitlines() if not line.startswith("#")]
 
 
+def flag(line, name):
+    words = line.split()
+    return words[words.index(name) + 1]
+
+
 def test_dry_run_cpu_recipe_lists_the_six_runs_with_its_budget():
-    lines = recipe_commands("cpu")
+    comments = []
+    lines = recipe_commands("cpu", comments=comments)
     expected = [("train_structured.py", "lcs_l"), ("train_structured.py", "us"),
                 ("train_unstructured.py", "lcs_l"), ("train_unstructured.py", "target_topk"),
                 ("train_quantized.py", "lcs_l"), ("train_quantized.py", "target_bit_width")]
@@ -59,20 +72,68 @@ def test_dry_run_cpu_recipe_lists_the_six_runs_with_its_budget():
                    "train_quantized.py": "quantized"}[script]
         assert words[words.index("--save_dir") + 1] == f"/nonexistent/out/{setting}/{method}"
     assert not os.path.exists("/nonexistent/out")
+    # What each run costs, and the sweep.
+    assert comments[1] == "# structured_sparsity/lcs_l: 12 epochs x 10,000 training images = 120,000 images trained"
+    assert comments[-1] == "# the sweep: 6 run(s) to do, 720,000 images trained"
 
 
-def test_dry_run_paper_recipe_lists_the_eleven_pairs_as_configured():
-    lines = recipe_commands("paper", "--gpus", "0,1,2,3", "--gpus_per_run", "2", "--seed", "3")
-    pairs = [(line.split()[5], line.split()[line.split().index("--method") + 1]) for line in lines]
-    assert pairs == [("train_structured.py", m) for m in ("lcs_l", "lcs_p", "ns", "us", "lec")] + \
-        [("train_unstructured.py", m) for m in ("lcs_l", "lcs_p", "target_topk")] + \
-        [("train_quantized.py", m) for m in ("lcs_l", "lcs_p", "target_bit_width")]
+TOPK_GRID = ["0.025", "0.05", "0.1", "0.25", "0.5", "0.75", "0.9", "0.95", "1.0"]
+
+
+def paper_grid(lines, script_word, structured=("lcs_l", "lcs_p", "ns", "us", "lec")):
+    """(script, method, target) of each command: the paper's grid, one target model per level."""
+    runs = [(line.split()[script_word], flag(line, "--method"),
+             flag(line, "--topk") if "--topk" in line else flag(line, "--bit_width") if "--bit_width" in line else None)
+            for line in lines]
+    assert runs == [("train_structured.py", m, None) for m in structured] + \
+        [("train_unstructured.py", m, None) for m in ("lcs_l", "lcs_p")] + \
+        [("train_unstructured.py", "target_topk", topk) for topk in TOPK_GRID] + \
+        [("train_quantized.py", m, None) for m in ("lcs_l", "lcs_p")] + \
+        [("train_quantized.py", "target_bit_width", str(bits)) for bits in range(3, 9)]
+
+
+def test_dry_run_paper_recipe_lists_the_grid_with_a_target_model_per_level():
+    comments = []
+    lines = recipe_commands("paper", "--gpus", "0,1,2,3", "--gpus_per_run", "2", "--seed", "3", comments=comments)
+    assert len(lines) == 24
+    paper_grid(lines, 5)
     for line in lines:
         assert line.startswith("python -m torch.distributed.run --standalone --nproc_per_node=2 ")
         words = line.split()
         # The configs as they are: no budget flag added.
         assert not {"--epochs", "--train_subset", "--test_subset", "--test_freq"} & set(words)
         assert words[words.index("--seed") + 1] == "3" and words[-2:] == ["--device", "cuda"]
+    assert flag(lines[7], "--save_dir") == "/nonexistent/out/unstructured_sparsity/target_topk_0.025_seed3"
+    assert "# unstructured_sparsity/target_topk_0.025_seed3: 200 epochs x 50,000 training images = 10,000,000 " \
+           "images trained" in comments
+    assert comments[-1] == "# the sweep: 24 run(s) to do, 240,000,000 images trained"
+
+
+def test_dry_run_paper_imagenet_recipe_lists_the_grid_for_resnet18_and_vgg19(tiny_imagenet):
+    comments = []
+    lines = recipe_commands("paper-imagenet", data=("--imagenet_dir", tiny_imagenet), comments=comments)
+    # LEC's channel selection exists for cPreResNet20 and VGG19: no ResNet18 LEC run.
+    assert len(lines) == 47
+    for model, half in (("resnet18", lines[:23]), ("vgg19", lines[23:])):
+        paper_grid(half, 1, ("lcs_l", "lcs_p", "ns", "us") + ("lec",) * (model == "vgg19"))
+        for line in half:
+            assert (flag(line, "--model"), flag(line, "--dataset"), flag(line, "--imagenet_dir")) == \
+                ("resnet18" if model == "resnet18" else "vgg19", "imagenet", tiny_imagenet)
+            assert os.path.basename(flag(line, "--save_dir")).startswith(model + "_") and "--data_dir" not in line
+        # Each run's config passes its script's own checks (the sweep's check parses and merges).
+        for line in half:
+            words = line.split()
+            setting = {"train_structured.py": "structured_sparsity", "train_unstructured.py": "unstructured_sparsity",
+                       "train_quantized.py": "quantized"}[words[1]]
+            parser = training_params.build_parser(setting)
+            training_params.validate(*training_params.merge(setting, parser.parse_args(words[2:])))
+    # The configs' ImageNet budgets: 90 epochs of the whole training set.
+    assert "# quantized/vgg19_target_bit_width_3: 90 epochs x 1,281,167 training images = 115,305,030 images " \
+           "trained" in comments
+    refused(sweep("--recipe", "paper-imagenet", "--dry_run", "--out", "/nonexistent/out"),
+            "--imagenet_dir: missing; run structured_sparsity/resnet18_lcs_l trains on ImageNet")
+    refused(sweep("--recipe", "cpu", "--dry_run", "--imagenet_dir", tiny_imagenet),
+            f"--imagenet_dir {tiny_imagenet}: run structured_sparsity/lcs_l trains on cifar10, not ImageNet")
 
 
 def test_select_picks_runs_and_refuses_unknown_names():
@@ -83,7 +144,7 @@ def test_select_picks_runs_and_refuses_unknown_names():
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "unknown method 'nope' of structured_sparsity" in result.stderr and "Traceback" not in result.stderr
     result = sweep("--recipe", "nosuch", "--dry_run")
-    assert result.returncode == 2 and "unknown recipe 'nosuch' (allowed: paper, cpu" in result.stderr
+    assert result.returncode == 2 and "unknown recipe 'nosuch' (allowed: paper, paper-imagenet, cpu, " in result.stderr
 
 
 def _wait_for(path, text, process, timeout=300):
@@ -140,9 +201,9 @@ def test_sweep_interrupted_resumed_failure_reported_summary_written(tmp_path, mi
         assert (out / setting / "comparison.png").stat().st_size > 1000
         assert (out / setting / "comparison.csv").exists()
     summary = (out / "summary.md").read_text()
-    assert "| quantized/target_bit_width | finished |" in summary and "(2 segments)" in summary
-    assert "| unstructured_sparsity/target_topk | finished |" in summary
-    assert "| quantized/broken | failed: " in summary
+    assert "| quantized/target_bit_width | 0 | finished |" in summary and "(2 segments)" in summary
+    assert "| unstructured_sparsity/target_topk | 0 | finished |" in summary
+    assert "| quantized/broken | 0 | failed: " in summary
     assert "![quantized](quantized/comparison.png)" in summary
     # Per run the accuracy at every level of its grid, and the exact command.
     table = summary.split("## unstructured_sparsity")[1]
@@ -184,7 +245,7 @@ def test_summary_gives_each_level_unit_its_own_table(tmp_path):
     runs = [reproduce.Run(reproduce.RunSpec("structured_sparsity", method, method), str(path), ["python"])
             for method, path in (("lcs_l", width_dir), ("lec", lec_dir))]
     recipe = reproduce.Recipe("tiny", "", [], [run.spec for run in runs])
-    args = SimpleNamespace(seed=0, data_dir="data", out=str(out))
+    args = SimpleNamespace(data_dir="data", imagenet_dir=None, out=str(out))
     text = reproduce.summary_text(recipe, args, runs, "abc", "a machine")
     section = text.split("## structured_sparsity")[1]
     width_table, lec_table = section.split("| width_factor |")[1], section.split("| channel_fraction |")[1]
@@ -228,7 +289,8 @@ def test_run_flags_are_checked_by_the_scripts_parser_before_anything_runs(tmp_pa
     assert not out.exists()
 
 
-@pytest.mark.parametrize("flag", ["--method lcs_p", "--seed=3", "--data_dir /tmp", "--save_dir runs/x", "--resume",
+@pytest.mark.parametrize("flag", ["--method lcs_p", "--seed=3", "--data_dir /tmp", "--imagenet_dir /tmp",
+                                  "--save_dir runs/x", "--resume",
                                   "--overwrite", "--eval_only --checkpoint m.pt"])
 def test_recipe_flags_may_not_set_what_the_sweep_sets(tmp_path, flag):
     recipe = write_recipe(tmp_path / "own.yaml", "--epochs 2", [{"run": "quantized/lcs_l", "flags": flag}])
@@ -289,10 +351,18 @@ def cpu_results(tmp_path):
 
 
 def test_run_directory_holding_another_run_is_refused(cpu_results):
+    import shutil
     result = sweep("--recipe", "cpu", "--dry_run", "--out", cpu_results)
     assert result.returncode == 0 and result.stdout.count("--save_dir") == 6, result.stderr  # the runs it holds
+    # Another seed runs in its own directory: never the seed-0 run reported as its own.
     result = sweep("--recipe", "cpu", "--dry_run", "--out", cpu_results, "--seed", "1", "--select", "quantized")
-    refused(result, f"{cpu_results}/quantized/lcs_l: holds another run than quantized/lcs_l of this sweep "
+    assert result.returncode == 0 and "finished" not in result.stdout, result.stdout
+    assert [flag(line, "--save_dir") for line in result.stdout.splitlines() if not line.startswith("#")] == \
+        [f"{cpu_results}/quantized/lcs_l_seed1", f"{cpu_results}/quantized/target_bit_width_seed1"]
+    # A seed's directory holding another seed's run is refused.
+    shutil.copytree(cpu_results / "quantized" / "lcs_l", cpu_results / "quantized" / "lcs_l_seed1")
+    result = sweep("--recipe", "cpu", "--dry_run", "--out", cpu_results, "--seeds", "0,1", "--select", "quantized")
+    refused(result, f"{cpu_results}/quantized/lcs_l_seed1: holds another run than quantized/lcs_l of this sweep "
                     f"(seed 0; expected seed 1)")
     held = cpu_results / "quantized" / "target_bit_width"
     (held / "config.yaml").write_text((cpu_results / "quantized" / "lcs_l" / "config.yaml").read_text())
@@ -320,3 +390,105 @@ def test_summary_only_without_a_sweep_says_so(tmp_path):
     result = sweep("--recipe", "cpu", "--summary_only", "--out", tmp_path / "none")
     refused(result, f"--out {tmp_path / 'none'}: no sweep there")
     assert not (tmp_path / "none").exists()
+
+
+def test_estimate_times_the_first_steps_of_each_run_and_writes_nothing(tmp_path, micro_cifar):
+    recipe = write_recipe(tmp_path / "est.yaml", "--epochs 2 --batch_size 2 --threads 1 --no-eval_at_start",
+                          ["quantized/target_bit_width"])
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    result = sweep("--recipe", recipe, "--data_dir", micro_cifar, "--out", tmp_path / "out", "--dry_run", "--estimate",
+                   env={"TMPDIR": str(temporary)})
+    assert result.returncode == 0, result.stderr
+    # micro_cifar: 20 training images, 10 steps of 2 per epoch; the script timed its first steps.
+    cost = result.stdout.splitlines()[1]
+    match = re.fullmatch(r"# quantized/target_bit_width: 2 epochs x 50,000 training images = 100,000 images "
+                         r"trained; on this machine: ~\d+ s, ([0-9.e-]+) s per step x 20 steps \(timed training "
+                         r"steps; evaluations not included\)", cost)
+    assert match and 0 < float(match[1]) < 60, cost
+    assert re.search(r"^# the sweep: 1 run\(s\) to do, 100,000 images trained; ~\d+ s one run after another$",
+                     result.stdout, re.M), result.stdout
+    # (torch keeps its own caches in TMPDIR)
+    assert not (tmp_path / "out").exists() and [name for name in os.listdir(temporary) if "reproduce" in name] == []
+    refused(sweep("--recipe", recipe, "--estimate", "--out", tmp_path / "out"), "--estimate: needs --dry_run")
+
+
+@pytest.mark.parametrize("seeds, named", [
+    (["--seeds", "0,x"], "--seeds '0,x': expected distinct seeds in 0 .. 2^32-1, such as 0,1,2"),
+    (["--seeds", "1,1"], "--seeds '1,1': expected distinct seeds"),
+    (["--seeds", "4294967296"], "--seeds '4294967296': expected distinct seeds in 0 .. 2^32-1"),
+    (["--seed", "-1"], "--seed -1: must lie in 0 .. 2^32-1"),
+    (["--seed", "1", "--seeds", "1,2"], "--seed: cannot be combined with --seeds"),
+])
+def test_bad_seeds_are_refused(tmp_path, seeds, named):
+    refused(sweep("--recipe", "cpu", "--dry_run", "--out", tmp_path / "out", *seeds), named)
+
+
+@pytest.mark.slow
+def test_seeds_run_in_their_own_directories_and_the_summary_shows_mean_and_spread(tmp_path, micro_cifar):
+    """Two target TopK models (0.5 and 1.0) of two seeds each: four directories, each with its
+    seed; the figure's and tables' curve joins each model at its own level, mean and standard
+    deviation over the seeds; a later sweep of one seed skips only that seed's runs."""
+    import statistics
+
+    from utils.metrics import draw_runs
+
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "seeds.yaml", "--epochs 1 --batch_size 4 --threads 1 --no-eval_at_start "
+                          "--eval_topk_grid 0.5,1.0 --learning_rate 0.5",
+                          [{"run": "unstructured/target_topk", "name": f"t{topk}", "flags": f"--topk {topk}"}
+                           for topk in ("0.5", "1.0")])
+    result = sweep("--recipe", recipe, "--data_dir", micro_cifar, "--out", out, "--seeds", "0,1")
+    assert result.returncode == 0, result.stderr
+    setting = out / "unstructured_sparsity"
+    accuracy = {}
+    for name, seed in (("t0.5", 0), ("t0.5_seed1", 1), ("t1.0", 0), ("t1.0_seed1", 1)):
+        assert yaml.safe_load((setting / name / "config.yaml").read_text())["seed"] == seed
+        assert f"--seed {seed} " in json.loads((setting / name / "sweep_run.json").read_text())["command"]
+        rows = [json.loads(line) for line in (setting / name / "metrics.jsonl").read_text().splitlines()]
+        accuracy[name] = {row["level"]: row["accuracy"] for row in rows if row["final"]}
+    # The joined curve: the 0.5 model at 0.5, the 1.0 model at 1.0, each over its two seeds.
+    joined = {0.5: [accuracy["t0.5"][0.5], accuracy["t0.5_seed1"][0.5]],
+              1.0: [accuracy["t1.0"][1.0], accuracy["t1.0_seed1"][1.0]]}
+    table = list(csv.DictReader((setting / "comparison.csv").open()))
+    label = "target_topk (BN): one model per level"
+    for line in table:
+        values = joined[float(line["level"])]
+        assert float(line[f"{label}: accuracy"]) == pytest.approx(statistics.fmean(values), abs=1e-6)
+        assert float(line[f"{label}: spread"]) == pytest.approx(statistics.stdev(values), abs=1e-6)
+        assert line[f"{label}: seeds"] == "2"
+        # Each model's whole grid stays in the table.
+        assert float(line["t0.5 (BN): accuracy"]) == pytest.approx(
+            statistics.fmean([accuracy["t0.5"][float(line["level"])], accuracy["t0.5_seed1"][float(line["level"])]]),
+            abs=1e-6)
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("# Sweep: recipe `seeds`, seeds 0, 1\n")
+    assert "| unstructured_sparsity/t0.5_seed1 | 1 | finished |" in summary
+    section = summary.split("## unstructured_sparsity")[1]
+    assert f"| topk | {label} | t0.5 (BN) | t1.0 (BN) |" in section
+    mean, spread = statistics.fmean(joined[0.5]), statistics.stdev(joined[0.5])
+    assert f"| 0.5 | {100 * mean:.2f} ± {100 * spread:.2f} % |" in section
+    assert "mean ± standard deviation over the seeds 0, 1" in section
+    assert (setting / "comparison.png").stat().st_size > 1000 and (setting / "runs.png").stat().st_size > 1000
+    # The figure's curve carries its spread as error bars.
+    from experiments import reproduce
+    runs = [reproduce.Run(reproduce.RunSpec("unstructured_sparsity", "target_topk", name), str(setting / directory),
+                          ["python"], seed=seed)
+            for name in ("t0.5", "t1.0") for directory, seed in ((name, 0), (f"{name}_seed1", 1))]
+    curves, grids = reproduce.setting_curves(reproduce.seed_groups(runs))
+    assert [curve.label for curve in curves] == [label] and [curve.label for curve in grids] == ["t0.5 (BN)",
+                                                                                                 "t1.0 (BN)"]
+    figure = draw_runs([(curve.label, curve.rows) for curve in curves])
+    bars = [container for container in figure.axes[0].containers if type(container).__name__ == "ErrorbarContainer"]
+    assert len(bars) == 1
+
+    # Another seed alone: its own runs, the others' never reported as its own.
+    result = sweep("--recipe", recipe, "--data_dir", micro_cifar, "--out", out, "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    skipped = [line for line in result.stdout.splitlines() if "finished before, skipped" in line]
+    assert skipped == [f"unstructured_sparsity/t{topk}_seed1: finished before, skipped ({setting}/t{topk}_seed1)"
+                       for topk in ("0.5", "1.0")], result.stdout
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("# Sweep: recipe `seeds`, seed 1\n") and "| 0 |" not in summary.split("## ")[0]
+    dry = sweep("--recipe", recipe, "--data_dir", micro_cifar, "--out", out, "--seed", "2", "--dry_run")
+    assert "finished" not in dry.stdout and dry.stdout.count("_seed2 ") == 2, dry.stdout

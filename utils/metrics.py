@@ -239,7 +239,7 @@ def draw_runs(runs, title=None, units=None):
     --eval_only) are hollow markers, chance accuracy is dashed. Runs of different settings
     (width factor / TopK / bit width) get side-by-side axes. `units`: {level name: its unit
     (methods.base.LevelUnit: axis_label, scale)}; a level name without one is its own label on a
-    linear axis."""
+    linear axis. Rows with an `accuracy_spread` (a mean over seeds) get error bars of it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,6 +285,12 @@ def _draw_series(axes, label, rows, trained):
     hollow markers."""
     line, = axes.plot([row["level"] for row in rows], [100 * row["accuracy"] for row in rows], marker="o",
                       markersize=4, label=label)
+    # Rows averaged over seeds (experiments/reproduce.py) carry their standard deviation.
+    spread = [row.get("accuracy_spread") for row in rows]
+    if any(value is not None for value in spread):
+        axes.errorbar([row["level"] for row in rows], [100 * row["accuracy"] for row in rows],
+                      yerr=[100 * (value or 0) for value in spread], fmt="none", ecolor=line.get_color(), capsize=3,
+                      linewidth=1)
     added = [row for row in rows if row.get("eval_only") and row["level"] not in trained]
     if added:
         axes.plot([row["level"] for row in added], [100 * row["accuracy"] for row in added], linestyle="",
