@@ -44,6 +44,19 @@ def test_topk_mask_ties_are_broken_by_position():
     assert topk_mask(t([1.0, -1.0, 1.0, 1.0]), 0.5).tolist() == [0.0, 0.0, 1.0, 1.0]
 
 
+@pytest.mark.parametrize("k", [0.025, 0.3, 0.5, 0.77, 0.975])
+def test_topk_mask_on_the_cpu_prunes_what_the_stable_sort_prunes(k):
+    """The CPU's selection (kthvalue, then the earliest ties) against the sort the GPU uses, on
+    weights with many ties (small integers) and without."""
+    generator = torch.Generator().manual_seed(0)
+    for weight in (torch.randint(-3, 4, (4, 8, 3, 3), generator=generator).float(),
+                   torch.randn(64, 16, 3, 3, generator=generator)):
+        pruned = int((1 - k) * weight.numel())
+        by_sort = torch.ones(weight.numel())
+        by_sort[weight.abs().flatten().argsort(stable=True)[:pruned]] = 0
+        assert torch.equal(topk_mask(weight, k), by_sort.view_as(weight))
+
+
 @pytest.mark.parametrize("shape, k, kept", [
     ((3, 4, 3, 3), 0.3, 108 - 75),     # floor(0.7 * 108) = floor(75.6) = 75 pruned
     ((16, 16, 1, 1), 0.025, 256 - 249),  # floor(0.975 * 256) = floor(249.6) = 249

@@ -263,3 +263,40 @@ def test_instance_norm_on_a_1x1_map_is_refused_before_anything_is_written(micro_
     assert result.returncode == 2
     assert "--norm IN: torchvision.mobilenet_v2's features.14.conv.1.1 normalises a 1x1 map" in result.stderr
     assert "Traceback" not in result.stderr and not save_dir.exists()
+
+
+# -- the topology matrix ------------------------------------------------------------------
+# torchvision networks at CIFAR size (width multipliers where the builder has one): accepted
+# or refused for structured sparsity as models/topology.py decides; unstructured and quantized
+# accept every one. Each accepted pair trains two steps and evaluates two levels.
+MATRIX = {
+    "resnet18": None, "resnet50": None, "mobilenet_v2": None, "mobilenet_v3_small": None,
+    "efficientnet_b0": None, "vgg11_bn": None,
+    "regnet_x_400mf": "(Conv2d): a grouped conv", "densenet121": "(cat)", "shufflenet_v2_x0_5": "(cat)",
+    "convnext_tiny": "(LayerNorm2d)",
+}
+MATRIX_KWARGS = {"mobilenet_v2": "width_mult=0.25", "mobilenet_v3_small": "width_mult=0.25"}
+GRIDS = {"train_structured.py": ("--eval_width_factors", "0.5,1"), "train_unstructured.py": ("--eval_topk_grid", "0.5,1"),
+         "train_quantized.py": ("--eval_bit_widths", "4,8")}
+MATRIX_CASES = [(name, script) for name in MATRIX for script in GRIDS]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,script", MATRIX_CASES, ids=[f"{n}-{s[6:-3]}" for n, s in MATRIX_CASES])
+def test_topology_matrix(micro_cifar, tmp_path, name, script):
+    save_dir = tmp_path / "run"
+    kwargs = ("--model_kwargs", MATRIX_KWARGS[name]) if name in MATRIX_KWARGS else ()
+    method = "target_topk" if script == "train_unstructured.py" else "target_bit_width" \
+        if script == "train_quantized.py" else "us"
+    result = run_script(script, "--model", f"torchvision.{name}", *kwargs, "--method", method, "--norm", "BN",
+                        *GRIDS[script], "--data_dir", micro_cifar, "--epochs", "1", "--batch_size", "10",
+                        "--no-eval_at_start", "--save_dir", str(save_dir))
+    refusal = MATRIX[name] if script == "train_structured.py" else None
+    if refusal:
+        assert result.returncode == 2 and refusal in result.stderr, result.stderr
+        assert "unstructured and quantized accept this model" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and not save_dir.exists()
+        return
+    assert_ok(result)
+    rows = [row for row in read_metrics(save_dir) if row["final"]]
+    assert sorted(row["level"] for row in rows) == sorted(float(v) for v in GRIDS[script][1].split(","))
