@@ -276,7 +276,8 @@ MATRIX = {
     "convnext_tiny": "(LayerNorm2d)",
 }
 MATRIX_KWARGS = {"mobilenet_v2": "width_mult=0.25", "mobilenet_v3_small": "width_mult=0.25"}
-GRIDS = {"train_structured.py": ("--eval_width_factors", "0.5,1"), "train_unstructured.py": ("--eval_topk_grid", "0.5,1"),
+GRIDS = {"train_structured.py": ("--eval_width_factors", "0.5,1"),
+         "train_unstructured.py": ("--eval_topk_grid", "0.5,1"),
          "train_quantized.py": ("--eval_bit_widths", "4,8")}
 MATRIX_CASES = [(name, script) for name in MATRIX for script in GRIDS]
 
