@@ -53,11 +53,11 @@ def _is_int(value):
 
 
 def _classifier_outputs(content: dict) -> int:
-    """The outputs of the stored classifier (the last stored conv weight, as num_classes_of
-    reads a state dict; the classifier is never stored as codes)."""
+    """The outputs of the stored classifier (the last stored conv or linear weight, as
+    num_classes_of reads a state dict; the classifier is never stored as codes)."""
     weights = content["weights"]
     shapes = [shape for name, shape in zip(weights["names"], weights["shapes"])
-              if name.endswith("weight") and len(shape) == 4]
+              if name.endswith("weight") and len(shape) in (2, 4)]
     return shapes[-1][0] if shapes else 0
 
 

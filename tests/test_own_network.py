@@ -301,3 +301,46 @@ def test_topology_matrix(micro_cifar, tmp_path, name, script):
     assert_ok(result)
     rows = [row for row in read_metrics(save_dir) if row["final"]]
     assert sorted(row["level"] for row in rows) == sorted(float(v) for v in GRIDS[script][1].split(","))
+
+
+# -- deploying converted networks ---------------------------------------------------------
+DEPLOYED = [("torchvision.resnet18", ()), ("torchvision.mobilenet_v2", ("--model_kwargs", "width_mult=0.25")),
+            ("torchvision.efficientnet_b0", ())]
+DEPLOY_SETTINGS = [("train_structured.py", ("--norm", "BN"), "0.5"),
+                   # BN: GroupNorm over a 1x1 map of a barely trained network normalises pairs of
+                   # nearly equal values, whose float rounding ONNX Runtime and torch resolve apart
+                   ("train_unstructured.py", ("--norm", "BN"), "0.5"),
+                   ("train_quantized.py", ("--norm", "BN", "--warmup_budget", "1"), "4")]
+DEPLOY_CASES = [(m, k, s, f, level) for m, k in DEPLOYED for s, f, level in DEPLOY_SETTINGS]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,kwargs,script,flags,level", DEPLOY_CASES,
+                         ids=[f"{c[0][12:]}-{c[2][6:-3]}" for c in DEPLOY_CASES])
+def test_a_converted_network_exports_every_artefact_checked_against_the_training_time_model(
+        micro_cifar, tmp_path, capsys, model, kwargs, script, flags, level):
+    """Per-level .pt, the subspace and ONNX of a briefly trained converted network: each written
+    only after its logits matched the training-time model's at its level (deploy/verify.py);
+    the structured export is physically narrower."""
+    from deploy.compressed import load_exported
+    from deploy.export import main as export
+
+    run = tmp_path / "run"
+    assert_ok(run_script(script, "--model", model, *kwargs, *flags, "--data_dir", micro_cifar, "--epochs", "1",
+                         "--batch_size", "10", "--no-eval_at_start", "--save_dir", str(run)))
+    checkpoint = str(run / "model_final.pt")
+    capsys.readouterr()
+    for args in (["--level", level, "--out", str(tmp_path / "level.pt")],
+                 ["--subspace", "--out", str(tmp_path / "model.lcs.pt")],
+                 ["--level", level, "--format", "onnx", "--check_images", "16", "--out", str(tmp_path / "m.onnx")]):
+        export(["--checkpoint", checkpoint, *args])
+        out = capsys.readouterr().out
+        assert "checked against the training-time model at" in out, out
+        assert os.path.getsize(args[-1]) > 0
+    exported = load_exported(str(tmp_path / "level.pt"))
+    full = torch.load(checkpoint, weights_only=True)["model"]
+    if script == "train_structured.py":  # physically fewer channels than the trained network
+        parameters = sum(p.numel() for p in exported.parameters())
+        assert parameters < 0.5 * sum(v.numel() for k, v in full.items() if k.endswith(("weight", "bias")))
+    with torch.no_grad():
+        assert exported(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
