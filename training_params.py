@@ -109,6 +109,9 @@ def _add_common_flags(parser):
                         "torchvision.<builder>, timm.<name> or package.module:callable (docs/own_network.md)")
     add("--model_kwargs", help="arguments of a converted network's builder: key=value[,key=value...] "
                                "(e.g. width_mult=0.5) or a YAML mapping")
+    add("--init_from", metavar="FILE",
+        help="a converted network starts from these weights of the unconverted network (a state_dict, or a "
+             "checkpoint holding one under 'state_dict' or 'model'); both ends of an LCS+L line start there")
     add("--dataset", choices=DATASETS, help="cifar10 (default) or imagenet")
     add("--imagenet_dir", help="ImageNet root with training/ + validation/ (or train/ + val/) class folders")
     add("--data_dir", help="CIFAR-10 root: torchvision's files (downloaded there when missing) or train/ and "
@@ -193,10 +196,10 @@ class _Layers:
         self.sources.pop(key, None)
 
 
-FLAG_KEYS = ("model", "model_kwargs", "dataset", "norm", "epochs", "test_freq", "learning_rate", "batch_size",
-             "momentum", "weight_decay", "save_dir", "data_dir", "imagenet_dir", "seed", "device", "num_workers",
-             "train_subset", "test_subset", "image_size", "data_pipeline", "amp", "channels_last", "compile",
-             "threads", "eval_at_start")
+FLAG_KEYS = ("model", "model_kwargs", "init_from", "dataset", "norm", "epochs", "test_freq", "learning_rate",
+             "batch_size", "momentum", "weight_decay", "save_dir", "data_dir", "imagenet_dir", "seed", "device",
+             "num_workers", "train_subset", "test_subset", "image_size", "data_pipeline", "amp", "channels_last",
+             "compile", "threads", "eval_at_start")
 
 
 def _apply_file(layers, data, path, setting, method):
@@ -303,6 +306,10 @@ def _model_spec(c, checks):
         raise ConfigError(f"{checks.source(key)}: {message}") from None
     checks.require(spec.external or not c.model_kwargs, "model_kwargs",
                    f"only for a converted network (torchvision., timm., package.module:callable), not {c.model}")
+    checks.require(spec.external or not c.init_from, "init_from",
+                   f"only for a converted network (torchvision., timm., package.module:callable), not {c.model}")
+    checks.require(c.init_from is None or os.path.isfile(c.init_from), "init_from",
+                   f"no such file: {c.init_from}")
     return spec
 
 

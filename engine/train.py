@@ -122,8 +122,11 @@ class Run:
         self.method = method_class(config, warmup)
         if config.compile:
             check_compile_support(self.method, config)
+        # A run's own weights come from its checkpoint when resumed or evaluated; --init_from
+        # only starts a fresh run.
+        init_from = config.init_from if not (options.resume or options.eval_only) else None
         self.model = build_model(config.model, self.method.layer_factory(), self.data.num_classes,
-                                 model_kwargs=config.model_kwargs, input_size=config.input_size)
+                                 model_kwargs=config.model_kwargs, input_size=config.input_size, init_from=init_from)
         if getattr(self.model, "conversion", None) is not None:
             _log(context, f"{config.model}: {self.model.conversion.header()}")
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format

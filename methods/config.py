@@ -58,6 +58,7 @@ COMMON_KEYS = {
     "model": Key("str", "cpreresnet20", "cpreresnet20, resnet18 or vgg19; or torchvision.<builder>, timm.<name>, "
                                          "package.module:callable (converted, see docs/own_network.md)"),
     "model_kwargs": Key("map?", None, "arguments of a converted network's builder (e.g. width_mult: 0.5)"),
+    "init_from": Key("str?", None, "weights of the unconverted network to start from (a state_dict file)"),
     "dataset": Key("str", "cifar10", "cifar10 or imagenet"),
     "norm": Key("str", None, "IN, BN or GN"),
     "epochs": Key("int", 200),

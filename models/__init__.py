@@ -14,10 +14,12 @@ MODELS = {
 }
 
 
-def build_model(name, factory, num_classes, widths=None, selected=None, model_kwargs=None, input_size=32):
+def build_model(name, factory, num_classes, widths=None, selected=None, model_kwargs=None, input_size=32,
+                init_from=None):
     """Build a registered network from a layer factory (and an optional channel spec), or build
     a network written elsewhere (`torchvision.<builder>`, `timm.<name>`, `package.module:callable`)
-    and convert it for the factory (models/convert.py; `model.conversion` says what was converted)."""
+    and convert it for the factory (models/convert.py; `model.conversion` says what was converted),
+    from the weights in the file `init_from` if given."""
     if name in MODELS:
         kwargs = {"widths": widths}
         if selected:
@@ -30,7 +32,7 @@ def build_model(name, factory, num_classes, widths=None, selected=None, model_kw
     if selected:
         raise ConfigError(f"--model {name}: LEC's channel selections exist in cpreresnet20 and vgg19 only")
     model, conversion = build_converted(parse_model_spec(name, MODELS), model_kwargs, factory, num_classes,
-                                        input_size, structured=factory.body == "slim")
+                                        input_size, structured=factory.body == "slim", init_from=init_from)
     if widths:  # a per-level structured export: {layer: [c_in, c_out] or [channels]}
         narrow(model, widths)
     model.conversion = conversion

@@ -49,13 +49,14 @@ class Conversion:
     classifier: str
     folded_norms: tuple    # quantized: BatchNorms carried inside the conv before them
     dense: tuple           # what no swapped layer compresses ("where: what")
+    notes: tuple = ()      # further lines for the run's header
 
     def header(self) -> str:
         line = (f"{len(self.convs)} convs and {len(self.linears)} linears compressed; dense: stem "
                 f"{self.stem_kind} ({self.stem}), classifier ({self.classifier})")
         if self.dense:
             line += "; also dense: " + "; ".join(self.dense)
-        return line
+        return "\n".join((line, *self.notes))
 
 
 def group_count(channels: int, preferred: int = MAX_GROUPS) -> int:
@@ -210,19 +211,61 @@ def example_input(input_size: int) -> torch.Tensor:
 
 
 def build_converted(spec: ModelSpec, model_kwargs: dict, factory, num_classes: int, input_size: int,
-                    structured: bool):
+                    structured: bool, init_from: str = None):
     """(converted model, Conversion): build, analyse, refuse what the setting cannot compress,
-    convert. `structured`: the setting slims channels, so the topology must allow it."""
+    convert. `structured`: the setting slims channels, so the topology must allow it. With
+    `init_from` (a file of the unconverted network's weights) both ends of a line start there."""
     model = build_external(spec, model_kwargs, num_classes)
+    if init_from is not None:
+        load_unconverted_weights(model, init_from)
     image = example_input(input_size)
     topology = analyze(model, image)
     if structured and topology.structured_refusal:
         raise ConfigError(f"--model {spec_text(spec)}: {topology.structured_refusal}")
     if factory.norm_kind == "IN":
         _check_instance_norm_positions(model, image, spec)
-    endpoint1 = build_external(spec, model_kwargs, num_classes) if factory.line_convs or factory.line_norms else None
+    lines = factory.line_convs or factory.line_norms
+    endpoint1 = build_external(spec, model_kwargs, num_classes) if lines and init_from is None else None
     conversion = convert(model, factory, topology, endpoint1)
+    if init_from is not None:
+        conversion = replace(conversion, notes=conversion.notes + (untaken_note(model, factory),))
     return model, conversion
+
+
+def load_unconverted_weights(model: nn.Module, path: str) -> None:
+    """The weights in `path` (a state_dict, or a checkpoint holding one under "state_dict" or
+    "model"; a DDP "module." prefix dropped) into the unconverted `model`; one line naming the
+    first key or shape that does not fit."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many kinds for files that are no checkpoint
+        raise ConfigError(f"--init_from {path}: not a readable weights file "
+                          f"({(str(error).strip().splitlines() or [type(error).__name__])[0][:120]})") from None
+    if isinstance(payload, dict):
+        payload = payload.get("state_dict", payload.get("model", payload))
+    if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
+        raise ConfigError(f"--init_from {path}: holds no state_dict (a mapping of names to tensors)")
+    state = {key.removeprefix("module."): value for key, value in payload.items()}
+    own = model.state_dict()
+    missing = [key for key in own if key not in state]
+    unexpected = [key for key in state if key not in own]
+    if missing or unexpected:
+        which = f"lacks {missing[0]}" if missing else f"has {unexpected[0]}, which the network does not"
+        raise ConfigError(f"--init_from {path}: does not fit the network ({which}; {len(missing)} missing, "
+                          f"{len(unexpected)} unexpected keys)")
+    for key, value in state.items():
+        if value.shape != own[key].shape:
+            raise ConfigError(f"--init_from {path}: {key} has shape {tuple(value.shape)}, the network's "
+                              f"{tuple(own[key].shape)}")
+    model.load_state_dict(state)
+
+
+def untaken_note(model: nn.Module, factory) -> str:
+    """What --init_from could not carry over into the method's norms."""
+    if factory.norm_kind == "BN":
+        return "from --init_from: every weight; BatchNorm affine parameters and running statistics"
+    return (f"from --init_from: every weight and the norms' affine parameters; BatchNorm running statistics are "
+            f"not taken ({factory.norm_kind} normalises with each input's own statistics)")
 
 
 @torch.no_grad()
