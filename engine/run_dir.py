@@ -22,6 +22,7 @@ import yaml
 from utils import checkpoint as ckpt
 from utils.errors import CheckpointError, ConfigError
 from utils.metrics import METRICS, PLOT, RESULTS
+from utils.stop_signals import TORCHRUN_SIGNALS
 
 CONFIG_FILE = "config.yaml"
 LAST, FINAL = ckpt.LAST, ckpt.FINAL
@@ -137,5 +138,5 @@ def resume_command(script, save_dir, environ=os.environ):
         return f"python {command}"
     local = int(environ.get("LOCAL_WORLD_SIZE", world_size))
     if local == world_size:
-        return f"torchrun --standalone --nproc_per_node={local} {command}"
+        return f"torchrun --standalone --nproc_per_node={local} {TORCHRUN_SIGNALS} {command}"
     return f"torchrun <this run's torchrun options, on every node> {command}"

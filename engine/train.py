@@ -9,7 +9,8 @@
     evaluate the grid (final), save model_final.pt
 
 A run can be resumed from any checkpoint with identical results (same seed, same machine),
-is preempted cleanly by SIGTERM / Ctrl-C, and runs under torchrun with DDP. One step is
+is preempted cleanly by SIGTERM, Ctrl-C, SIGHUP or the cluster's warning signal
+(utils/stop_signals.py), and runs under torchrun with DDP. One step is
 engine/step.py's TrainStep; what the run shows while it runs (progress lines, the time
 estimate, an evaluation's progress) is engine/progress.py.
 """
@@ -36,12 +37,11 @@ from methods.levels import cosine_lr
 from models import build_model
 from utils import checkpoint as ckpt
 from utils import checkpoint_schema as schema
-from utils.distributed import any_process, barrier, choose_threads, setup, teardown
+from utils.distributed import any_process, barrier, choose_threads, max_over_processes, setup, teardown
 from utils.errors import CheckpointError, ConfigError, one_line
 from utils.metrics import METRICS, evaluation_rows, format_table, latest_results, read_rows, update_outputs
 from utils.run_lock import RunDirLock, refuse_if_locked
-
-EXIT_INTERRUPTED = {signal.SIGTERM: 143, signal.SIGINT: 130}
+from utils.stop_signals import STOP_SIGNALS, exit_status
 
 
 @dataclass
@@ -63,14 +63,15 @@ class Interrupted(Exception):
 
 
 class StopFlag:
-    """SIGTERM / SIGINT set a flag; the loop stops after the current step."""
+    """A stop signal (SIGTERM, SIGINT, SIGHUP, the warning signal) sets a flag; the loop stops
+    after the current step."""
 
     def __init__(self):
         self.signum, self.previous = None, {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for signum in EXIT_INTERRUPTED:
+            for signum in STOP_SIGNALS:
                 self.previous[signum] = signal.signal(signum, self._handle)
         return self
 
@@ -261,7 +262,7 @@ class Run:
                 self.save_checkpoint()
                 _log(self.context, interrupted_message(interrupted.signum, progress, self.data.train.steps_per_epoch,
                                                        config))
-                return EXIT_INTERRUPTED[interrupted.signum]
+                return exit_status(interrupted.signum)
             # Still under StopFlag: a signal now lets the final evaluation and saves finish.
             self.record_evaluation(final=True)
             progress.finished = True
@@ -303,9 +304,11 @@ class Run:
         log.close()
 
     def stop_if_requested(self, stop):
-        """Raise Interrupted once any process has been signalled (all processes stop together)."""
-        if any_process(stop.signum is not None, self.context, self.device):
-            raise Interrupted(stop.signum or signal.SIGTERM)
+        """Raise Interrupted once any process has been signalled (all processes stop together,
+        naming the signal one of them received)."""
+        signum = max_over_processes(stop.signum or 0, self.context, self.device)
+        if signum:
+            raise Interrupted(signal.Signals(signum))
 
     # -- reporting ----------------------------------------------------------------------
     def print_summary(self, title):

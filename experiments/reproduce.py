@@ -15,8 +15,9 @@ sweep adds no training code of its own.
   its directory's name and place, and what a directory already holds against what would run
   there; one sweep at a time writes into --out (a lock, as for a run directory).
 * Calling it again is safe: a finished run is skipped, an interrupted one resumed (--resume),
-  a failed one reported with the last line of its log while the others go on. SIGTERM or
-  Ctrl-C stops the running runs after their current step, each with a checkpoint. The exit
+  a failed one reported with the last line of its log while the others go on. SIGTERM, Ctrl-C,
+  SIGHUP (a closed terminal) or the cluster's warning signal (utils/stop_signals.py) is passed on
+  to the running runs, which stop after their current step, each with a checkpoint. The exit
   status is 0 only when every selected run has finished.
 * At the end, per setting: compare_runs' figure and table of its runs; for the sweep:
   summary.md (per run: the accuracy at every level, wall time, the exact command, seed,
@@ -50,6 +51,7 @@ from utils.checkpoint import write_text  # noqa: E402
 from utils.errors import ConfigError, UsageParser, UserError, one_line, shown  # noqa: E402
 from utils.metrics import METRICS, latest_results, read_rows  # noqa: E402
 from utils.run_lock import RunDirLock  # noqa: E402
+from utils.stop_signals import STOP_SIGNALS, TORCHRUN_SIGNALS, exit_status, stopped_by  # noqa: E402
 from utils.yaml_io import read_yaml  # noqa: E402
 
 RECIPES = os.path.join(REPO, "experiments", "recipes.yaml")
@@ -262,7 +264,8 @@ def script_of(setting):
 def base_command(spec, recipe, args, run_dir, gpus_per_run):
     launcher = [sys.executable]
     if gpus_per_run > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus_per_run}"]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus_per_run}",
+                    TORCHRUN_SIGNALS]
     return launcher + [_script_path(script_of(spec.setting))] + run_flags(spec, recipe, args, run_dir)
 
 
@@ -454,7 +457,7 @@ class Sweep:
                 _send(run.process, signum)
 
     def execute(self):
-        previous = {signum: signal.signal(signum, self._signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+        previous = {signum: signal.signal(signum, self._signal) for signum in STOP_SIGNALS}
         try:
             while (self.queue and self.stop_signal is None) or self.running:
                 while self.queue and self.slots and self.stop_signal is None:
@@ -505,7 +508,7 @@ class Sweep:
         run.last_line = last_log_line(os.path.join(run.run_dir, LOG))
         if status == 0 and is_finished(run.run_dir):
             run.outcome = "finished"
-        elif self.stop_signal is not None and status in (130, 143, -signal.SIGTERM, -signal.SIGINT):
+        elif self.stop_signal is not None and stopped_by(status) is not None:
             run.outcome = "interrupted"
         else:
             run.outcome = "failed"
@@ -799,7 +802,7 @@ def main(argv=None):
         print(f"{run.spec.setting}/{run.spec.name}: {run.outcome}"
               + (f" ({run.last_line})" if run.last_line and run.outcome == "failed" else ""), file=sys.stderr)
     if sweep.stop_signal is not None:
-        return 128 + sweep.stop_signal
+        return exit_status(sweep.stop_signal)
     return 1 if failed else 0
 
 

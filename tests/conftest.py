@@ -44,7 +44,7 @@ UNIT_SECONDS = {
     "tests/test_onnx.py::quantized_graph_matrix": 18,
     "tests/test_onnx.py::test_every_quantized_conv_runs_as_an_integer_convolution": 8,
     "tests/test_onnx.py::test_onnx_runtime_reproduces_the_model": 7,
-    "tests/test_distributed.py": 71,
+    "tests/test_distributed.py": 140,
     "tests/test_resume.py": 46,
     "tests/test_cli_unstructured.py": 41,
     "tests/test_quickstart.py": 28,

@@ -63,12 +63,14 @@ def test_dry_run_cpu_recipe_lists_the_six_runs_with_its_budget():
 
 def test_dry_run_paper_recipe_lists_the_eleven_pairs_as_configured():
     lines = recipe_commands("paper", "--gpus", "0,1,2,3", "--gpus_per_run", "2", "--seed", "3")
-    pairs = [(line.split()[5], line.split()[line.split().index("--method") + 1]) for line in lines]
+    pairs = [(line.split()[6], line.split()[line.split().index("--method") + 1]) for line in lines]
     assert pairs == [("train_structured.py", m) for m in ("lcs_l", "lcs_p", "ns", "us", "lec")] + \
         [("train_unstructured.py", m) for m in ("lcs_l", "lcs_p", "target_topk")] + \
         [("train_quantized.py", m) for m in ("lcs_l", "lcs_p", "target_bit_width")]
     for line in lines:
-        assert line.startswith("python -m torch.distributed.run --standalone --nproc_per_node=2 ")
+        # torchrun passes the warning signal on to every process too (utils/stop_signals.py).
+        assert line.startswith("python -m torch.distributed.run --standalone --nproc_per_node=2 "
+                               "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2 ")
         words = line.split()
         # The configs as they are: no budget flag added.
         assert not {"--epochs", "--train_subset", "--test_subset", "--test_freq"} & set(words)
@@ -320,3 +322,41 @@ def test_summary_only_without_a_sweep_says_so(tmp_path):
     result = sweep("--recipe", "cpu", "--summary_only", "--out", tmp_path / "none")
     refused(result, f"--out {tmp_path / 'none'}: no sweep there")
     assert not (tmp_path / "none").exists()
+
+
+class _SignalledChild:
+    """A real child process in its own session (as the sweep starts its runs) whose first poll
+    sends the sweep itself `signum`: the signal arrives while the sweep waits on its runs."""
+
+    def __init__(self, signum):
+        code = ("import signal, sys, time\n"
+                "for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):\n"
+                "    signal.signal(signum, lambda number, frame: sys.exit(128 + number))\n"
+                "print('ready', flush=True)\n"
+                "time.sleep(60)\n")
+        self.popen = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                                      start_new_session=True)
+        assert self.popen.stdout.readline() == "ready\n"
+        self.pid, self.signum, self.sent = self.popen.pid, signum, False
+
+    def poll(self):
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+        return self.popen.poll()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2], ids=lambda signum: signum.name)
+def test_sweep_passes_each_stop_signal_on_to_its_runs(signum, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from experiments import reproduce
+    sweep = reproduce.Sweep([], [None], "commit", "machine", echo=False)
+    child = _SignalledChild(signum)
+    sweep.running = [SimpleNamespace(process=child)]
+    monkeypatch.setattr(reproduce.Sweep, "_finish", lambda self, run: self.running.remove(run))
+    previous = signal.getsignal(signum)
+    sweep.execute()
+    assert child.popen.wait(timeout=30) == 128 + signum
+    assert sweep.stop_signal == signum and signal.getsignal(signum) == previous
+    assert f"{signum.name}: stopping the running run(s) after their current step" in capsys.readouterr().err
