@@ -14,6 +14,7 @@ Every decision about a run's directory lives here:
 
 import os
 import shlex
+import shutil
 from dataclasses import dataclass
 from typing import Optional
 
@@ -36,6 +37,7 @@ FILE_DESCRIPTIONS = {
     FINAL: "the trained model (--eval_only --checkpoint)",
 }
 RUN_FILES = tuple(FILE_DESCRIPTIONS)
+BOARD_DIR = "tensorboard"  # --tensorboard's log (engine/board.py), removed with the run by --overwrite
 
 
 @dataclass
@@ -115,6 +117,7 @@ def prepare(save_dir, config, overwrite):
             path = os.path.join(save_dir, name)
             if os.path.exists(path):
                 os.remove(path)
+        shutil.rmtree(os.path.join(save_dir, BOARD_DIR), ignore_errors=True)
     text = yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None)
     ckpt.write_text(os.path.join(save_dir, CONFIG_FILE), text)
 

@@ -27,6 +27,7 @@ import torch
 
 from data import build_data
 from engine import run_dir
+from engine.board import Board, summary_writer_class
 from engine.evaluate import evaluate
 from engine.progress import LOSS_LABEL, EpochLog, EvaluationLog, RunClock, resumed_message
 from engine.step import LossMonitor, TrainStep, check_compile_support, check_finite_weights, configure_backends
@@ -240,6 +241,17 @@ class Run:
         self.clock = RunClock(config, self.data.train.steps_per_epoch, self.evaluation_seconds)
         _log(self.context, f"Training loss shown: {LOSS_LABEL}, the mean cross-entropy of the step's forward "
                            f"passes (one per compression level trained; regulariser included)")
+        # A resumed run drops what its interrupted process wrote after the checkpoint.
+        unit = self.method.level_unit
+        self.board = Board(config, self.context.is_main, units={unit.name: unit},
+                           purge_step=progress.global_step + 1 if self.options.resume else None)
+        try:
+            return self.train_epochs(step)
+        finally:
+            self.board.close()
+
+    def train_epochs(self, step) -> int:
+        config, progress = self.config, self.progress
         with StopFlag() as stop:
             try:
                 while progress.epoch < config.epochs:
@@ -252,6 +264,7 @@ class Run:
                         self.clock.evaluated(time.perf_counter() - started)
                         progress.evaluated_epoch = progress.epoch
                         self.save_checkpoint()
+                        self.board.evaluation(self.last_evaluation_rows())  # once a checkpoint holds it
                         self.stop_if_requested(stop)
                     self.train_epoch(step, lr, stop)
                     progress.epoch += 1
@@ -270,8 +283,12 @@ class Run:
             if self.context.is_main:
                 ckpt.save(run_dir.path(self.save_dir, run_dir.FINAL), self.payload(kind="model"))
             self.save_checkpoint()
+            self.board.evaluation(self.last_evaluation_rows())
         self.print_summary("Final evaluation")
         return 0
+
+    def last_evaluation_rows(self):
+        return [row for row in self.rows if row["evaluation"] == self.progress.evaluations - 1]
 
     def evaluation_due(self):
         """Every test_freq epochs, at the start of the epoch (epoch 0 only with eval_at_start)."""
@@ -296,6 +313,7 @@ class Run:
             progress.global_step += 1
             if progress.step_in_epoch % check_every == 0 or progress.step_in_epoch == log.steps:
                 mean_loss = monitor.flush(self.config)
+                self.board.training(progress.global_step, mean_loss, lr)
                 seconds_left = self.clock.seconds_left(progress, lambda text: _log(self.context, text))
                 log.update(progress.step_in_epoch, mean_loss, logits, labels, self.config.batch_size, seconds_left)
                 if progress.step_in_epoch < log.steps:  # after the last step the epoch is completed first
@@ -372,6 +390,8 @@ def run(config: Config, options: RunOptions) -> int:
         # fast only with bfloat16 units: say so.
         amp_note = (" (--amp on the CPU: bfloat16 autocast, faster than fp32 only on CPUs with bfloat16 "
                     "units such as AMX)") if config.amp and context.device.type != "cuda" else ""
+        if config.tensorboard:
+            summary_writer_class()  # missing: a one-line error before anything is written
         threads = choose_threads(config.threads)
         torch.set_num_threads(threads.threads)
         _log(context, f"Device: {context.device}, {context.world_size} process(es), {threads.threads} CPU "

@@ -83,6 +83,7 @@ COMMON_KEYS = {
     "compile": Key("bool", False),
     "threads": Key("int?", None, "CPU threads per process (null: chosen at start, see --threads)"),
     "eval_at_start": Key("bool", True, "evaluate the grid before the first training step (epoch 0)"),
+    "tensorboard": Key("bool", False, "TensorBoard curves in <save_dir>/tensorboard (engine/board.py)"),
 }
 
 
