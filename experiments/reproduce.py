@@ -10,7 +10,8 @@ script (train_structured.py, ...) in a subprocess, writing into <out>/<setting>/
 sweep adds no training code of its own.
 
 * Runs go one after another on one device, or side by side with --gpus (one run per GPU, or
-  per group of --gpus_per_run GPUs under torchrun), through CUDA_VISIBLE_DEVICES.
+  per group of --gpus_per_run GPUs under torchrun), through CUDA_VISIBLE_DEVICES; or, with
+  --launcher slurm, each as a Slurm job through submitit (experiments/launchers.py).
 * Before anything runs (the dry run alike): every run's flags are checked by its script's parser,
   its directory's name and place, and what a directory already holds against what would run
   there; one sweep at a time writes into --out (a lock, as for a run directory).
@@ -45,6 +46,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import training_params  # noqa: E402  (the scripts' parsers and config merge; no torch)
+from experiments import launchers  # noqa: E402  (--launcher slurm; submitit imported only there)
 from engine.run_dir import CONFIG_FILE, check_directory  # noqa: E402
 from methods import METHODS, in_current_units  # noqa: E402
 from utils.checkpoint import write_text  # noqa: E402
@@ -680,6 +682,7 @@ def build_parser():
                                        "a time on the scripts' default device)")
     parser.add_argument("--gpus_per_run", type=int, default=1,
                         help="GPUs per run; above 1 each run is started under torchrun (default: 1)")
+    launchers.add_arguments(parser)
     parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing, write nothing")
     parser.add_argument("--summary_only", action="store_true",
                         help="write the figures and summary.md of the runs as they stand, run nothing")
@@ -763,9 +766,12 @@ def main(argv=None):
     lock = None
     try:
         recipe, runs, slots, gpus = plan(args)
+        launchers.check(args)
         if args.dry_run:
             examine(runs)
             print_dry_run(recipe, runs, slots, gpus)
+            if args.launcher == "slurm":
+                print(launchers.describe(args))
             return 0
         commit, machine_name = project_commit(), machine(gpus)
         if args.summary_only:
@@ -775,12 +781,18 @@ def main(argv=None):
             examine(runs)
             for run in runs:
                 run.outcome = "finished" if run.state == "finished" else ""
+            if args.launcher == "slurm":  # the jobs' states, while they run
+                launchers.update_states(runs, args.out, sys.modules[__name__])
             summarise(recipe, args, runs, commit, machine_name)
             return 0
         lock = lock_out(args.out)
         examine(runs)
         print(f"Recipe {recipe.name}, {len(runs)} run(s) into {args.out}; commit {commit}; {machine_name}",
               flush=True)
+        if args.launcher == "slurm":  # submitted; the jobs go on without this process
+            launchers.submit(runs, args, commit, sys.modules[__name__])
+            summarise(recipe, args, runs, commit, machine_name)
+            return 0
         todo = []
         for run in runs:
             if run.state == "finished":

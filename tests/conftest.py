@@ -51,6 +51,7 @@ UNIT_SECONDS = {
     "tests/test_cli_structured.py": 28,
     "tests/test_cli_quantized.py": 29,
     "tests/test_reproduce.py": 26,
+    "tests/test_cluster.py": 37,
     "tests/test_export.py": 12,
     "tests/test_subspace.py": 13,
     "tests/test_errors.py": 14,
