@@ -108,6 +108,7 @@ class Run:
         self.rows = []
         # How long each evaluation took, kept in checkpoints: a resumed run's estimate counts them.
         self.evaluation_seconds = []
+        self.board = Board(config, is_main=False)  # writes nothing; train() opens the run's own
         seed_everything(config.seed)
         method_class = METHODS[config.setting][config.method]
         self.bn_at_evaluation = method_class.bn_at_evaluation(config)
