@@ -171,8 +171,9 @@ def describe(args):
 
 class TrainingJob:
     """What one job runs: the run's command as the sweep chose it from the run directory (fresh,
-    --resume, or --overwrite of a run killed before its first checkpoint); requeued, the same
-    job with --resume once the run has saved its checkpoint. Pickled by submitit."""
+    --resume, or --overwrite of a run killed before its first checkpoint), and --resume once the
+    run has saved a checkpoint, so that a requeued job (by submitit, or by Slurm after a
+    preemption) continues the run. Pickled by submitit."""
 
     def __init__(self, command, resume_command, run_dir, log, cwd):
         self.command, self.resume_command = list(command), list(resume_command)
@@ -188,15 +189,18 @@ class TrainingJob:
             env.update({key: os.environ[key] for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
                                                          "LOCAL_RANK", "LOCAL_WORLD_SIZE")})
         main = job.global_rank == 0
+        command = self.resume_command if self.checkpoint_saved() else self.command
         log = open(os.path.join(self.cwd, self.log), "ab") if main else None  # the other ranks: the job's log
         if log:
             now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-            log.write(f"\n[{now}] Slurm job {job.job_id}: {shlex.join(self.command)}\n".encode())
+            log.write(f"\n[{now}] Slurm job {job.job_id}: {shlex.join(command)}\n".encode())
             log.flush()
-        child = subprocess.Popen(self.command, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(command, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
         requeue = signal.getsignal(WARNING_SIGNAL)  # submitit's: checkpoint() and requeue
+        received = set()
 
         def pass_on(signum, frame):
+            received.add(signum)
             child.send_signal(signum)  # the run saves its checkpoint after its current step
 
         for signum in (signal.SIGTERM, signal.SIGHUP, WARNING_SIGNAL):
@@ -204,19 +208,21 @@ class TrainingJob:
         status = child.wait()
         if log:
             log.close()
-        if stopped_by(status) is not None and main and callable(requeue):
+        # Only the warning requeues: SIGTERM alone is Slurm ending the job (scancel, or a
+        # preemption that Slurm requeues itself); the run's checkpoint is saved either way.
+        if WARNING_SIGNAL in received and stopped_by(status) is not None and main and callable(requeue):
             requeue(WARNING_SIGNAL, None)  # submitit requeues the job and ends this process
         if status != 0 and stopped_by(status) is None:
             raise RuntimeError(f"the run ended with exit status {status} (its log: {self.log})")
         return "finished" if status == 0 else "stopped"
 
+    def checkpoint_saved(self):
+        return os.path.isfile(os.path.join(self.cwd, run_files.path(self.run_dir, run_files.LAST)))
+
     def checkpoint(self, *args, **kwargs):
-        """submitit's hook before a requeue: the same job, with --resume once the run has saved
-        its checkpoint (a signal before that finds none: the job starts the run again)."""
+        """submitit's hook before a requeue: the same job (it continues from the run's checkpoint)."""
         from submitit.helpers import DelayedSubmission
-        saved = os.path.isfile(os.path.join(self.cwd, run_files.path(self.run_dir, run_files.LAST)))
-        command = self.resume_command if saved else self.command
-        return DelayedSubmission(TrainingJob(command, self.resume_command, self.run_dir, self.log, self.cwd))
+        return DelayedSubmission(self)
 
 
 # ----------------------------------------------------------------------------- the sweep's side
