@@ -45,7 +45,7 @@ DATA_PIPELINES = ("auto", "tensor", "dataloader")
 # eval_at_start changes what is recorded, not what is trained (evaluation leaves the model and
 # the random streams as they were).
 RUNTIME_KEYS = {"data_dir", "imagenet_dir", "device", "num_workers", "save_dir", "data_pipeline", "threads",
-                "eval_at_start"}
+                "eval_at_start", "tensorboard"}
 
 
 # -- per-model / per-dataset overrides (the original's training_params.model_data_params) --
@@ -144,6 +144,8 @@ def _add_common_flags(parser):
     add("--eval_at_start", action=argparse.BooleanOptionalAction, default=None,
         help="evaluate the grid before training, as the original does (epoch 0 in the metrics; default); "
              "--no-eval_at_start skips it")
+    add("--tensorboard", action="store_true", default=None,
+        help="TensorBoard curves in <save_dir>/tensorboard (needs requirements-tensorboard.txt)")
     add("--resume", nargs="?", const="last", metavar="CHECKPOINT",
         help="continue the run in save_dir from checkpoint_last.pt, or from the given checkpoint")
     add("--overwrite", action="store_true", help="replace a run already in save_dir")
@@ -199,7 +201,7 @@ class _Layers:
 FLAG_KEYS = ("model", "model_kwargs", "init_from", "dataset", "norm", "epochs", "test_freq", "learning_rate",
              "batch_size", "momentum", "weight_decay", "save_dir", "data_dir", "imagenet_dir", "seed", "device",
              "num_workers", "train_subset", "test_subset", "image_size", "data_pipeline", "amp", "channels_last",
-             "compile", "threads", "eval_at_start")
+             "compile", "threads", "eval_at_start", "tensorboard")
 
 
 def _apply_file(layers, data, path, setting, method):

@@ -11,11 +11,18 @@ the same process:
 * this project: engine.train's epoch loop (Run.train_epoch with TrainStep) with the data
   pipeline and speed flags given here (default: the on-device tensor pipeline, fp32).
 
-The loops take turns epoch by epoch, so a change in machine load hits both. The first epoch
+With --compare_flags, this project's loop runs once per combination of its speed flags (fp32,
+--channels_last, --amp, --amp --channels_last), every combination measured in the same run,
+and the fastest combination per setting and over all settings is named: the flags to use on
+the machine it ran on. --amp changes the numerics (bfloat16 autocast); the recipes keep fp32
+unless they say otherwise (docs/speed.md).
+
+The loops take turns epoch by epoch, so a change in machine load hits all of them. The first epoch
 of each loop is reported on its own (worker start-up, autotuning, compilation); the median of
 the later ones is the steady state that images/s, ms/step and the speed-up are computed from.
 
     python benchmarks/train_speed.py --device cpu                      # small, on the CPU
+    python benchmarks/train_speed.py --device cpu --threads 2 --compare_flags   # the fastest flags here
     python benchmarks/train_speed.py --device cuda --images 50000 --epochs 3
 """
 
@@ -70,8 +77,13 @@ def parse_args(argv=None):
                         help="this project's data pipeline (default: tensor)")
     parser.add_argument("--amp", action="store_true", help="this project's loop with bfloat16 autocast (CUDA)")
     parser.add_argument("--channels_last", action="store_true", help="this project's loop in channels-last")
+    parser.add_argument("--compare_flags", action="store_true",
+                        help="this project's loop with every combination of --amp and --channels_last in one "
+                             "run, and the fastest named")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.compare_flags and (args.amp or args.channels_last):
+        parser.error("--compare_flags: measures every combination of --amp and --channels_last; leave those out")
     args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     for setting in args.settings:
         if setting not in SETTINGS:
@@ -174,12 +186,22 @@ class ProjectLoop:
             self.run.train_epoch(self.step, lr, StopFlag())
 
 
-def project_config(setting, args, device, save_dir):
+SPEED_FLAGS = ("--amp", "--channels_last")
+FLAG_SETS = ((), ("--channels_last",), ("--amp",), ("--amp", "--channels_last"))  # --compare_flags
+
+
+def flag_sets(args):
+    """{loop name: the speed flags of a project loop} measured in this run."""
+    if args.compare_flags:
+        return {"project " + (" ".join(flags) or "fp32"): flags for flags in FLAG_SETS}
+    return {"this project": tuple(flag for flag in SPEED_FLAGS if getattr(args, flag[2:]))}
+
+
+def project_config(setting, args, device, save_dir, flags):
     argv = ["--method", METHOD, "--data_dir", args.data_dir, "--train_subset", str(args.images),
             "--test_subset", "16", "--batch_size", str(args.batch_size), "--device", device.type,
             "--data_pipeline", args.data_pipeline, "--seed", str(args.seed), "--save_dir", save_dir,
-            "--num_workers", str(args.workers)]
-    argv += [flag for flag in ("--amp", "--channels_last") if getattr(args, flag[2:])]
+            "--num_workers", str(args.workers), *flags]
     return parse(setting, argv)
 
 
@@ -194,18 +216,22 @@ def timed(device, function, *args):
 def measure(setting, args, device, images, labels):
     """{loop name: (first epoch s, [later epochs s], steps per epoch)} for one setting."""
     with tempfile.TemporaryDirectory() as save_dir:
-        config, options = project_config(setting, args, device, save_dir)
-        project = ProjectLoop(config, options, device)
-        warmup = project.run.method.warmup_iterations
+        projects = {}
+        for index, (name, flags) in enumerate(flag_sets(args).items()):
+            config, options = project_config(setting, args, device, os.path.join(save_dir, str(index)), flags)
+            projects[name] = ProjectLoop(config, options, device)
+        steps_per_epoch = next(iter(projects.values())).steps_per_epoch
+        warmup = next(iter(projects.values())).run.method.warmup_iterations
         original = OriginalStyleLoop(config, images, labels, device, args.workers, warmup)
         first_step = warmup if (args.after_warmup and warmup) else 0
         lr = cosine_lr(config.learning_rate, 0, config.epochs)
-        times = {"original-style": [], "this project": []}
+        times = {name: [] for name in ("original-style", *projects)}
         for epoch in range(args.epochs):
-            start = first_step + epoch * project.steps_per_epoch
+            start = first_step + epoch * steps_per_epoch
             times["original-style"].append(timed(device, original.epoch, start, lr))
-            times["this project"].append(timed(device, project.epoch, start, lr, epoch))
-        steps = {"original-style": original.steps_per_epoch, "this project": project.steps_per_epoch}
+            for name, project in projects.items():
+                times[name].append(timed(device, project.epoch, start, lr, epoch))
+        steps = {"original-style": original.steps_per_epoch, **dict.fromkeys(projects, steps_per_epoch)}
         return {name: (values[0], values[1:] or values[:1], steps[name]) for name, values in times.items()}
 
 
@@ -222,7 +248,7 @@ def describe_device(device):
 
 
 def format_results(results, args):
-    header = (f"{'setting':<28} {'loop':<15} {'first epoch s':>13} {'epoch s':>9} {'images/s':>9} "
+    header = (f"{'setting':<28} {'loop':<30} {'first epoch s':>13} {'epoch s':>9} {'images/s':>9} "
               f"{'ms/step':>8} {'s per 50k':>9} {'speed-up':>8}")
     lines = [header, "-" * len(header)]
     for setting, loops in results.items():
@@ -230,9 +256,32 @@ def format_results(results, args):
         for name, (first, later, steps) in loops.items():
             epoch_s = statistics.median(later)
             rate = args.images / epoch_s
-            speedup = f"{baseline / epoch_s:.2f}x" if name == "this project" else "1.00x"
-            lines.append(f"{setting + '/' + METHOD:<28} {name:<15} {first:>13.3f} {epoch_s:>9.3f} {rate:>9.1f} "
+            speedup = f"{baseline / epoch_s:.2f}x"
+            lines.append(f"{setting + '/' + METHOD:<28} {name:<30} {first:>13.3f} {epoch_s:>9.3f} {rate:>9.1f} "
                          f"{1000 * epoch_s / steps:>8.1f} {CIFAR_EPOCH / rate:>9.1f} {speedup:>8}")
+    return "\n".join(lines)
+
+
+def fastest(results):
+    """Lines naming the fastest flag combination per setting and over all settings (the least
+    total of the settings' median epoch times), against fp32 and the original-style loop."""
+    def median(loop):
+        return statistics.median(loop[1])
+
+    def flags_of(name):
+        return name.removeprefix("project ")
+
+    lines = ["Fastest speed flags on this machine (median epoch time, every combination measured in this run):"]
+    for setting, loops in results.items():
+        projects = {name: loop for name, loop in loops.items() if name != "original-style"}
+        best = min(projects, key=lambda name: median(projects[name]))
+        lines.append(f"  {setting}: {flags_of(best)} ({median(projects['project fp32']) / median(projects[best]):.2f}x "
+                     f"fp32, {median(loops['original-style']) / median(projects[best]):.2f}x the original-style loop)")
+    names = [name for name in next(iter(results.values())) if name != "original-style"]
+    totals = {name: sum(median(loops[name]) for loops in results.values()) for name in names}
+    best = min(totals, key=totals.get)
+    lines.append(f"  all settings: {flags_of(best)} ({totals['project fp32'] / totals[best]:.2f}x fp32)")
+    lines.append("--amp changes the numerics (bfloat16 autocast): the recipes keep fp32 unless they say otherwise.")
     return "\n".join(lines)
 
 
@@ -244,7 +293,7 @@ def main(argv=None):
         device = pick_device(args.device)
         images, labels = load_cifar10(args.data_dir, True, args.images, args.seed)
         args.images = len(labels)
-        flags = " ".join(flag for flag in ("--amp", "--channels_last") if getattr(args, flag[2:])) or "fp32"
+        flags = " or ".join(" ".join(flags) or "fp32" for flags in flag_sets(args).values())
         print(f"cPreResNet20, batch {args.batch_size}, {args.images} training images per epoch, "
               f"{args.epochs} epochs per loop{', after the warmup' if args.after_warmup else ''}; "
               f"this project: {args.data_pipeline} pipeline, {flags}; original-style: DataLoader with "
@@ -258,6 +307,8 @@ def main(argv=None):
         print(f"train_speed.py: error: {error}", file=sys.stderr)
         return 2
     print(format_results(results, args), flush=True)
+    if args.compare_flags:
+        print(fastest(results), flush=True)
     return 0
 
 

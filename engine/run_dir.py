@@ -20,6 +20,7 @@ Every decision about a run's directory lives here:
 
 import os
 import shlex
+import shutil
 import uuid
 from dataclasses import dataclass
 from typing import Optional
@@ -29,6 +30,7 @@ import yaml
 from utils import checkpoint as ckpt
 from utils.errors import CheckpointError, ConfigError
 from utils.metrics import METRICS, PLOT, RESULTS
+from utils.stop_signals import TORCHRUN_SIGNALS
 from utils.yaml_io import read_yaml
 
 CONFIG_FILE = "config.yaml"
@@ -43,6 +45,7 @@ FILE_DESCRIPTIONS = {
     FINAL: "the trained model (--eval_only --checkpoint)",
 }
 RUN_FILES = tuple(FILE_DESCRIPTIONS)
+BOARD_DIR = "tensorboard"  # --tensorboard's log (engine/board.py), removed with the run by --overwrite
 
 
 @dataclass
@@ -125,6 +128,7 @@ def prepare(save_dir, config, options):
             path = os.path.join(save_dir, name)
             if os.path.exists(path):
                 os.remove(path)
+        shutil.rmtree(os.path.join(save_dir, BOARD_DIR), ignore_errors=True)
     if not options.resume:
         config.run_id = uuid.uuid4().hex
     write_config(save_dir, config)
@@ -181,5 +185,5 @@ def resume_command(script, save_dir, environ=os.environ):
         return f"python {command}"
     local = int(environ.get("LOCAL_WORLD_SIZE", world_size))
     if local == world_size:
-        return f"torchrun --standalone --nproc_per_node={local} {command}"
+        return f"torchrun --standalone --nproc_per_node={local} {TORCHRUN_SIGNALS} {command}"
     return f"torchrun <this run's torchrun options, on every node> {command}"

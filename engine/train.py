@@ -9,7 +9,8 @@
     evaluate the grid (final), save model_final.pt
 
 A run can be resumed from any checkpoint with identical results (same seed, same machine),
-is preempted cleanly by SIGTERM / Ctrl-C, and runs under torchrun with DDP. One step is
+is preempted cleanly by SIGTERM, Ctrl-C, SIGHUP or the cluster's warning signal
+(utils/stop_signals.py), and runs under torchrun with DDP. One step is
 engine/step.py's TrainStep; what the run shows while it runs (progress lines, the time
 estimate, an evaluation's progress) is engine/progress.py.
 """
@@ -27,6 +28,7 @@ import torch
 
 from data import build_data
 from engine import run_dir
+from engine.board import Board, summary_writer_class
 from engine.evaluate import evaluate
 from engine.progress import LOSS_LABEL, EpochLog, EvaluationLog, RunClock, resumed_message
 from engine.step import LossMonitor, TrainStep, check_compile_support, check_finite_weights, configure_backends
@@ -37,10 +39,11 @@ from methods.levels import cosine_lr
 from models import build_model
 from utils import checkpoint as ckpt
 from utils import checkpoint_schema as schema
-from utils.distributed import any_process, barrier, choose_threads, choose_workers, setup, teardown
-from utils.errors import EXIT_INTERRUPTED, CheckpointError, ConfigError, one_line
+from utils.distributed import any_process, barrier, choose_threads, choose_workers, max_over_processes, setup, teardown
+from utils.errors import CheckpointError, ConfigError, one_line
 from utils.metrics import METRICS, evaluation_rows, format_table, latest_results, read_rows, update_outputs
 from utils.run_lock import RunDirLock, refuse_if_locked
+from utils.stop_signals import STOP_SIGNALS, exit_status
 
 # The pace timed before a run's first evaluation (for its duration estimate): steps after one
 # warm-up step, and the first test batches of each level. Runs of fewer steps than
@@ -70,14 +73,15 @@ class Interrupted(Exception):
 
 
 class StopFlag:
-    """SIGTERM / SIGINT set a flag; the loop stops after the current step."""
+    """A stop signal (SIGTERM, SIGINT, SIGHUP, the warning signal) sets a flag; the loop stops
+    after the current step."""
 
     def __init__(self):
         self.signum, self.previous = None, {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for signum in EXIT_INTERRUPTED:
+            for signum in STOP_SIGNALS:
                 self.previous[signum] = signal.signal(signum, self._handle)
         return self
 
@@ -113,6 +117,7 @@ class Run:
         self.rows = []
         # How long each evaluation took, kept in checkpoints: a resumed run's estimate counts them.
         self.evaluation_seconds = []
+        self.board = Board(config, is_main=False)  # writes nothing; train() opens the run's own
         seed_everything(config.seed)
         method_class = METHODS[config.setting][config.method]
         self.bn_at_evaluation = method_class.bn_at_evaluation(config)
@@ -252,6 +257,17 @@ class Run:
         steps_left = config.epochs * self.data.train.steps_per_epoch - progress.global_step
         if self.evaluation_due() and steps_left >= PROBE_MIN_STEPS:
             self.clock.announce_probed(progress, *self.time_pace(step), lambda text: _log(self.context, text))
+        # A resumed run drops what its interrupted process wrote after the checkpoint.
+        unit = self.method.level_unit
+        self.board = Board(config, self.context.is_main, units={unit.name: unit},
+                           purge_step=progress.global_step + 1 if self.options.resume else None)
+        try:
+            return self.train_epochs(step)
+        finally:
+            self.board.close()
+
+    def train_epochs(self, step) -> int:
+        config, progress = self.config, self.progress
         with StopFlag() as stop:
             try:
                 while progress.epoch < config.epochs:
@@ -264,6 +280,7 @@ class Run:
                         self.clock.evaluated(time.perf_counter() - started)
                         progress.evaluated_epoch = progress.epoch
                         self.save_checkpoint()
+                        self.board.evaluation(self.last_evaluation_rows())  # once a checkpoint holds it
                         self.stop_if_requested(stop)
                     self.train_epoch(step, lr, stop)
                     progress.epoch += 1
@@ -274,7 +291,7 @@ class Run:
                 self.save_checkpoint()
                 _log(self.context, interrupted_message(interrupted.signum, progress, self.data.train.steps_per_epoch,
                                                        config))
-                return EXIT_INTERRUPTED[interrupted.signum]
+                return exit_status(interrupted.signum)
             # Still under StopFlag: a signal now lets the final evaluation and saves finish.
             self.record_evaluation(final=True)
             progress.finished = True
@@ -282,6 +299,7 @@ class Run:
             if self.context.is_main:
                 ckpt.save(run_dir.path(self.save_dir, run_dir.FINAL), self.payload(kind="model"))
             self.save_checkpoint()
+            self.board.evaluation(self.last_evaluation_rows())
         self.print_summary("Final evaluation")
         return 0
 
@@ -314,6 +332,9 @@ class Run:
         timed_steps = step_s[1:] or step_s  # the first warms up, when there are others
         return sum(timed_steps) / len(timed_steps), evaluation_s
 
+    def last_evaluation_rows(self):
+        return [row for row in self.rows if row["evaluation"] == self.progress.evaluations - 1]
+
     def evaluation_due(self):
         """Every test_freq epochs, at the start of the epoch (epoch 0 only with eval_at_start)."""
         progress = self.progress
@@ -337,6 +358,7 @@ class Run:
             progress.global_step += 1
             if progress.step_in_epoch % check_every == 0 or progress.step_in_epoch == log.steps:
                 mean_loss = monitor.flush(self.config)
+                self.board.training(progress.global_step, mean_loss, lr)
                 seconds_left = self.clock.seconds_left(progress, lambda text: _log(self.context, text))
                 log.update(progress.step_in_epoch, mean_loss, logits, labels, self.config.batch_size, seconds_left)
                 if progress.step_in_epoch < log.steps:  # after the last step the epoch is completed first
@@ -345,9 +367,11 @@ class Run:
         log.close()
 
     def stop_if_requested(self, stop):
-        """Raise Interrupted once any process has been signalled (all processes stop together)."""
-        if any_process(stop.signum is not None, self.context, self.device):
-            raise Interrupted(stop.signum or signal.SIGTERM)
+        """Raise Interrupted once any process has been signalled (all processes stop together,
+        naming the signal one of them received)."""
+        signum = max_over_processes(stop.signum or 0, self.context, self.device)
+        if signum:
+            raise Interrupted(signal.Signals(signum))
 
     # -- reporting ----------------------------------------------------------------------
     def print_summary(self, title):
@@ -411,6 +435,8 @@ def run(config: Config, options: RunOptions) -> int:
         # fast only with bfloat16 units: say so.
         amp_note = (" (--amp on the CPU: bfloat16 autocast, faster than fp32 only on CPUs with bfloat16 "
                     "units such as AMX)") if config.amp and context.device.type != "cuda" else ""
+        if config.tensorboard:
+            summary_writer_class()  # missing: a one-line error before anything is written
         threads = choose_threads(config.threads)
         torch.set_num_threads(threads.threads)
         _log(context, f"Device: {context.device}, {context.world_size} process(es), {threads.threads} CPU "

@@ -13,13 +13,15 @@ of --seeds into <out>/<setting>/<run>_seed<k>/, seed 0 where a one-seed sweep wr
 sweep adds no training code of its own.
 
 * Runs go one after another on one device, or side by side with --gpus (one run per GPU, or
-  per group of --gpus_per_run GPUs under torchrun), through CUDA_VISIBLE_DEVICES.
+  per group of --gpus_per_run GPUs under torchrun), through CUDA_VISIBLE_DEVICES; or, with
+  --launcher slurm, each as a Slurm job through submitit (experiments/launchers.py).
 * Before anything runs (the dry run alike): every run's flags are checked by its script's parser,
   its directory's name and place, and what a directory already holds against what would run
   there; one sweep at a time writes into --out (a lock, as for a run directory).
 * Calling it again is safe: a finished run is skipped, an interrupted one resumed (--resume),
-  a failed one reported with the last line of its log while the others go on. SIGTERM or
-  Ctrl-C stops the running runs after their current step, each with a checkpoint. The exit
+  a failed one reported with the last line of its log while the others go on. SIGTERM, Ctrl-C,
+  SIGHUP (a closed terminal) or the cluster's warning signal (utils/stop_signals.py) is passed on
+  to the running runs, which stop after their current step, each with a checkpoint. The exit
   status is 0 only when every selected run has finished.
 * The dry run prints each run's cost (epochs x training images); --estimate times the first
   steps of each run on this machine (in a temporary directory) and estimates the durations.
@@ -56,12 +58,14 @@ if REPO not in sys.path:
 
 import training_params  # noqa: E402  (the scripts' parsers and config merge; no torch)
 from engine.progress import format_duration  # noqa: E402
+from experiments import launchers  # noqa: E402  (--launcher slurm; submitit imported only there)
 from engine.run_dir import CONFIG_FILE, check_directory  # noqa: E402
 from methods import METHODS, in_current_units, level_units  # noqa: E402
 from utils.checkpoint import write_text  # noqa: E402
 from utils.errors import ConfigError, UsageParser, UserError, one_line, shown  # noqa: E402
 from utils.metrics import METRICS, latest_results, plot_runs, protocol, read_rows, write_csv  # noqa: E402
 from utils.run_lock import RunDirLock  # noqa: E402
+from utils.stop_signals import STOP_SIGNALS, TORCHRUN_SIGNALS, exit_status, stopped_by  # noqa: E402
 from utils.yaml_io import read_yaml  # noqa: E402
 
 RECIPES = os.path.join(REPO, "experiments", "recipes.yaml")
@@ -287,7 +291,8 @@ def script_of(setting):
 def base_command(spec, recipe, args, run_dir, gpus_per_run, seed):
     launcher = [sys.executable]
     if gpus_per_run > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus_per_run}"]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus_per_run}",
+                    TORCHRUN_SIGNALS]
     return launcher + [_script_path(script_of(spec.setting))] + run_flags(spec, recipe, args, run_dir, seed)
 
 
@@ -481,7 +486,7 @@ class Sweep:
                 _send(run.process, signum)
 
     def execute(self):
-        previous = {signum: signal.signal(signum, self._signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+        previous = {signum: signal.signal(signum, self._signal) for signum in STOP_SIGNALS}
         try:
             while (self.queue and self.stop_signal is None) or self.running:
                 while self.queue and self.slots and self.stop_signal is None:
@@ -532,7 +537,7 @@ class Sweep:
         run.last_line = last_log_line(os.path.join(run.run_dir, LOG))
         if status == 0 and is_finished(run.run_dir):
             run.outcome = "finished"
-        elif self.stop_signal is not None and status in (130, 143, -signal.SIGTERM, -signal.SIGINT):
+        elif self.stop_signal is not None and stopped_by(status) is not None:
             run.outcome = "interrupted"
         else:
             run.outcome = "failed"
@@ -848,6 +853,7 @@ def build_parser():
                                        "a time on the scripts' default device)")
     parser.add_argument("--gpus_per_run", type=int, default=1,
                         help="GPUs per run; above 1 each run is started under torchrun (default: 1)")
+    launchers.add_arguments(parser)
     parser.add_argument("--dry_run", action="store_true",
                         help="print the commands and what each costs (epochs x training images), run nothing, "
                              "write nothing")
@@ -1056,9 +1062,12 @@ def main(argv=None):
     lock = None
     try:
         recipe, runs, slots, gpus = plan(args)
+        launchers.check(args)
         if args.dry_run:
             examine(runs)
             print_dry_run(recipe, args, runs, slots, gpus)
+            if args.launcher == "slurm":
+                print(launchers.describe(args))
             return 0
         commit, machine_name = project_commit(), machine(gpus)
         if args.summary_only:
@@ -1068,12 +1077,18 @@ def main(argv=None):
             examine(runs)
             for run in runs:
                 run.outcome = "finished" if run.state == "finished" else ""
+            if args.launcher == "slurm":  # the jobs' states, while they run
+                launchers.update_states(runs, args.out, sys.modules[__name__])
             summarise(recipe, args, runs, commit, machine_name)
             return 0
         lock = lock_out(args.out)
         examine(runs)
         print(f"Recipe {recipe.name}, {len(runs)} run(s) into {args.out}; commit {commit}; {machine_name}",
               flush=True)
+        if args.launcher == "slurm":  # submitted; the jobs go on without this process
+            launchers.submit(runs, args, commit, sys.modules[__name__])
+            summarise(recipe, args, runs, commit, machine_name)
+            return 0
         todo = []
         for run in runs:
             if run.state == "finished":
@@ -1095,7 +1110,7 @@ def main(argv=None):
         print(f"{run.shown_name}: {run.outcome}"
               + (f" ({run.last_line})" if run.last_line and run.outcome == "failed" else ""), file=sys.stderr)
     if sweep.stop_signal is not None:
-        return 128 + sweep.stop_signal
+        return exit_status(sweep.stop_signal)
     return 1 if failed else 0
 
 

@@ -86,6 +86,7 @@ COMMON_KEYS = {
     "eval_at_start": Key("bool", True, "evaluate the grid before the first training step (epoch 0)"),
     "run_id": Key("str?", None, "the run's identity, new at each run's start (engine.run_dir), kept in its "
                                 "checkpoints"),
+    "tensorboard": Key("bool", False, "TensorBoard curves in <save_dir>/tensorboard (engine/board.py)"),
 }
 
 

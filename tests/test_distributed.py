@@ -26,6 +26,7 @@ from methods import METHODS
 from models import build_model
 from training_params import parse
 from utils.distributed import Context
+from utils.stop_signals import TORCHRUN_SIGNALS
 from engine import evaluate
 from engine.step import TrainStep
 
@@ -194,7 +195,7 @@ RUN_FILES = {"config.yaml", "metrics.jsonl", "results.csv", "accuracy_vs_compres
 def torchrun_command(setting, save_dir, *args):
     script, grid = SCRIPTS[setting]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-            os.path.join(REPO, script), "--save_dir", str(save_dir), *args]
+            TORCHRUN_SIGNALS, os.path.join(REPO, script), "--save_dir", str(save_dir), *args]
 
 
 def training_args(data_dir, epochs, setting):
@@ -235,15 +236,26 @@ def test_torchrun_trains_and_records_once(tiny_cifar, tmp_path, setting):
     check_one_run(torchrun(setting, save_dir, *training_args(tiny_cifar, 1, setting)), save_dir)
 
 
-@pytest.mark.slow
-def test_torchrun_run_interrupted_and_resumed_matches_the_uninterrupted_run(tiny_cifar, tmp_path):
-    setting = "structured_sparsity"
-    reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
-    args = training_args(tiny_cifar, 2, setting)
-    reference = check_one_run(torchrun(setting, reference_dir, *args), reference_dir)
+@pytest.fixture(scope="module")
+def torchrun_reference(tiny_cifar, tmp_path_factory):
+    """The uninterrupted 2-epoch torchrun run the interrupted ones are compared with."""
+    reference_dir = tmp_path_factory.mktemp("torchrun") / "reference"
+    args = training_args(tiny_cifar, 2, "structured_sparsity")
+    return check_one_run(torchrun("structured_sparsity", reference_dir, *args), reference_dir), reference_dir
 
-    # SIGTERM to torchrun after the first epoch: it passes the signal on to both processes,
-    # which agree to stop, checkpoint and exit.
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2], ids=lambda signum: signum.name)
+def test_torchrun_run_interrupted_and_resumed_matches_the_uninterrupted_run(torchrun_reference, tiny_cifar, tmp_path,
+                                                                            signum):
+    setting = "structured_sparsity"
+    reference, reference_dir = torchrun_reference
+    resumed_dir = tmp_path / "resumed"
+    args = training_args(tiny_cifar, 2, setting)
+
+    # The signal to torchrun alone after the first epoch (a scheduler's SIGTERM, a closed
+    # terminal's SIGHUP, the cluster's warning signal): torchrun passes it on to both processes
+    # (TORCHRUN_SIGNALS), which agree to stop, checkpoint and exit.
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     process = subprocess.Popen(torchrun_command(setting, resumed_dir, *args), cwd=REPO, env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -251,10 +263,10 @@ def test_torchrun_run_interrupted_and_resumed_matches_the_uninterrupted_run(tiny
     for line in process.stdout:
         output.append(line)
         if "epoch 1/2 done" in line:
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(signum)
     assert process.wait(timeout=300) != 0
     text = "".join(output)
-    assert "Interrupted by SIGTERM" in text, text[-3000:]
+    assert f"Interrupted by {signum.name}" in text, text[-3000:]
     progress = torch.load(resumed_dir / "checkpoint_last.pt", weights_only=True)["progress"]
     assert not progress["finished"] and progress["global_step"] >= 5
 

@@ -96,9 +96,11 @@ def test_dry_run_paper_recipe_lists_the_grid_with_a_target_model_per_level():
     comments = []
     lines = recipe_commands("paper", "--gpus", "0,1,2,3", "--gpus_per_run", "2", "--seed", "3", comments=comments)
     assert len(lines) == 24
-    paper_grid(lines, 5)
+    paper_grid(lines, 6)
     for line in lines:
-        assert line.startswith("python -m torch.distributed.run --standalone --nproc_per_node=2 ")
+        # torchrun passes the warning signal on to every process too (utils/stop_signals.py).
+        assert line.startswith("python -m torch.distributed.run --standalone --nproc_per_node=2 "
+                               "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2 ")
         words = line.split()
         # The configs as they are: no budget flag added.
         assert not {"--epochs", "--train_subset", "--test_subset", "--test_freq"} & set(words)
@@ -492,3 +494,41 @@ def test_seeds_run_in_their_own_directories_and_the_summary_shows_mean_and_sprea
     assert summary.startswith("# Sweep: recipe `seeds`, seed 1\n") and "| 0 |" not in summary.split("## ")[0]
     dry = sweep("--recipe", recipe, "--data_dir", micro_cifar, "--out", out, "--seed", "2", "--dry_run")
     assert "finished" not in dry.stdout and dry.stdout.count("_seed2 ") == 2, dry.stdout
+
+
+class _SignalledChild:
+    """A real child process in its own session (as the sweep starts its runs) whose first poll
+    sends the sweep itself `signum`: the signal arrives while the sweep waits on its runs."""
+
+    def __init__(self, signum):
+        code = ("import signal, sys, time\n"
+                "for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):\n"
+                "    signal.signal(signum, lambda number, frame: sys.exit(128 + number))\n"
+                "print('ready', flush=True)\n"
+                "time.sleep(60)\n")
+        self.popen = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                                      start_new_session=True)
+        assert self.popen.stdout.readline() == "ready\n"
+        self.pid, self.signum, self.sent = self.popen.pid, signum, False
+
+    def poll(self):
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+        return self.popen.poll()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2], ids=lambda signum: signum.name)
+def test_sweep_passes_each_stop_signal_on_to_its_runs(signum, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from experiments import reproduce
+    sweep = reproduce.Sweep([], [None], "commit", "machine", echo=False)
+    child = _SignalledChild(signum)
+    sweep.running = [SimpleNamespace(process=child)]
+    monkeypatch.setattr(reproduce.Sweep, "_finish", lambda self, run: self.running.remove(run))
+    previous = signal.getsignal(signum)
+    sweep.execute()
+    assert child.popen.wait(timeout=30) == 128 + signum
+    assert sweep.stop_signal == signum and signal.getsignal(signum) == previous
+    assert f"{signum.name}: stopping the running run(s) after their current step" in capsys.readouterr().err

@@ -34,13 +34,15 @@ COMMON = ("--epochs", 2, "--test_freq", 1, "--batch_size", 8, "--train_subset", 
 CASES = {
     "structured-us": ("structured_sparsity", ("--method", "us", "--width_factor_samples", 3,
                                               "--eval_width_factors", "1,0.5,0.25"), signal.SIGTERM),
-    "unstructured-lcs_l": ("unstructured_sparsity", ("--eval_topk_grid", "0.05,0.5,1"), signal.SIGTERM),
+    # The cluster's warning signal before a time limit or preemption (utils/stop_signals.py).
+    "unstructured-lcs_l": ("unstructured_sparsity", ("--eval_topk_grid", "0.05,0.5,1"), signal.SIGUSR2),
     "quantized-lcs_l": ("quantized", ("--eval_bit_widths", "3,8", "--warmup_budget", 25), signal.SIGINT),
-    # One slimmable network at a fixed width with BN running statistics.
+    # One slimmable network at a fixed width with BN running statistics; a closed terminal.
     "structured-target_width": ("structured_sparsity", ("--method", "target_width", "--width_factor", 0.5),
-                                signal.SIGTERM),
+                                signal.SIGHUP),
 }
-EXIT_STATUS = {signal.SIGTERM: 143, signal.SIGINT: 130}
+# 128 + the signal's number, as a shell reports a process ended by it.
+EXIT_STATUS = {signal.SIGTERM: 143, signal.SIGINT: 130, signal.SIGHUP: 129, signal.SIGUSR2: 140}
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +156,12 @@ def test_run_directory_written_before_level_unit_grids_resumes(tiny_cifar, tmp_p
     assert [row["alpha"] for row in read_rows(legacy)][:3] == [1.0, 0.5, 0.0]
     assert_same_tensors(load_checkpoint(legacy / ckpt.FINAL)["model"],
                         load_checkpoint(straight / ckpt.FINAL)["model"])
+
+
+def test_cases_cover_every_stop_signal():
+    """One resume case per signal that stops a run politely."""
+    from utils.stop_signals import STOP_SIGNALS
+    assert sorted(case[2] for case in CASES.values()) == sorted(STOP_SIGNALS)
 
 
 def test_cases_cover_the_warmups_state(straight_run):
@@ -320,6 +328,7 @@ def test_resume_hint_names_torchrun_when_the_run_was_distributed():
     assert resume_command(*args, {}) == "python train_quantized.py --save_dir 'runs/my run' --resume"
     single_node = {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}
     assert resume_command(*args, single_node) == (
-        "torchrun --standalone --nproc_per_node=4 train_quantized.py --save_dir 'runs/my run' --resume")
+        "torchrun --standalone --nproc_per_node=4 --signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2 "
+        "train_quantized.py --save_dir 'runs/my run' --resume")
     two_nodes = {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}
     assert resume_command(*args, two_nodes).startswith("torchrun <this run's torchrun options")

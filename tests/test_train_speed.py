@@ -151,3 +151,32 @@ def test_set_level_writes_every_layer_that_reads_a_level_also_in_copies():
     assert all(m.alpha == 0.9 for m in twin.modules() if isinstance(m, Norm2d))
     assert all(m.width_factor == 0.5 for m in twin.modules() if isinstance(m, SlimConv2d))
     assert all(m.alpha == 0.3 for m in norms)
+
+
+@pytest.mark.slow
+def test_benchmark_names_the_fastest_flag_combination(cli, tiny_cifar):
+    """--compare_flags: every combination of --amp and --channels_last measured in one run, the
+    one with the least epoch time named, with its ratio to fp32."""
+    result = cli(BENCHMARK, "--device", "cpu", "--data_dir", tiny_cifar, "--images", "16", "--batch_size", "16",
+                 "--epochs", "1", "--threads", "1", "--settings", "quantized", "--compare_flags")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {}
+    for line in result.stdout.splitlines():
+        match = re.match(r"^quantized/lcs_l\s+(original-style|project .+?)\s+([\d.]+)\s+([\d.]+)\s", line)
+        if match:
+            rows[match.group(1)] = float(match.group(3))
+    assert set(rows) == {"original-style", "project fp32", "project --channels_last", "project --amp",
+                         "project --amp --channels_last"}, result.stdout
+    projects = {name.removeprefix("project "): seconds for name, seconds in rows.items() if name != "original-style"}
+    best = min(projects, key=projects.get)
+    line = re.search(r"^  quantized: (.+) \(([\d.]+)x fp32, ([\d.]+)x the original-style loop\)$", result.stdout,
+                     re.MULTILINE)
+    assert line and line.group(1) == best, result.stdout
+    assert float(line.group(2)) == pytest.approx(projects["fp32"] / projects[best], rel=0.02)
+    assert re.search(rf"^  all settings: {re.escape(best)} \(", result.stdout, re.MULTILINE)
+    assert "--amp changes the numerics (bfloat16 autocast)" in result.stdout
+
+
+def test_benchmark_refuses_compare_flags_with_a_flag(cli):
+    result = cli(BENCHMARK, "--compare_flags", "--amp")
+    assert result.returncode == 2 and "--compare_flags: measures every combination" in result.stderr

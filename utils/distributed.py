@@ -62,11 +62,17 @@ def all_reduce_sum(tensor, context):
 
 def any_process(flag, context, device):
     """True if `flag` is set in any process (every process must call this together)."""
+    return bool(max_over_processes(1 if flag else 0, context, device))
+
+
+def max_over_processes(value: int, context, device) -> int:
+    """The largest of a small non-negative integer over all processes (every process must call
+    this together)."""
     if not context.distributed:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        return value
+    tensor = torch.tensor([float(value)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def barrier(context):
