@@ -61,6 +61,14 @@ class TrainStep:
 
     def __call__(self, levels_list, images, labels):
         """(mean loss per forward pass, logits of the last forward), both left on the device."""
+        loss, logits = self.backward(levels_list, images, labels)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, logits
+
+    def backward(self, levels_list, images, labels):
+        """The step without the optimiser: the forward and backward passes of every level, the
+        regulariser and the method's gradient edits; (mean loss per pass, last logits)."""
         total = None
         for index, levels in enumerate(levels_list):
             self.method.apply_levels(self.model, levels)
@@ -77,8 +85,6 @@ class TrainStep:
                 loss.backward()
             total = loss.detach() if total is None else total + loss.detach()
         self.method.after_backward(self.model)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return total / len(levels_list), logits
 
 

@@ -4,6 +4,7 @@ logits at every level of every setting), and converted torchvision networks trai
 resume and refuse what they cannot do through the three scripts."""
 
 import os
+import re
 import sys
 
 import pytest
@@ -344,3 +345,41 @@ def test_a_converted_network_exports_every_artefact_checked_against_the_training
         assert parameters < 0.5 * sum(v.numel() for k, v in full.items() if k.endswith(("weight", "bias")))
     with torch.no_grad():
         assert exported(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+# -- the own-loop example of docs/own_network.md -------------------------------------------
+def own_loop_example():
+    import re
+    text = open(os.path.join(HERE, "..", "docs", "own_network.md"), encoding="utf-8").read()
+    [code] = [block for block in re.findall(r"^```python\n(.*?)^```", text, re.M | re.S) if "Compressible(" in block]
+    return code
+
+
+def test_the_own_loop_example_trains_what_the_script_trains_bit_for_bit(micro_cifar, tmp_path):
+    """The docs' example, run on the batches train_unstructured.py draws (its epoch_batches
+    replaced by the script's data stream), ends with the script's weights, every tensor equal.
+    micro_cifar: 20 training images, batches of 8: 3 steps per epoch, the last of 4 images."""
+    from data import build_data
+    from inprocess import one_thread
+
+    flags = ["--model_kwargs", "width_mult=0.25", "--norm", "BN", "--epochs", "2", "--batch_size", "8"]
+    save_dir = tmp_path / "run"
+    code = own_loop_example()
+    assert flags == eval(re.search(r"flags=(\[.*?\])", code).group(1))  # the example's own flags
+    with one_thread():
+        assert_ok(run_script("train_unstructured.py", "--model", "torchvision.mobilenet_v2", *flags,
+                             "--data_dir", micro_cifar, "--save_dir", str(save_dir)))
+        config = read_config(save_dir)
+        data_config, _ = __import__("training_params").parse(
+            "unstructured_sparsity", ["--model", "torchvision.mobilenet_v2", *flags, "--data_dir", micro_cifar])
+        data = build_data(data_config, torch.device("cpu"), 0, 1)
+        code = code.replace("num_train=24", f"num_train={data.num_train}")
+        code = code.replace("def epoch_batches(epoch):", "def example_batches(epoch):")
+        namespace = {"__name__": "__example__", "epoch_batches": lambda epoch: list(data.train.batches(epoch))}
+        exec(compile(code, "docs/own_network.md", "exec"), namespace)
+    trained = torch.load(save_dir / "model_final.pt", weights_only=True)["model"]
+    mine = namespace["lcs"].model.state_dict()
+    assert config["model"] == "torchvision.mobilenet_v2" and namespace["lcs"].steps == 6
+    assert trained.keys() == mine.keys()
+    for key in trained:
+        assert torch.equal(trained[key], mine[key]), key
