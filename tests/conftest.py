@@ -33,7 +33,7 @@ def pytest_configure(config):
 # that the second reuses the tiny model and graphs the first made (test_onnx.py's session
 # fixtures). Units are handed out longest first (CPU seconds measured on the 2-core development
 # machine; a unit not listed counts as short), so that no long unit starts last.
-SPLIT_FILES = ("tests/test_realdata.py", "tests/test_onnx.py")
+SPLIT_FILES = ("tests/test_realdata.py", "tests/test_onnx.py", "tests/test_own_network.py")
 ONNX_MATRIX = "quantized_graph_matrix"
 UNIT_SECONDS = {
     "tests/test_realdata.py::test_quantized": 120,
@@ -41,6 +41,11 @@ UNIT_SECONDS = {
     "tests/test_realdata.py::test_unstructured": 57,
     "tests/test_realdata.py::test_lec": 24,
     "tests/test_realdata.py::test_the_default": 15,
+    "tests/test_realdata.py::test_init_from": 65,
+    "tests/test_own_network.py::test_topology_matrix[vgg11_bn": 30,
+    "tests/test_own_network.py::test_a_converted_network_exports": 12,
+    "tests/test_own_network.py::test_topology_matrix": 4,
+    "tests/test_topology.py": 8,
     "tests/test_onnx.py::quantized_graph_matrix": 18,
     "tests/test_onnx.py::test_every_quantized_conv_runs_as_an_integer_convolution": 8,
     "tests/test_onnx.py::test_onnx_runtime_reproduces_the_model": 7,
