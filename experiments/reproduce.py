@@ -369,8 +369,9 @@ def check_holds_this_run(run):
     held, expected = read_yaml(path), run.expected
     if (held.get("setting"), held.get("method")) == (run.spec.setting, run.spec.method):
         METHODS[run.spec.setting][run.spec.method].upgrade(held, dict.fromkeys(held, path))  # earlier versions' keys
+    # Where and how it ran may differ, and its run id is its own (new at each run's start).
     differing = [key for key, value in expected.items()
-                 if key not in training_params.RUNTIME_KEYS and key in held and held[key] != value]
+                 if key not in training_params.RUNTIME_KEYS | {"run_id"} and key in held and held[key] != value]
     if differing:
         def describe(values):
             return ", ".join(f"{key} {values[key]}" for key in differing[:6])

@@ -97,7 +97,7 @@ def test_tiny_sweep_submitted_preempted_requeued_resumed_equals_uninterrupted_ru
         assert f"{'/'.join(RUN)}: running (job {controller})" in again.stdout and "submitted " not in again.stdout
         summary = sweep(*common, "--out", out, *LOCAL_JOBS, "--summary_only")
         assert summary.returncode == 0, summary.stderr
-        assert f"| {'/'.join(RUN)} | running (job {controller}) |" in (out / "summary.md").read_text()
+        assert f"| {'/'.join(RUN)} | 0 | running (job {controller}) |" in (out / "summary.md").read_text()
         # The warning signal to the job's task, as Slurm sends it before the end of a job.
         os.kill(task, WARNING_SIGNAL)
         time.sleep(0.5)  # the task passes it on to the training process
@@ -117,7 +117,7 @@ def test_tiny_sweep_submitted_preempted_requeued_resumed_equals_uninterrupted_ru
     assert final.returncode == 0, final.stderr
     assert f"{'/'.join(RUN)}: finished" in final.stdout and "submitted " not in final.stdout
     text = (out / "summary.md").read_text()
-    assert f"| {'/'.join(RUN)} | finished |" in text and "| num_bits |" in text
+    assert f"| {'/'.join(RUN)} | 0 | finished |" in text and "| num_bits |" in text
 
     # The same run, uninterrupted, by the local launcher.
     reference = sweep(*common, "--out", tmp_path / "reference")
