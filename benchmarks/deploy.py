@@ -2,18 +2,19 @@
 
     python benchmarks/deploy.py --checkpoint RUN/model_final.pt [--levels 1.0,0.5,0.25]
                                 [--device cpu|cuda] [--repeats 20] [--batch_sizes 1,64]
-                                [--runtime torch|onnxruntime]
+                                [--threads 1,16] [--runtime torch|onnxruntime]
 
 Every level, and the uncompressed model (width 1.0 / TopK 1.0 / the same network with float32
 weights), is exported with deploy.export, written to a file and loaded back. The table gives, per
 level: nonzero parameters, MACs for one image (FlopCounterMode on the loaded model), file size
 and the median latency at each batch size, each with its ratio uncompressed / this level
-(higher = smaller or faster). Latencies are timed round-robin over all models, one call each
-per round after a warm-up, so that load from other processes spreads over all of them.
+(higher = smaller or faster). Latencies are timed round-robin over all models and thread
+counts, one call each per round after a warm-up, so that load from other processes spreads over
+all of them; a table per thread count.
 
 With --runtime onnxruntime every model is exported to ONNX (quantized levels as integer convs),
-checked against the torch model, and timed in ONNX Runtime on the CPU with --threads intra-op
-threads; the file column is then the ONNX file, and ratios compare with the uncompressed model
+checked against the torch model, and timed in ONNX Runtime on the CPU with each --threads count
+of intra-op threads; the file column is then the ONNX file, and ratios compare with the uncompressed model
 in ONNX Runtime. Both runtimes also report the subspace artefact (deploy.subspace): its size
 against one float32 model and against the per-level files of the run's grid, and the median
 time to switch level.
@@ -48,7 +49,8 @@ def build_parser():
     parser.add_argument("--batch_sizes", type=number_list(int), default=[1, 64])
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per model and batch size")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per model and batch size first")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    parser.add_argument("--threads", type=number_list(int), default=[torch.get_num_threads()],
+                        help="comma-separated CPU thread counts, each timed (default: torch's)")
     parser.add_argument("--round_to", type=int, help="as deploy.export --round_to (structured widths)")
     parser.add_argument("--data_dir", help="as deploy.export --data_dir (runs that re-estimated BN statistics)")
     parser.add_argument("--out_dir", help="keep the exported files here (default: a temporary directory)")
@@ -58,8 +60,13 @@ def build_parser():
     return parser
 
 
+# CPU flags of int8 dot-product instructions (/proc/cpuinfo), where int8 kernels gain most.
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
+
+
 def cpu_description():
-    """CPU model (with family/model numbers, which tell generic names apart) and CPU count."""
+    """CPU model (with family/model numbers, which tell generic names apart), CPU count, and its
+    int8 dot-product instructions (VNNI, AMX, ARM dotprod) or their absence."""
     fields = {}
     try:
         with open("/proc/cpuinfo") as info:
@@ -70,7 +77,11 @@ def cpu_description():
         pass
     name = fields.get("model name") or platform.processor() or platform.machine()
     numbers = f" (family {fields['cpu family']}, model {fields['model']})" if "model" in fields else ""
-    return f"{name}{numbers}, {os.cpu_count()} logical CPUs"
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    dot = [flag for flag in INT8_DOT_FLAGS if flag in flags]
+    int8 = (f"int8 dot products: {', '.join(dot)}" if dot else
+            f"no int8 dot products (none of {', '.join(INT8_DOT_FLAGS)})" if flags else "CPU flags unknown")
+    return f"{name}{numbers}, {os.cpu_count()} logical CPUs, {int8}"
 
 
 def load_average():
@@ -95,6 +106,17 @@ def macs(model, input_size, device):
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class WithThreads:
+    """A torch model called with `threads` CPU threads (torch's setting is global)."""
+
+    def __init__(self, model, threads):
+        self.model, self.threads = model, threads
+
+    def __call__(self, images):
+        torch.set_num_threads(self.threads)
+        return self.model(images)
 
 
 @torch.inference_mode()
@@ -150,7 +172,10 @@ def check_args(args):
 
     bound("--repeats", args.repeats, 1, MAX_REPEATS)
     bound("--warmup", args.warmup, 0, MAX_REPEATS)
-    bound("--threads", args.threads, 1, os.cpu_count() or 1)
+    if not args.threads or len(args.threads) > MAX_LEVELS:
+        raise ConfigError(f"--threads: give 1 to {MAX_LEVELS} thread counts")
+    for threads in args.threads:
+        bound("--threads", threads, 1, os.cpu_count() or 1)
     if not args.batch_sizes or len(args.batch_sizes) > MAX_LEVELS:
         raise ConfigError(f"--batch_sizes: give 1 to {MAX_LEVELS} batch sizes")
     for batch_size in args.batch_sizes:
@@ -213,7 +238,7 @@ def table(rows, batch_sizes, cpu_time):
 
 def run(args):
     check_args(args)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(max(args.threads))
     device = torch.device(args.device)
     payload = ckpt.load(args.checkpoint)
     method = checkpoint_method(payload, args.checkpoint)
@@ -229,35 +254,43 @@ def run(args):
                                    [content["level"] for _, _, _, content in exported])
         runners = (onnx_runners(exported, out_dir, args.threads, args.checkpoint) if args.runtime == "onnxruntime"
                    else None)
-    models = [runner for runner, _, _ in runners] if runners else [model for _, model, _, _ in exported]
+    # Every (thread count, model) in one round-robin, so that both see the same load.
+    models = [runners[index][0][threads] if runners else WithThreads(model, threads)
+              for threads in args.threads for index, (_, model, _, _) in enumerate(exported)]
     input_size = exported[0][3]["input_size"]
     timings = [timed_batch(models, batch, input_size, device, args) for batch in args.batch_sizes]
-    rows = []
-    for index, (label, model, size, content) in enumerate(exported):
-        rows.append({"label": label, "alpha": content["alpha"], "params": nonzero_parameters(model),
-                     "macs": macs(model, input_size, device), "size": runners[index][1] if runners else size,
-                     "ms": [timing[index] for timing in timings]})
+    torch.set_num_threads(max(args.threads))
     where = cpu_description() if device.type == "cpu" else torch.cuda.get_device_name(device)
     base = exported[0][3]
     print(f"{config.setting}/{config.method} {config.model} ({config.norm}) from {args.checkpoint}")
-    print(f"device {args.device}: {where}; torch {torch.__version__}, {args.threads} threads; "
+    print(f"device {args.device}: {where}; torch {torch.__version__}; "
           f"{load_before} before, {load_average()} after")
     print(f"runtime {args.runtime}" + (f" (onnxruntime {onnxruntime_version()}, CPU execution provider, "
-                                       f"{args.threads} intra-op threads; file = the ONNX file)" if runners else ""))
-    print(f"latency = median of {args.repeats} calls after {args.warmup} warm-up calls"
-          + ("; CPU ms = CPU time of this process per call" if device.type == "cpu" else ""))
+                                       f"intra-op threads as below; file = the ONNX file)" if runners else ""))
+    print(f"latency = median of {args.repeats} calls after {args.warmup} warm-up calls, input {input_size}x"
+          f"{input_size}" + ("; CPU ms = CPU time of this process per call" if device.type == "cpu" else ""))
     print(f"levels are {base['level_name']}; ratios (x) = uncompressed ({exported[0][0]}, level "
-          f"{base['level']:g}) / this level")
+          f"{base['level']:g}) / this level, at the same thread count")
     if args.round_to:
         print(f"widths rounded up to multiples of {args.round_to}: these networks differ from the trained "
               f"model at their level")
-    print(table(rows, args.batch_sizes, cpu_time=device.type == "cpu"))
+    tables = {}
+    for position, threads in enumerate(args.threads):
+        rows = []
+        for index, (label, model, size, content) in enumerate(exported):
+            column = position * len(exported) + index
+            rows.append({"label": label, "alpha": content["alpha"], "params": nonzero_parameters(model),
+                         "macs": macs(model, input_size, device), "size": runners[index][1] if runners else size,
+                         "ms": [timing[column] for timing in timings]})
+        print(f"{threads} thread{'s' if threads > 1 else ''}:")
+        print(table(rows, args.batch_sizes, cpu_time=device.type == "cpu"))
+        tables[threads] = rows
     if runners and any(integer for _, _, integer in runners):
         print("integer convs in ONNX Runtime's optimised graph: " + ", ".join(
-            f"{row['label']} {integer[0]} of {integer[1]} int8-weight convs"
-            for row, (_, _, integer) in zip(rows, runners) if integer))
+            f"{label} {integer[0]} of {integer[1]} int8-weight convs"
+            for (label, _, _, _), (_, _, integer) in zip(exported, runners) if integer))
     print(describe_subspace(subspace))
-    return rows
+    return tables
 
 
 def main(argv=None):

@@ -105,6 +105,8 @@ def export(args):
     """Export, check against the training-time model, write; the lines describing what was written."""
     if args.check_images is not None and not 1 <= args.check_images <= MAX_CHECK_IMAGES:
         raise ConfigError(f"--check_images {args.check_images}: must be in 1..{MAX_CHECK_IMAGES}")
+    if os.path.isdir(args.out):  # before its suffix: a directory has none to judge
+        raise ConfigError(f"--out {args.out}: is a directory; give the name of the file to write")
     check_suffix(args.out, "subspace" if args.subspace else args.format)
     if args.level is not None:
         check_level(args.checkpoint, args.level)

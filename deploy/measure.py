@@ -59,11 +59,11 @@ class OnnxRunner:
         return self.session.run(None, {self.input_name: images.numpy()})[0]
 
 
-def onnx_runners(exported, out_dir, threads, checkpoint):
-    """[(runner, ONNX file size, (integer convs, convs of int8 weights) or None)] for benchmark rows
-    [(label, model, size, content)] of `checkpoint`; every file is checked with ONNX Runtime
-    first, and a failed check names the checkpoint and the level (not the file, which may be a
-    temporary one)."""
+def onnx_runners(exported, out_dir, thread_counts, checkpoint):
+    """[({threads: runner}, ONNX file size, (integer convs, convs of int8 weights) or None)] for
+    benchmark rows [(label, model, size, content)] of `checkpoint`, a session per count of
+    `thread_counts`; every file is checked with ONNX Runtime first, and a failed check names the
+    checkpoint and the level (not the file, which may be a temporary one)."""
     from deploy.onnx_export import write_checked
 
     runners = []
@@ -74,5 +74,6 @@ def onnx_runners(exported, out_dir, threads, checkpoint):
         if kernels:
             integer = (sum(kind == "integer" for kind in kernels.values()),
                        sum(kind != "float" for kind in kernels.values()))
-        runners.append((OnnxRunner(file, threads), os.path.getsize(file), integer))
+        runners.append(({threads: OnnxRunner(file, threads) for threads in thread_counts}, os.path.getsize(file),
+                        integer))
     return runners

@@ -65,8 +65,9 @@ def reports_kernels(content):
 
 
 # -- export ------------------------------------------------------------------------------
-def export_onnx(model, content, path):
-    """Write the exported network (built from `content`) as an ONNX file at `path`."""
+def export_onnx(model, content, path, exact=False):
+    """Write the exported network (built from `content`) as an ONNX file at `path`; `exact`: in
+    the form's exact rewrite (exact_rewrite, where the form has one) instead of its fast one."""
     onnx, _ = require_onnx()
     form = onnx_form(content)
     module = form.traceable(model, content) if form else model
@@ -82,7 +83,7 @@ def export_onnx(model, content, path):
                           opset_version=OPSET, dynamo=False)
     graph = onnx.load(path)
     if form:
-        form.rewrite(graph, content)
+        (form.exact_rewrite if exact else form.rewrite)(graph, content)
     for key in METADATA:
         if content.get(key) is not None:
             graph.metadata_props.add(key=key, value=json.dumps(content[key]))
@@ -150,6 +151,22 @@ def validate(path, model, content, images, name=None):
         raise DeployError(f"{name or path}: ONNX Runtime does not reproduce the model "
                           f"({describe_agreement(result, content)})")
     return result
+
+
+def export_checked(model, content, path, images, name):
+    """Export to `path` and validate: (the comparison, None), or where the form has an exact
+    rewrite and the check refuses the fast form, the exact form written and validated instead:
+    (its comparison, why the fast form was refused)."""
+    export_onnx(model, content, path)
+    form = onnx_form(content)
+    if not (form and hasattr(form, "exact_rewrite")):
+        return validate(path, model, content, images, name=name), None
+    try:
+        return validate(path, model, content, images, name=name), None
+    except DeployError as error:
+        refused = str(error).split(": ONNX Runtime does not reproduce the model ", 1)[-1].strip("()")
+    export_onnx(model, content, path, exact=True)
+    return validate(path, model, content, images, name=name), refused
 
 
 def describe_agreement(result, content):
@@ -229,8 +246,7 @@ def write_checked(content, path, data_dir=None, count=256, name=None):
     checked = {}
 
     def write(temporary):
-        export_onnx(model, content, temporary)
-        checked["result"] = validate(temporary, model, content, images, name=name or path)
+        checked["result"], checked["refused"] = export_checked(model, content, temporary, images, name or path)
         if reports_kernels(content):
             # ONNX Runtime writes its optimised graph to a file: a temporary of the same pattern.
             optimized = temporary_path(path + OPTIMIZED)
@@ -244,11 +260,13 @@ def write_checked(content, path, data_dir=None, count=256, name=None):
     atomic_write(path, write, failure=OutputError)
     result, kernels = checked["result"], checked.get("kernels", {})
     lines = [f"ONNX Runtime on {source}: {describe_agreement(result, content)}"]
+    if checked["refused"]:
+        lines.append(f"written in the exact form: the fast one was refused ({checked['refused']})")
     if kernels:
         counts = {kind: sum(1 for value in kernels.values() if value == kind) for kind in ("integer", "qdq-float")}
-        lines.append(f"quantized convs: {counts['integer']} run as integer convolutions (ConvInteger), "
-                     f"{counts['qdq-float']} as float convolutions of dequantized int8 weights (no recorded "
-                     f"input range)")
+        lines.append(f"quantized convs: {counts['integer']} run as integer convolutions (QLinearConv or "
+                     f"ConvInteger), {counts['qdq-float']} as float convolutions of dequantized int8 weights (no "
+                     f"recorded input range)")
     note = format_of(content).onnx.note
     if note:
         lines.append(note)

@@ -49,6 +49,8 @@ UNIT_SECONDS = {
     "tests/test_onnx.py::quantized_graph_matrix": 18,
     "tests/test_onnx.py::test_every_quantized_conv_runs_as_an_integer_convolution": 8,
     "tests/test_onnx.py::test_onnx_runtime_reproduces_the_model": 7,
+    "tests/test_onnx.py::test_resnet18_and_vgg19_export_and_pass_the_check[vgg19": 20,
+    "tests/test_onnx.py::test_resnet18_and_vgg19_export_and_pass_the_check[resnet18": 12,
     "tests/test_distributed.py": 140,
     "tests/test_resume.py": 46,
     "tests/test_cli_unstructured.py": 41,

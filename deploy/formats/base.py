@@ -32,7 +32,9 @@ class OnnxForm:
       judge(path, model, content, images, result) -> whether the graph fails, or None for the
         float rule (it may add its findings to `result`);
       describe(result, model_text) -> the judgement in words, or None;
-      reports_kernels(content) -> whether the kernels ONNX Runtime runs the convs with are listed.
+      reports_kernels(content) -> whether the kernels ONNX Runtime runs the convs with are listed;
+      exact_rewrite(graph, content), optional: a slower rewrite that the export writes where the
+        check refuses the graph of `rewrite` (the quantized form: ConvInteger for QLinearConv).
     `note`: a line the export adds (what ONNX cannot store of the format)."""
 
     module: str = ""

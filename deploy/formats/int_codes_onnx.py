@@ -8,8 +8,18 @@ codes and its weight codes (uint8, with their zero points), then scales the int3
 (input scale x weight scale) and adds the folded BN bias in float. That is the fake-quantized
 model's arithmetic with an exact integer sum; float operations in another order now and then
 put an activation on the other side of a rounding boundary, and the check (judge) judges each
-quantized conv on its own for that reason. Every bit width 3..8 runs the same kernels. The
-traced graph is a QDQ graph (QuantizeLinear/DequantizeLinear pairs around each conv);
+quantized conv on its own for that reason. Every bit width 3..8 runs the same kernels.
+
+The fast form (the default at 8 bits, FAST_FORM_BITS): a conv whose output goes through ReLU
+(and max pooling) straight into the next conv's QuantizeLinear (conv -> BN -> ReLU -> conv, with
+BN folded) becomes one QLinearConv that writes the next conv's codes (requantized_conv): ONNX
+Runtime's fast integer kernel. Its bias is rounded to whole units of the sum, so a few codes
+near a rounding boundary move (about 2 in 10,000, counted by the check as requantization ties).
+The convs whose float output is needed (a residual sum, a GroupNorm or InstanceNorm, the
+classifier) stay ConvInteger. Below 8 bits, and where the check refuses the fast form, the export
+writes the exact form (exact_rewrite: ConvInteger everywhere).
+
+The traced graph is a QDQ graph (QuantizeLinear/DequantizeLinear pairs around each conv);
 integer_convs rewrites it. An export stored with float weights is the plain float network;
 it, and an export whose convs quantize no input (float convs of dequantized int8 weights), are
 judged as every float graph is.
@@ -42,9 +52,25 @@ def prepare(model, content):
     return model if integer(content) else without_activation_quantization(model)
 
 
+# The bit widths written in the fast form. Below 8 bits a requantization tie moves an activation
+# by a whole coarse step, and the changes grow through the network: on a short real-data
+# cPreResNet20 run (500 CIFAR-10 test images) the fast form gave 97.4 % identical predictions at
+# 8 bits but 81.6 % at 5 and 69.4 % at 3 (the exact form: 99.6-100 %), although the bias was
+# rounded to a 2^(8-b) times finer unit there.
+FAST_FORM_BITS = (8,)
+
+
 def rewrite(graph, content):
-    """The traced QDQ graph (an onnx.ModelProto) with integer convolutions, in place."""
-    integer_convs(graph, content["num_bits"])
+    """The traced QDQ graph (an onnx.ModelProto) with integer convolutions, in place: at 8 bits the
+    fast form, QLinearConv wherever a conv's output goes through ReLU into the next conv's codes;
+    below, the exact form (FAST_FORM_BITS)."""
+    integer_convs(graph, content["num_bits"], fused=content["num_bits"] in FAST_FORM_BITS)
+
+
+def exact_rewrite(graph, content):
+    """The exact form: every quantized conv a ConvInteger with float output (no requantization
+    ties); what deploy/onnx_export.py writes where the check refuses the fast form."""
+    integer_convs(graph, content["num_bits"], fused=False)
 
 
 def judge(path, model, content, images, result):
@@ -75,7 +101,9 @@ def describe(result, model_text):
                 f"{SUM_TOLERANCE:g})")
     else:
         text = (f"{layers['layers']} quantized convs reproduce their integer arithmetic exactly ("
-                f"{layers['ties']} of {layers['codes']:,} codes on the other side of a rounding tie)")
+                f"{layers['ties']} of {layers['codes']:,} codes on the other side of a rounding tie"
+                + (f", {layers['requantization_ties']} of them moved by the requantization of the "
+                   f"{len(layers['fused'])} QLinearConv" if layers["fused"] else "") + ")")
     return f"{text}; logits against {model_text}, tolerance {MODEL_TOLERANCE:g} for the median"
 
 
@@ -187,7 +215,7 @@ def traceable(model, content, integer=False):
 
 
 # -- the rewrite ---------------------------------------------------------------------------
-def integer_convs(model, num_bits):
+def integer_convs(model, num_bits, fused=True):
     """Rewrite the traced QDQ graph in place so that every quantized conv computes in integers.
 
     A conv whose input is quantized (QuantizeLinear -> DequantizeLinear) becomes
@@ -196,26 +224,23 @@ def integer_convs(model, num_bits):
     fake-quantized model computes it in float. Below 8 bits the Clip that holds the b-bit grid's
     upper end moves from the float input to the uint8 codes. Weight codes are stored as uint8
     (signed code + 128), whose ConvInteger kernel is the fast one in ONNX Runtime. A conv whose
-    input is not quantized (no recorded range) keeps a float conv of its dequantized int8 codes."""
+    input is not quantized (no recorded range) keeps a float conv of its dequantized int8 codes.
+    With `fused`, a ConvInteger that requantized_conv can fuse becomes a QLinearConv."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     graph = model.graph
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     producers = {output: node for node in graph.node for output in node.output}
 
     def constant(name):
-        if name in initializers:
-            return numpy_helper.to_array(initializers[name])
-        node = producers[name]
-        assert node.op_type == "Constant", f"{name}: expected a constant, found {node.op_type}"
-        return numpy_helper.to_array(node.attribute[0].t)
+        return constant_value(name, initializers, producers)
 
     def add_constant(array, name):
-        graph.initializer.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
+        return add_initializer(graph, array, name)
 
     codes_of = {}  # QuantizeLinear name -> its codes on the b-bit grid
+    fusable = []   # the ConvInteger nodes made, for requantized_conv
     for conv in [node for node in graph.node if node.op_type == "Conv"]:
         weight_dq = producers.get(conv.input[1])
         if weight_dq is None or weight_dq.op_type != "DequantizeLinear":
@@ -262,8 +287,109 @@ def integer_convs(model, num_bits):
         nodes[-1].output[0] = conv.output[0]
         graph.node.remove(conv)
         graph.node.extend(nodes)
+        fusable.append((nodes, float(x_scale), float(w_scale)))
+    remove_unused(graph)  # the float Clips moved after QuantizeLinear, which the fusion follows
+    for nodes, x_scale, w_scale in fusable if fused else ():
+        requantized_conv(graph, nodes, x_scale, w_scale)
     remove_unused(graph)
     sort_topologically(graph)
+
+
+def constant_value(name, initializers, producers):
+    """The value of a constant tensor of the graph (an initializer or a Constant node's), or None."""
+    from onnx import numpy_helper
+
+    if name in initializers:
+        return numpy_helper.to_array(initializers[name])
+    node = producers.get(name)
+    return None if node is None or node.op_type != "Constant" else numpy_helper.to_array(node.attribute[0].t)
+
+
+def add_initializer(graph, array, name):
+    from onnx import numpy_helper
+
+    graph.initializer.append(numpy_helper.from_array(np.asarray(array), name))
+    return name
+
+
+def requantizing_chain(graph, tensor, initializers, producers):
+    """The nodes from `tensor` (a conv's float output) to the QuantizeLinear of the next conv's
+    input, through Relu and MaxPool only, each the only reader of the one before: [..., the
+    QuantizeLinear], or None where the float output is needed (another reader, another op)."""
+    consumers = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {output.name for output in graph.output}
+    chain = []
+    while len(consumers.get(tensor, [])) == 1 and tensor not in outputs:
+        node = consumers[tensor][0]
+        if node.op_type not in ("Relu", "MaxPool", "QuantizeLinear"):
+            return None
+        chain.append(node)
+        if node.op_type == "QuantizeLinear":
+            constants = [constant_value(name, initializers, producers) for name in node.input[1:]]
+            return chain if all(value is not None for value in constants) else None
+        tensor = node.output[0]
+    return None
+
+
+def requantized_conv(graph, nodes, x_scale, w_scale):
+    """Fuse a ConvInteger whose float output goes, through ReLU and max pooling only, into the
+    next conv's QuantizeLinear (a conv -> BN -> ReLU [-> pool] -> conv chain) into one QLinearConv
+    that writes the next conv's input codes: ONNX Runtime's fast integer kernel (NHWC, int8 dot
+    products where the CPU has them). Its requantization differs from the float chain in two
+    ways: the bias is rounded to whole units of the sum (x scale x weight scale; at most half a
+    unit), and the sum is scaled by one float32 multiplier; a code moves only where the float
+    value lies within that much of a rounding boundary (check_layers counts these requantization
+    ties). ReLU is the saturation at the zero point (a Clip of the codes where it is not 0), max
+    pooling commutes with the monotone rounding and runs on the codes. Any other consumer (a
+    residual sum, a GroupNorm or InstanceNorm, the classifier) needs the float output: the
+    ConvInteger stays."""
+    from onnx import helper
+
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
+    conv, bias_node = nodes[0], (nodes[3] if len(nodes) > 3 else None)
+    chain = requantizing_chain(graph, nodes[-1].output[0], initializers, producers)
+    if chain is None:
+        return
+    *chain, quantize = chain
+
+    def add_constant(array, name):
+        return add_initializer(graph, array, name)
+
+    y_zero = int(constant_value(quantize.input[2], initializers, producers))
+    # uint8 weights, not int8: ONNX Runtime's u8 x s8 kernels on AVX2 without VNNI add pairs of
+    # products in int16 (VPMADDUBSW) and saturate (measured on an AMD EPYC: a 1x1 conv of 64
+    # channels of codes 255 and weights 127 gave 105 codes for 207), and the codes less a nonzero
+    # zero point do not fit int8 anyway.
+    w_codes, w_zero = conv.input[1], conv.input[3]
+    unit = np.float64(np.float32(x_scale) * np.float32(w_scale))
+    stem = conv.name + "_q"
+
+    inputs = [conv.input[0], add_constant(np.float32(x_scale), stem + "_x_scale"), conv.input[2],
+              w_codes, add_constant(np.float32(w_scale), stem + "_w_scale"), w_zero,
+              quantize.input[1], quantize.input[2]]
+    if bias_node is not None:
+        bias = constant_value(bias_node.input[1], initializers, producers).astype(np.float64).ravel()
+        inputs.append(add_constant(np.round(bias / unit).astype(np.int32), stem + "_bias"))
+    attributes = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+    fused = [helper.make_node("QLinearConv", inputs, [stem + "_codes"], name=conv.name, **attributes)]
+    for node in chain:
+        previous = fused[-1].output[0]
+        if node.op_type == "Relu" and y_zero == 0:
+            continue  # QLinearConv saturates at code 0
+        if node.op_type == "Relu":
+            fused.append(helper.make_node("Clip", [previous, quantize.input[2]], [node.name + "_codes"],
+                                          name=node.name))
+        else:
+            fused.append(helper.make_node("MaxPool", [previous], [node.name + "_codes"], name=node.name,
+                                          **{a.name: helper.get_attribute_value(a) for a in node.attribute}))
+    fused[-1].output[0] = quantize.output[0]
+    for node in [*nodes, *chain, quantize]:
+        graph.node.remove(node)
+    graph.node.extend(fused)
 
 
 def remove_unused(graph):
@@ -309,8 +435,12 @@ def sort_topologically(graph):
 # conv's float input must be those of the level's activation grid (the same division and
 # round-half-to-even; only a value within CODE_TIE of a rounding boundary may land on its other
 # side), and the conv's output must be the exact integer sum of those codes with the level's
-# weight codes, scaled and biased in float32 (within SUM_TOLERANCE of one unit of the sum).
-# Every quantized conv of the model must be one ConvInteger of the graph. A graph with the codes
+# weight codes, scaled and biased in float32 (within SUM_TOLERANCE of one unit of the sum). A
+# QLinearConv's output codes must be those of that sum, biased in float64, on the next conv's
+# grid (only a value within CODE_TIE plus half a unit of the sum of a rounding boundary may land
+# on its other side: a requantization tie), and the conv that reads them sees them clipped to
+# its b bits. Every quantized conv of the model must be one ConvInteger or QLinearConv of the
+# graph. A graph with the codes
 # of another bit width, activations on another grid, unclipped or unquantized, is off by whole
 # codes and units. The logits are then compared with the torch model's, median image within
 # MODEL_TOLERANCE spreads: a guard against a mistake between the convs (norms, residual sums);
@@ -322,21 +452,31 @@ LAYER_BATCH = 16            # images per run of the instrumented graph (its inte
 
 
 def instrumented(path):
-    """The graph at `path` with each ConvInteger's float input, input codes and output as graph
-    outputs: ({module name: (input, codes, output) tensor names}, serialized model)."""
+    """The graph at `path` with what check_layers reads of each integer conv (ConvInteger or
+    QLinearConv) as graph outputs: ({module name: (float input or None, input codes, output,
+    (output scale, output zero point) of a QLinearConv or None)}, serialized model). The float
+    input is None where the codes are a QLinearConv's output (judged as that conv's output)."""
     onnx, _ = require_onnx()
     graph = onnx.load(path)
+    initializers = {tensor.name: tensor for tensor in graph.graph.initializer}
     producers = {output: node for node in graph.graph.node for output in node.output}
     consumers = {}
     for node in graph.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     layers = {}
-    for conv in (node for node in graph.graph.node if node.op_type == "ConvInteger"):
+    for conv in (node for node in graph.graph.node if node.op_type in ("ConvInteger", "QLinearConv")):
         codes = conv.input[0]
-        quantize = producers.get(codes)
-        while quantize is not None and quantize.op_type != "QuantizeLinear":
-            quantize = producers.get(quantize.input[0])
+        source = producers.get(codes)
+        while source is not None and source.op_type not in ("QuantizeLinear", "QLinearConv"):
+            source = producers.get(source.input[0])
+        if source is None:
+            continue
+        x = source.input[0] if source.op_type == "QuantizeLinear" else None
+        if conv.op_type == "QLinearConv":
+            requant = tuple(float(constant_value(name, initializers, producers)) for name in conv.input[6:8])
+            layers[module_name(conv.name)] = (x, codes, conv.output[0], requant)
+            continue
         # The output: through the integer sum's scaling (Cast, Mul or DequantizeLinear) and bias.
         output = conv.output[0]
         while len(consumers.get(output, [])) == 1 and consumers[output][0].op_type in (
@@ -345,13 +485,11 @@ def instrumented(path):
             if nxt.op_type == "Add" and producers.get(nxt.input[1]) is not None:
                 break  # a residual sum, not the conv's bias
             output = nxt.output[0]
-        if quantize is None:
-            continue
-        layers[module_name(conv.name)] = (quantize.input[0], codes, output)
+        layers[module_name(conv.name)] = (x, codes, output, None)
     known = {o.name for o in graph.graph.output}
     for names in layers.values():
-        for name in names:
-            if name not in known:
+        for name in names[:3]:
+            if name is not None and name not in known:
                 graph.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
                 known.add(name)
     return layers, graph.SerializeToString()
@@ -361,9 +499,11 @@ def instrumented(path):
 def check_layers(path, model, content, images):
     """Each quantized conv of the graph at `path` against the integer arithmetic of the exported
     model's layer, from the graph's own values (see above): {"layers": number checked,
-    "ties": codes on the other side of a rounding boundary, "codes": codes checked, "worst_code":
-    largest |code difference| beyond ties, "worst_sum": largest output difference in units of the
-    sum, "missing": quantized convs that are no ConvInteger, "first": the first layer off}."""
+    "ties": codes on the other side of a rounding boundary, "requantization_ties": those of them
+    a QLinearConv's requantization moved, "codes": codes checked, "worst_code": largest |code
+    difference| beyond ties, "worst_sum": largest output difference in units of the sum,
+    "missing": quantized convs that are no integer convolution, "fused": those run as QLinearConv,
+    "first": the first layer off}."""
     _, ort = require_onnx()
     references = {name: module for name, module in traceable(model, content, integer=True).named_modules()
                   if isinstance(module, QDQConv2d) and module.act is not None}
@@ -372,8 +512,10 @@ def check_layers(path, model, content, images):
     options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
     onnx_session = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
     names = [output.name for output in onnx_session.get_outputs()]
-    result = {"layers": len(references), "ties": 0, "codes": 0, "worst_code": 0.0, "worst_sum": 0.0,
-              "missing": sorted(set(references) - set(layers)), "first": None}
+    result = {"layers": len(references), "ties": 0, "requantization_ties": 0, "codes": 0, "worst_code": 0.0,
+              "worst_sum": 0.0, "missing": sorted(set(references) - set(layers)),
+              "fused": sorted(name for name in references if name in layers and layers[name][3] is not None),
+              "first": None}
     # Per layer, once: the weight codes (as QDQConv2d.integer_arithmetic rounds them), the
     # largest sum of |weight codes| of an output channel, the bias in float64.
     weights = {}
@@ -387,18 +529,16 @@ def check_layers(path, model, content, images):
         for name, reference in references.items():
             if name not in layers:
                 continue
-            x, codes, output = (torch.from_numpy(values[key]) for key in layers[name])
+            x_name, codes_name, output_name, requant = layers[name]
+            codes, output = torch.from_numpy(values[codes_name]).float(), torch.from_numpy(values[output_name])
             scale, zero_point, _ = reference.act
-            exact = x / torch.tensor(scale)
-            expected = torch.clamp(torch.round(exact) + zero_point, 0, min(255, reference.top_code))
-            codes = codes.float()  # 0..255: exact in float32
-            result["codes"] += codes.numel()
             worst_code = 0.0
-            if bool((codes != expected).any()):  # rare in a correct graph: judge the ties only then
-                off = (codes - expected).abs()
-                tie = (exact - exact.floor() - 0.5).abs() <= CODE_TIE * exact.abs().clamp(min=1)
-                result["ties"] += int(((off == 1) & tie).sum())
-                worst_code = float(torch.where(tie & (off == 1), 0.0, off).max())
+            top = min(255, reference.top_code)
+            if x_name is not None:
+                worst_code = judge_codes(torch.from_numpy(values[x_name]) / torch.tensor(scale), codes, zero_point,
+                                         top, result)
+            else:  # a QLinearConv's output codes, judged there, clipped to this grid's b bits
+                worst_code = float((codes - top).clamp(min=0).max())
             unit = scale * reference.w_scale
             weight, weight_bound, bias = weights[name]
             # float32 sums integers exactly while every partial sum stays below 2^24; else float64.
@@ -406,11 +546,37 @@ def check_layers(path, model, content, images):
             dtype = torch.float32 if weight_bound * float(shifted.abs().max()) < 2 ** 24 else torch.float64
             sums = F.conv2d(shifted.to(dtype), weight.to(dtype), None, reference.stride, reference.padding,
                             reference.dilation, reference.groups).double()
-            rounding = 4 * torch.finfo(torch.float32).eps * (sums.abs() + bias.abs() / unit)
-            worst_sum = float(((output.double() - (sums * unit + bias)).abs() / unit - rounding).max()) \
-                if output.shape == sums.shape else float("inf")
+            if requant is not None:
+                # The output codes on the next conv's grid; the bias rounded to whole units of the
+                # sum moves a value by up to half a unit, so a code within that of a boundary may move.
+                y_scale, y_zero = requant
+                ties = result["ties"]
+                worst_code = max(worst_code, judge_codes(
+                    (sums * unit + bias) / y_scale, output.float(), y_zero, 255, result, 0.5 * unit / y_scale)
+                    if output.shape == sums.shape else float("inf"))
+                result["requantization_ties"] += result["ties"] - ties
+                worst_sum = 0.0
+            else:
+                rounding = 4 * torch.finfo(torch.float32).eps * (sums.abs() + bias.abs() / unit)
+                worst_sum = float(((output.double() - (sums * unit + bias)).abs() / unit - rounding).max()) \
+                    if output.shape == sums.shape else float("inf")
             if result["first"] is None and (worst_code > 0 or worst_sum > SUM_TOLERANCE):
                 result["first"] = name
             result["worst_code"] = max(result["worst_code"], worst_code)
             result["worst_sum"] = max(result["worst_sum"], worst_sum)
     return result
+
+
+def judge_codes(exact, codes, zero_point, top, result, shift=0.0):
+    """Codes against round(exact) + zero_point on 0..top (exact: the value in units of the grid):
+    counts them, and the codes one step off within CODE_TIE (relative, at least 1) plus `shift`
+    (absolute, in codes) of a rounding boundary, into `result`; returns the largest difference
+    beyond those ties."""
+    expected = torch.clamp(torch.round(exact) + zero_point, 0, top)
+    result["codes"] += codes.numel()
+    if not bool((codes != expected).any()):  # rare in a correct graph: judge the ties only then
+        return 0.0
+    off = (codes - expected).abs()
+    tie = (off == 1) & ((exact - exact.floor() - 0.5).abs() <= CODE_TIE * exact.abs().clamp(min=1) + shift)
+    result["ties"] += int(tie.sum())
+    return float(torch.where(tie, 0.0, off).max())
