@@ -33,7 +33,7 @@ def pytest_configure(config):
 # that the second reuses the tiny model and graphs the first made (test_onnx.py's session
 # fixtures). Units are handed out longest first (CPU seconds measured on the 2-core development
 # machine; a unit not listed counts as short), so that no long unit starts last.
-SPLIT_FILES = ("tests/test_realdata.py", "tests/test_onnx.py")
+SPLIT_FILES = ("tests/test_realdata.py", "tests/test_onnx.py", "tests/test_onnx_subspace.py")
 ONNX_MATRIX = "quantized_graph_matrix"
 UNIT_SECONDS = {
     "tests/test_realdata.py::test_quantized": 120,
@@ -44,6 +44,7 @@ UNIT_SECONDS = {
     "tests/test_onnx.py::quantized_graph_matrix": 18,
     "tests/test_onnx.py::test_every_quantized_conv_runs_as_an_integer_convolution": 8,
     "tests/test_onnx.py::test_onnx_runtime_reproduces_the_model": 7,
+    "tests/test_onnx_subspace.py::test_one_file_gives_each_levels_graph": 8,
     "tests/test_distributed.py": 71,
     "tests/test_resume.py": 46,
     "tests/test_cli_unstructured.py": 41,
