@@ -49,6 +49,7 @@ from deploy.compressed import build_exported, export_at, input_metadata, num_cla
 from deploy.onnx_export import (FLOAT_TOLERANCE, INPUT_NAME, METADATA, OUTPUT_NAME, DeployError, check_images,
                                 compare, require_onnx, run_session, session, write_checked)
 from deploy.verify import check_levels
+from utils import checkpoint_schema as schema
 from utils.atomic import atomic_write
 from utils.errors import ConfigError, OutputError
 
@@ -81,6 +82,7 @@ def export_subspace_onnx(payload, checkpoint, out, levels=None, data_dir=None, c
     (deploy/verify.py), its ONNX graph with ONNX Runtime (write_checked), and the one file at
     every level against that level's graph, before anything is written."""
     onnx, _ = require_onnx()
+    schema.check_model(payload, checkpoint)  # tensors only, all finite
     model, method = training_model(payload, checkpoint)
     levels = held_levels(method, levels)
     num_classes = num_classes_of(payload["model"])

@@ -266,3 +266,14 @@ def test_the_documented_application_runs_with_onnxruntime_and_numpy_only(tmp_pat
     classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     assert [line.split()[0] for line in lines[1:]] == ["0.5", "0.25"] and all(
         line.split()[1] in classes for line in lines[1:]), lines
+    # A per-level ONNX export, and the one file cut short, in its place: one line each.
+    data = (app / "model.lcs.onnx").read_bytes()
+    main(["--checkpoint", checkpoint, "--level", "0.5", "--format", "onnx", "--out", str(tmp_path / "level.onnx"),
+          "--check_images", "8"])
+    (app / "model.lcs.onnx").write_bytes((tmp_path / "level.onnx").read_bytes())
+    for expected in ("model.lcs.onnx: not one ONNX file of every level", "model.lcs.onnx: not a readable ONNX file"):
+        result = subprocess.run([python, "application.py"], cwd=app, capture_output=True, text=True, timeout=120,
+                                env=env)
+        assert result.returncode == 1 and result.stderr.startswith(expected) and result.stderr.count("\n") == 1, \
+            result.stderr
+        (app / "model.lcs.onnx").write_bytes(data[:len(data) // 2])
