@@ -299,13 +299,16 @@ class SharedTensors:
     def __init__(self):
         self.initializers, self.arrays, self.by_content = [], {}, {}
 
-    def constant(self, array, name):
-        """The name of an initializer holding `array` (an existing equal one if any)."""
+    def constant(self, array, name=None):
+        """The name of an initializer holding `array` (an existing equal one if any; a new one is
+        named `name`, by default a short name: the names of a branch's inputs are repeated in
+        every node that reads them)."""
         array = np.asarray(array)
         key = (array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())
         if key not in self.by_content:
             from onnx import numpy_helper
 
+            name = name or f"k{len(self.initializers)}"
             self.by_content[key] = name
             self.arrays[name] = array
             self.initializers.append(numpy_helper.from_array(array, name))
@@ -329,22 +332,20 @@ class SharedTensors:
         packed = pack_codes(array)
         if packed is not None:
             return name, self.unpacked(packed, array, name)
-        return self.constant(array, f"{name}.stored"), []
+        return self.constant(array), []
 
     def sliced(self, stored_name, shape, name):
         from onnx import helper
 
-        ends = self.constant(np.asarray(shape, np.int64), f"shape_{'x'.join(map(str, shape))}")
-        starts = self.constant(np.zeros(len(shape), np.int64), f"zeros_{len(shape)}")
-        axes = self.constant(np.arange(len(shape), dtype=np.int64), f"axes_{len(shape)}")
-        return [helper.make_node("Slice", [stored_name, starts, ends, axes], [name])]
+        ends, starts = self.constant(np.asarray(shape, np.int64)), self.constant(np.zeros(len(shape), np.int64))
+        return [helper.make_node("Slice", [stored_name, starts, ends], [name])]
 
     def masked(self, stored_name, threshold, name):
         from onnx import helper
 
         dtype = self.arrays[stored_name].dtype
-        limit = self.constant(np.asarray(threshold, dtype), f"{name}t")
-        zero = self.constant(np.zeros((), dtype), f"zero_{dtype}")
+        limit = self.constant(np.asarray(threshold, dtype))
+        zero = self.constant(np.zeros((), dtype))
         return [helper.make_node("Abs", [stored_name], [f"{name}a"]),
                 helper.make_node("GreaterOrEqual", [f"{name}a", limit], [f"{name}k"]),
                 helper.make_node("Where", [f"{name}k", stored_name, zero], [name])]
@@ -357,26 +358,26 @@ class SharedTensors:
 
         planes, low = packed
         bits = planes.shape[0]
-        stored = self.constant(planes[:, :, None], f"{name}p")
+        stored = self.constant(planes[:, :, None])
         # Each byte's bit m: shift it to the top, then down to the bottom.
-        up = self.constant((7 - np.arange(8, dtype=np.uint8)).reshape(1, 1, 8), "bit_up")
-        down = self.constant(np.uint8(7), "bit_down")
-        weights = self.constant((1 << np.arange(bits, dtype=np.int32)).reshape(bits, 1, 1), f"plane_weights_{bits}")
-        shape = self.constant(np.asarray(array.shape, np.int64), f"shape_{'x'.join(map(str, array.shape))}")
+        up = self.constant((7 - np.arange(8, dtype=np.uint8)).reshape(1, 1, 8))
+        down = self.constant(np.uint8(7))
+        weights = self.constant((1 << np.arange(bits, dtype=np.int32)).reshape(bits, 1, 1))
+        shape = self.constant(np.asarray(array.shape, np.int64))
         nodes = [helper.make_node("BitShift", [stored, up], [f"{name}u"], direction="LEFT"),
                  helper.make_node("BitShift", [f"{name}u", down], [f"{name}b"], direction="RIGHT"),
                  helper.make_node("Cast", [f"{name}b"], [f"{name}i"], to=TensorProto.INT32),
                  helper.make_node("Mul", [f"{name}i", weights], [f"{name}w"]),
-                 helper.make_node("ReduceSum", [f"{name}w", self.constant(np.asarray([0], np.int64), "axis_0")],
+                 helper.make_node("ReduceSum", [f"{name}w", self.constant(np.asarray([0], np.int64))],
                                   [f"{name}s"], keepdims=0),
-                 helper.make_node("Add", [f"{name}s", self.constant(np.int32(low), f"offset_{low}")], [f"{name}o"]),
+                 helper.make_node("Add", [f"{name}s", self.constant(np.int32(low))], [f"{name}o"]),
                  helper.make_node("Cast", [f"{name}o"], [f"{name}c"],
                                   to=TensorProto.UINT8 if array.dtype == np.uint8 else TensorProto.INT8)]
         if array.size % 8:  # the last byte's padding
-            nodes += [helper.make_node("Reshape", [f"{name}c", self.constant(np.asarray([-1], np.int64), "flat")],
+            nodes += [helper.make_node("Reshape", [f"{name}c", self.constant(np.asarray([-1], np.int64))],
                                        [f"{name}f"]),
-                      helper.make_node("Slice", [f"{name}f", self.constant(np.asarray([0], np.int64), "zeros_1"),
-                                                 self.constant(np.asarray([array.size], np.int64), f"{name}n")],
+                      helper.make_node("Slice", [f"{name}f", self.constant(np.asarray([0], np.int64)),
+                                                 self.constant(np.asarray([array.size], np.int64))],
                                        [f"{name}v"])]
         nodes.append(helper.make_node("Reshape", [nodes[-1].output[0], shape], [name]))
         return nodes
