@@ -264,22 +264,33 @@ def branch(graph, prefix, shared):
         return renamed[name]
 
     nodes = []
-    for tensor in graph.initializer:
-        local = short(tensor.name)
-        array = numpy_helper.to_array(tensor)
+
+    def constant(name, array):
+        """An initializer's or a Constant node's tensor, from the shared storage. A branch that
+        reads a stored tensor directly gets a copy of its own, a Slice of all of it (folded at
+        load; ONNX Runtime removes an Identity instead): it fuses and re-lays out (NCHWc) only the
+        weights a graph holds, as the per-level graph holds them. Scalars are read as stored."""
+        local = short(name)
         stored, derived = shared.reference(array, local)
-        # A branch that reads a stored tensor directly gets a copy of its own, a Slice of all of
-        # it (folded at load; ONNX Runtime removes an Identity instead): it fuses and re-lays out
-        # (NCHWc) only the weights a graph holds, as the per-level graph holds them.
-        nodes += derived or (shared.sliced(stored, array.shape, local) if array.ndim else
-                             [helper.make_node("Identity", [stored], [local])])
+        if derived or array.ndim:
+            nodes.extend(derived or shared.sliced(stored, array.shape, local))
+        else:
+            renamed[name] = stored
+
+    for tensor in graph.initializer:
+        constant(tensor.name, numpy_helper.to_array(tensor))
     for node in graph.node:
         assert not any(attribute.g.node or attribute.graphs for attribute in node.attribute), \
             f"{node.name}: per-level graphs with subgraphs are not merged"
-        copy = helper.make_node(node.op_type, [short(name) for name in node.input],
-                                [short(name) for name in node.output], domain=node.domain)
-        copy.attribute.extend(node.attribute)
-        nodes.append(copy)
+        if node.op_type == "Constant" and [attribute.name for attribute in node.attribute] == ["value"]:
+            constant(node.output[0], numpy_helper.to_array(node.attribute[0].t))
+        elif node.op_type == "Identity" and node.output[0] != graph.output[0].name:
+            renamed[node.output[0]] = short(node.input[0])  # the exporter's aliases of weights
+        else:
+            copy = helper.make_node(node.op_type, [short(name) for name in node.input],
+                                    [short(name) for name in node.output], domain=node.domain)
+            copy.attribute.extend(node.attribute)
+            nodes.append(copy)
     return helper.make_graph(nodes, prefix, [], [output_info(renamed[graph.output[0].name])])
 
 
