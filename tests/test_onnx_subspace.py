@@ -277,3 +277,17 @@ def test_the_documented_application_runs_with_onnxruntime_and_numpy_only(tmp_pat
         assert result.returncode == 1 and result.stderr.startswith(expected) and result.stderr.count("\n") == 1, \
             result.stderr
         (app / "model.lcs.onnx").write_bytes(data[:len(data) // 2])
+
+
+@pytest.mark.slow
+def test_the_benchmark_measures_the_one_file(tmp_path, checkpoint):
+    """benchmarks/deploy.py --onnx_subspace: the size against the .lcs.pt and one row per level."""
+    result = subprocess.run(
+        [sys.executable, "benchmarks/deploy.py", "--checkpoint", checkpoint, "--onnx_subspace", "--levels", "1.0,0.5",
+         "--repeats", "1", "--warmup", "0", "--batch_sizes", "1"], cwd=REPO, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"one ONNX file \(width factor an input\): [0-9.]+ KiB = [0-9.]+x the .lcs.pt artefact",
+                     result.stdout), result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| 1 |", "| 0.5 |"))]
+    assert len(rows) == 2 and all("| 0.0e+00 |" in row for row in rows), result.stdout
