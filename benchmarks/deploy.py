@@ -38,7 +38,8 @@ from utils.errors import ConfigError, UserError, one_line  # noqa: E402
 from deploy.formats import FORMATS  # noqa: E402
 from deploy.compressed import (checkpoint_method, export_model, load_exported,  # noqa: E402
                                resolve_level, save_export, uncompressed_level)
-from deploy.measure import describe_subspace, onnx_runners, subspace_report  # noqa: E402
+from deploy.measure import (describe_onnx_subspace, describe_subspace, onnx_runners,  # noqa: E402
+                            onnx_subspace_report, subspace_report)
 
 
 def build_parser():
@@ -57,6 +58,9 @@ def build_parser():
     parser.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime"),
                         help="time the models in torch or, exported to ONNX, in ONNX Runtime (CPU)")
     parser.add_argument("--switches", type=int, default=20, help="level switches timed on the subspace artefact")
+    parser.add_argument("--onnx_subspace", action="store_true",
+                        help="measure the one ONNX file whose level is an input against the per-level ONNX files "
+                             "(--levels: the levels it holds, default the run's grid; 1 thread and all threads)")
     return parser
 
 
@@ -185,7 +189,7 @@ def check_args(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
     bound("--switches", args.switches, 1, MAX_REPEATS)
-    if args.runtime == "onnxruntime" and args.device != "cpu":
+    if (args.runtime == "onnxruntime" or args.onnx_subspace) and args.device != "cpu":
         raise ConfigError(f"--runtime onnxruntime: runs on the CPU only, not --device {args.device}")
     if args.out_dir and not os.path.isdir(args.out_dir):
         raise ConfigError(f"--out_dir {args.out_dir}: no such directory")
@@ -246,6 +250,8 @@ def run(args):
     # The uncompressed model is always measured first; these are the levels compared with it.
     levels = args.levels or [level for level in method.deploy_levels if valid_level(method, level)]
     load_before = load_average()
+    if args.onnx_subspace:
+        return run_onnx_subspace(args, payload, config, load_before)
     with tempfile.TemporaryDirectory() as scratch:
         out_dir = args.out_dir or scratch
         exported = export_all(payload, method, args.checkpoint, levels, args.round_to, out_dir, device,
@@ -291,6 +297,19 @@ def run(args):
             for (label, _, _, _), (_, _, integer) in zip(exported, runners) if integer))
     print(describe_subspace(subspace))
     return tables
+
+
+def run_onnx_subspace(args, payload, config, load_before):
+    threads = sorted({1, os.cpu_count() or 1})
+    with tempfile.TemporaryDirectory() as scratch:
+        report = onnx_subspace_report(payload, args.checkpoint, args.out_dir or scratch, args.levels,
+                                      args.batch_sizes, args.repeats, args.warmup, threads)
+    print(f"{config.setting}/{config.method} {config.model} ({config.norm}) from {args.checkpoint}")
+    print(f"{cpu_description()}; onnxruntime {onnxruntime_version()}, CPU execution provider, intra-op threads "
+          f"{' and '.join(map(str, threads))}; {load_before} before, {load_average()} after")
+    print(f"latency = median of {args.repeats} rounds after {args.warmup} warm-up rounds")
+    print("\n".join(describe_onnx_subspace(report, threads, args.batch_sizes)))
+    return report
 
 
 def main(argv=None):

@@ -4,10 +4,13 @@
         [--data_dir DIR]
     python -m deploy.export --checkpoint RUN/model_final.pt --level 8 --format onnx --out model.onnx
     python -m deploy.export --checkpoint RUN/model_final.pt --subspace --out model.lcs.pt
+    python -m deploy.export --checkpoint RUN/model_final.pt --subspace --format onnx --out model.lcs.onnx \
+        [--levels 1.0,0.5,0.25]
 
 The level is in the unit of the checkpoint's method; deploy/compressed.py writes and loads the
 per-level export (what the file holds is described there), deploy/subspace.py the subspace
-artefact and deploy/onnx_export.py the ONNX file. Every artefact is compared with the
+artefact, deploy/onnx_export.py the ONNX file and deploy/onnx_subspace.py the one ONNX file whose
+level is an input. Every artefact is compared with the
 training-time model before it is written (deploy/verify.py). An existing --out is replaced only
 with --force; SIGTERM and Ctrl-C leave nothing behind (exit status 143 and 130, as training).
 The command, and --level against the checkpoint's config, are checked before torch is imported
@@ -22,12 +25,14 @@ import threading
 
 from methods import METHODS, SETTINGS, config_from_dict
 from utils import checkpoint as ckpt
-from utils.errors import EXIT_INTERRUPTED, ConfigError, UsageParser, UserError, one_line
+from utils.errors import EXIT_INTERRUPTED, ConfigError, UsageParser, UserError, number_list, one_line
 
 MAX_CHECK_IMAGES = 10_000  # the CIFAR-10 test split
 DEFAULT_CHECK_IMAGES = 256
 # What --out must end with, per thing written (a per-level .pt is not named like a subspace).
-SUFFIXES = {"pt": ".pt", "onnx": ".onnx", "subspace": ".lcs.pt"}
+SUFFIXES = {"pt": ".pt", "onnx": ".onnx", "subspace": ".lcs.pt", "subspace_onnx": ".lcs.onnx"}
+KIND_FLAGS = {"pt": "--format pt", "onnx": "--format onnx", "subspace": "--subspace",
+              "subspace_onnx": "--subspace --format onnx"}
 
 
 def describe(content, size_bytes):
@@ -61,8 +66,11 @@ def build_parser():
     parser.add_argument("--subspace", action="store_true",
                         help="write the whole trained subspace instead of one level (load it with "
                              "deploy.load_subspace and pick the level at run time)")
-    parser.add_argument("--out", required=True, help="file to write: *.pt (--format pt), *.onnx (--format onnx) or "
-                                                     "*.lcs.pt (--subspace)")
+    parser.add_argument("--levels", type=number_list(float),
+                        help="--subspace --format onnx: the levels the file holds, comma-separated, within the "
+                             "trained range (default: the run's evaluation grid)")
+    parser.add_argument("--out", required=True, help="file to write: *.pt (--format pt), *.onnx (--format onnx), "
+                                                     "*.lcs.pt (--subspace) or *.lcs.onnx (--subspace --format onnx)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists (else refused)")
     parser.add_argument("--round_to", type=int, help="round structured widths up to a multiple of this")
     parser.add_argument("--format", default="pt", choices=("pt", "onnx"),
@@ -82,8 +90,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.subspace == (args.level is not None):
         parser.error("give either --level LEVEL (one level) or --subspace (every level)")
-    if args.subspace and (args.format != "pt" or args.round_to):
-        parser.error("--subspace writes a pt file of the trained widths; --format onnx and --round_to take --level")
+    if args.subspace and args.round_to:
+        parser.error("--subspace writes the trained widths; --round_to takes --level")
+    if args.levels is not None and not (args.subspace and args.format == "onnx"):
+        parser.error("--levels: chooses the levels of --subspace --format onnx; give one level with --level")
     if args.check_images is not None and args.format != "onnx":
         parser.error(f"--check_images {args.check_images}: checks ONNX exports only; give it with --format onnx "
                      f"and --level")
@@ -107,9 +117,9 @@ def export(args):
         raise ConfigError(f"--check_images {args.check_images}: must be in 1..{MAX_CHECK_IMAGES}")
     if os.path.isdir(args.out):  # before its suffix: a directory has none to judge
         raise ConfigError(f"--out {args.out}: is a directory; give the name of the file to write")
-    check_suffix(args.out, "subspace" if args.subspace else args.format)
-    if args.level is not None:
-        check_level(args.checkpoint, args.level)
+    check_suffix(args.out, kind_of(args))
+    for level in [args.level] if args.level is not None else args.levels or []:
+        check_level(args.checkpoint, level, "--level" if args.level is not None else "--levels")
     from deploy.compressed import build_exported, check_output, export_at, num_classes_of, training_model
     from deploy.verify import check_levels, level_text  # torch, once the command is right
     from utils import checkpoint_schema as schema
@@ -133,15 +143,26 @@ def export(args):
     return WRITERS[args.format](args, content, checked)
 
 
-def check_level(path, level):
-    """ConfigError when `level` lies outside what the checkpoint's method exports, from its config
-    read without torch; what cannot be read that way is left to the export, which checks again."""
+def kind_of(args):
+    """What is written: a key of SUFFIXES."""
+    if args.subspace:
+        return "subspace_onnx" if args.format == "onnx" else "subspace"
+    return args.format
+
+
+def check_level(path, level, flag="--level"):
+    """ConfigError naming `flag` when `level` lies outside what the checkpoint's method exports,
+    from its config read without torch; what cannot be read that way is left to the export,
+    which checks again."""
     header = ckpt.read_header(path)
     try:
         config = config_from_dict(header["config"])
     except (TypeError, KeyError, ConfigError):  # no header, or a config the export will refuse
         return
-    METHODS[config.setting][config.method].check_export_level(config, level)
+    try:
+        METHODS[config.setting][config.method].check_export_level(config, level)
+    except ConfigError as error:
+        raise ConfigError(str(error).replace("--level", flag, 1)) from None
 
 
 def check_suffix(out, kind):
@@ -149,13 +170,18 @@ def check_suffix(out, kind):
     given = next((suffix for suffix in sorted(SUFFIXES.values(), key=len, reverse=True) if out.endswith(suffix)),
                  os.path.splitext(out)[1])
     if given != SUFFIXES[kind]:
-        allowed = ", ".join(f"{suffix} ({'--subspace' if name == 'subspace' else '--format ' + name})"
-                            for name, suffix in SUFFIXES.items())
-        raise ConfigError(f"--out {out}: suffix {given or '(none)'} does not fit "
-                          f"{'--subspace' if kind == 'subspace' else '--format ' + kind}; allowed: {allowed}")
+        allowed = ", ".join(f"{suffix} ({KIND_FLAGS[name]})" for name, suffix in SUFFIXES.items())
+        raise ConfigError(f"--out {out}: suffix {given or '(none)'} does not fit {KIND_FLAGS[kind]}; allowed: "
+                          f"{allowed}")
 
 
 def _write_subspace(args, payload):
+    if args.format == "onnx":
+        from deploy.onnx_subspace import export_subspace_onnx
+
+        lines = export_subspace_onnx(payload, args.checkpoint, args.out, args.levels, args.data_dir,
+                                     args.check_images or DEFAULT_CHECK_IMAGES)
+        return lines + [f"{os.path.getsize(args.out) / 1024:.1f} KiB of ONNX, the level an input"]
     from deploy.compressed import training_model
     from deploy.subspace import Subspace, make_subspace, save_subspace
     from deploy.subspace import describe as describe_subspace

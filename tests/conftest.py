@@ -33,7 +33,8 @@ def pytest_configure(config):
 # that the second reuses the tiny model and graphs the first made (test_onnx.py's session
 # fixtures). Units are handed out longest first (CPU seconds measured on the 2-core development
 # machine; a unit not listed counts as short), so that no long unit starts last.
-SPLIT_FILES = ("tests/test_realdata.py", "tests/test_onnx.py", "tests/test_own_network.py")
+SPLIT_FILES = ("tests/test_realdata.py", "tests/test_onnx.py", "tests/test_onnx_subspace.py",
+               "tests/test_own_network.py")
 ONNX_MATRIX = "quantized_graph_matrix"
 UNIT_SECONDS = {
     "tests/test_realdata.py::test_quantized": 120,
@@ -51,6 +52,7 @@ UNIT_SECONDS = {
     "tests/test_onnx.py::test_onnx_runtime_reproduces_the_model": 7,
     "tests/test_onnx.py::test_resnet18_and_vgg19_export_and_pass_the_check[vgg19": 20,
     "tests/test_onnx.py::test_resnet18_and_vgg19_export_and_pass_the_check[resnet18": 12,
+    "tests/test_onnx_subspace.py::test_one_file_gives_each_levels_graph": 8,
     "tests/test_distributed.py": 140,
     "tests/test_resume.py": 46,
     "tests/test_cli_unstructured.py": 41,

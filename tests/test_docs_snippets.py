@@ -7,6 +7,7 @@ from a perturbed structured `us` checkpoint (test_export.make_checkpoint):
     model.lcs.pt    python -m deploy.export --subspace
     model_w050.pt   python -m deploy.export --level 0.5
     model.onnx      python -m deploy.export --level 0.5 --format onnx
+    model.lcs.onnx  python -m deploy.export --subspace --format onnx --levels 1.0,0.5,0.25
 
 A snippet that names another file, or needs a name it does not define, fails here: write it so
 that it runs, or add its file to ARTEFACTS.
@@ -24,7 +25,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = [os.path.join("docs", name) for name in sorted(os.listdir(os.path.join(REPO, "docs"))) if name.endswith(".md")]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 ARTEFACTS = {"model.lcs.pt": ["--subspace"], "model_w050.pt": ["--level", "0.5"],
-             "model.onnx": ["--level", "0.5", "--format", "onnx", "--check_images", "8"]}
+             "model.onnx": ["--level", "0.5", "--format", "onnx", "--check_images", "8"],
+             "model.lcs.onnx": ["--subspace", "--format", "onnx", "--levels", "1.0,0.5,0.25", "--check_images", "8"]}
 
 
 def snippets():

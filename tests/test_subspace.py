@@ -142,7 +142,7 @@ def test_subspace_cli_and_bad_flags(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "subspace with float weights" in printed and "levels 1, 0.875" in printed and out.is_file()
     assert load_subspace(str(out)).level_range == (0.25, 1.0)
-    for argv in (["--subspace", "--level", "0.5"], [], ["--subspace", "--format", "onnx"]):
+    for argv in (["--subspace", "--level", "0.5"], [], ["--subspace", "--round_to", "8"]):
         with pytest.raises(SystemExit) as exit_info:
             main(["--checkpoint", path, "--out", str(tmp_path / "x.pt"), *argv])
         err = capsys.readouterr().err

@@ -1,0 +1,423 @@
+"""One ONNX file for a whole trained subspace: the compression level is a graph input.
+
+    python -m deploy.export --checkpoint RUN/model_final.pt --subspace --format onnx --out model.lcs.onnx
+        [--levels 1.0,0.5,0.25] [--data_dir DIR] [--check_images N]
+
+    session = onnxruntime.InferenceSession("model.lcs.onnx")
+    logits = session.run(None, {"images": x, "level": np.float32(0.5)})[0]
+
+The file is built from the per-level ONNX exports (deploy/onnx_export.py, write_checked: each
+traced through its format's ONNX form and checked with ONNX Runtime as `--level L --format onnx`
+checks it), so every format's graph is the per-level one, whatever that form is:
+
+* the graph's inputs are `images` and `level` (a float32 scalar in the unit of `--level`);
+* the nearest held level is found (ArgMin of |held - level|); a level farther than
+  LEVEL_TOLERANCE from every held one runs the error branch, whose node fails with a name that
+  says so and lists the held levels (ONNX has no error operator; ONNX Runtime names the failing
+  node in its message). Otherwise a balanced tree of `If` nodes on the index picks the level's
+  branch: the per-level graph, its tensors renamed, so structured levels run their slimmed
+  network and the work shrinks with the width;
+* the per-level graphs' tensors are stored once (SharedTensors): equal tensors are one
+  initializer, a tensor that is the leading block of a stored one (a slimmed network's weights)
+  is a Slice of it, a tensor that is a stored one with its smaller magnitudes set to zero (TopK
+  of the same weights) is that tensor masked at a stored threshold, and small-range uint8
+  tensors (integer codes below 8 bits) are stored bit-packed and unpacked in the graph. The
+  derived tensors depend on initializers only, so ONNX Runtime computes them once when it
+  creates the session (constant folding), not at each run.
+
+Why this design (measured in docs/deploying.md): one `If` branch per level keeps each level's
+graph exactly the per-level export's (same kernels, same logits), while the shared storage keeps
+the file near the size of the .lcs.pt artefact. Slicing with level-dependent bounds at run
+time would need one graph whose shapes follow the level, and a where-selection would run every
+level's network.
+
+`metadata_props` (JSON values) hold what an application needs without this project: format,
+setting, method, model, the level unit and the held levels, the input and output names, the
+preprocessing and class names (as every export stores them), and the commit of the code that
+wrote the file (runs do not record theirs).
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+
+import numpy as np
+
+from deploy.compressed import build_exported, export_at, input_metadata, num_classes_of, training_model
+from deploy.onnx_export import (FLOAT_TOLERANCE, INPUT_NAME, METADATA, OUTPUT_NAME, DeployError, check_images,
+                                compare, require_onnx, run_session, session, write_checked)
+from deploy.verify import check_levels
+from utils import checkpoint_schema as schema
+from utils.atomic import atomic_write
+from utils.errors import ConfigError, OutputError
+
+FORMAT = "lcs-onnx-subspace"
+VERSION = 1
+LEVEL_NAME = "level"
+LEVEL_TOLERANCE = 1e-6   # |level - held level| accepted (float32 rounding of the levels of every unit)
+NO_LEVEL = "level not held"  # the error branch's node name begins with this
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -- the command ---------------------------------------------------------------------------
+def held_levels(method, levels):
+    """The levels the file holds: `levels` (--levels, checked against the method's range) or the
+    run's evaluation grid, in that order, without repeats."""
+    if levels is None:
+        return [point.level for point in method.eval_points()]
+    unit = method.level_unit.type
+    for level in levels:
+        try:
+            method.check_export_level(method.config, level)
+        except ConfigError as error:
+            raise ConfigError(str(error).replace(f"--level {level:g}", f"--levels {level:g}", 1)) from None
+    return list(dict.fromkeys(unit(level) for level in levels))
+
+
+def export_subspace_onnx(payload, checkpoint, out, levels=None, data_dir=None, count=256):
+    """Write the one-file ONNX subspace of a checkpoint payload to `out` (atomically); the lines
+    describing it. Each level's export is checked against the training-time model
+    (deploy/verify.py), its ONNX graph with ONNX Runtime (write_checked), and the one file at
+    every level against that level's graph, before anything is written."""
+    onnx, _ = require_onnx()
+    schema.check_model(payload, checkpoint)  # tensors only, all finite
+    model, method = training_model(payload, checkpoint)
+    levels = held_levels(method, levels)
+    num_classes = num_classes_of(payload["model"])
+    contents = {level: export_at(model, method, num_classes, level, data_dir=data_dir) for level in levels}
+    checked = check_levels(model, method, lambda level: build_exported(contents[level], out), levels, out,
+                           data_dir)
+    with tempfile.TemporaryDirectory(prefix="lcs-onnx-") as scratch:
+        paths, lines = [], []
+        for index, level in enumerate(levels):
+            path = os.path.join(scratch, f"level_{index}.onnx")
+            level_lines, _ = write_checked(contents[level], path, data_dir, count,
+                                           name=f"{out} (level {level:g})")
+            paths.append(path)
+            lines.append(f"level {level:g}: {level_lines[0]}")
+        merged = merge([onnx.load(path) for path in paths], levels,
+                       metadata(method, levels, contents[levels[0]]), method.level_unit.label)
+        images, source = check_images(contents[levels[0]], data_dir, count)
+        agreement = {}
+
+        def write(temporary):
+            onnx.save(merged, temporary)
+            agreement["worst"] = check_against_levels(temporary, paths, levels, images, out)
+
+        atomic_write(out, write, failure=OutputError)
+    worst = agreement["worst"]
+    return [checked, *lines,
+            f"one file against the per-level graphs on {source}: largest |Δlogit| {worst:.2g} spreads at any level "
+            f"(tolerance {FLOAT_TOLERANCE:g})"]
+
+
+def metadata(method, levels, content):
+    """The file's metadata_props ({key: JSON value})."""
+    config = method.config
+    values = {"format": FORMAT, "version": VERSION, "setting": config.setting, "method": config.method,
+              "model": config.model, "level_name": method.level_unit.name, "level_unit": method.level_unit.label,
+              "levels": [float(level) for level in levels], "inputs": [INPUT_NAME, LEVEL_NAME],
+              "output": OUTPUT_NAME, "input_size": content["input_size"], "commit": code_commit(),
+              **input_metadata(config)}
+    return {key: json.dumps(value) for key, value in values.items() if key not in METADATA or value is not None}
+
+
+def code_commit():
+    """The commit of this checkout (with a mark when files differ from it), or "unknown"."""
+    def git(*words):
+        try:
+            result = subprocess.run(["git", *words], cwd=REPO, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return result.stdout.strip() if result.returncode == 0 else ""
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return "unknown"
+    return commit + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+class AtLevel:
+    """A session of the one file, run like a per-level session (deploy.onnx_export.run_session)."""
+
+    def __init__(self, onnx_session, level):
+        self.session, self.level = onnx_session, np.array(level, np.float32)
+
+    def run(self, outputs, feeds):
+        return self.session.run(outputs, {**feeds, LEVEL_NAME: self.level})
+
+
+def check_against_levels(path, level_paths, levels, images, name):
+    """The one file at `path` against each level's graph on `images`: the largest per-image
+    max |Δlogit| in spreads (deploy.onnx_export.compare), or a DeployError naming `name`."""
+    merged, worst = session(path), 0.0
+    for level, level_path in zip(levels, level_paths):
+        per_level = session(level_path)
+        result = compare(AtLevel(merged, level), lambda batch, per_level=per_level: run_session(per_level, batch),
+                         images)
+        if not result["max_difference"] <= FLOAT_TOLERANCE:  # also refuses NaN
+            raise DeployError(f"{name}: not written: at level {level:g} the one file does not reproduce the "
+                              f"level's ONNX graph (largest |Δlogit| {result['max_difference']:.2g} spreads, "
+                              f"tolerance {FLOAT_TOLERANCE:g})")
+        worst = max(worst, result["max_difference"])
+    return worst
+
+
+# -- the graph ------------------------------------------------------------------------------
+def merge(models, levels, metadata_props, unit="level"):
+    """One onnx.ModelProto from the per-level models (same input and output names): the level
+    input selects the level's graph (see the module docstring)."""
+    onnx, _ = require_onnx()
+    from onnx import TensorProto, helper
+
+    shared = SharedTensors()
+    # Larger and denser graphs first, so that the others find their tensors inside theirs.
+    order = sorted(range(len(models)), key=lambda index: [-sum(figures) for figures in zip(*(
+        tensor_figures(tensor) for tensor in models[index].graph.initializer))])
+    branches = {index: branch(models[index].graph, f"L{index}", shared) for index in order}
+    held = shared.constant(np.asarray(levels, np.float32), "held_levels")
+    nodes = [helper.make_node("Sub", [held, LEVEL_NAME], ["level_difference"], name="level_difference"),
+             helper.make_node("Abs", ["level_difference"], ["level_distance"], name="level_distance"),
+             helper.make_node("ArgMin", ["level_distance"], ["level_index"], name="level_index", axis=0,
+                              keepdims=0),
+             helper.make_node("ReduceMin", ["level_distance"], ["nearest_distance"], name="nearest_distance",
+                              keepdims=0),
+             helper.make_node("LessOrEqual", ["nearest_distance",
+                                              shared.constant(np.float32(LEVEL_TOLERANCE), "level_tolerance")],
+                              ["level_held"], name="level_held"),
+             helper.make_node("If", ["level_held"], [OUTPUT_NAME], name="select_level",
+                              then_branch=tree(branches, 0, len(levels), shared),
+                              else_branch=error_branch(levels, unit, shared))]
+    first = models[0].graph
+    level_input = helper.make_tensor_value_info(LEVEL_NAME, TensorProto.FLOAT, [])
+    graph = helper.make_graph(nodes, "lcs_subspace", [first.input[0], level_input], [first.output[0]],
+                              initializer=shared.initializers)
+    model = helper.make_model(graph, opset_imports=opset_imports(models), producer_name="lcs deploy.export")
+    model.ir_version = max(m.ir_version for m in models)
+    for key, value in metadata_props.items():
+        model.metadata_props.add(key=key, value=value)
+    return model
+
+
+def opset_imports(models):
+    """The per-level models' opsets (one version per domain, as one exporter writes them)."""
+    from onnx import helper
+
+    versions = {}
+    for model in models:
+        for opset in model.opset_import:
+            versions[opset.domain] = max(versions.get(opset.domain, 0), opset.version)
+    return [helper.make_opsetid(domain, version) for domain, version in versions.items()]
+
+
+def tree(branches, low, high, shared):
+    """The graph that runs the level of index level_index in [low, high): a branch, or an If
+    on level_index < the middle index over two halves."""
+    from onnx import helper
+
+    if high - low == 1:
+        return branches[low]
+    middle = (low + high) // 2
+    condition = f"below_{low}_{middle}_{high}"
+    nodes = [helper.make_node("Less", ["level_index", shared.constant(np.int64(middle), f"index_{middle}")],
+                              [condition], name=condition),
+             helper.make_node("If", [condition], [f"logits_{low}_{high}"], name=f"levels_{low}_{high}",
+                              then_branch=tree(branches, low, middle, shared),
+                              else_branch=tree(branches, middle, high, shared))]
+    return helper.make_graph(nodes, f"levels_{low}_{high}", [], [output_info(f"logits_{low}_{high}")])
+
+
+def output_info(name):
+    from onnx import TensorProto, helper
+
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+
+
+def error_branch(levels, unit, shared):
+    """The branch of a level the file does not hold: a Reshape of the level's one value to two
+    values, which fails at run time (it depends on the level input, so it is never folded),
+    named so that ONNX Runtime's message says what is wrong."""
+    from onnx import helper
+
+    name = f"{NO_LEVEL}: the level input ({unit}) must be one of {', '.join(f'{level:g}' for level in levels)}"
+    nodes = [helper.make_node("Unsqueeze", [LEVEL_NAME, shared.constant(np.asarray([0], np.int64), "axis_0")],
+                              ["level_vector"], name="level_vector"),
+             helper.make_node("Reshape", ["level_vector", shared.constant(np.asarray([2], np.int64), "two")],
+                              ["no_level"], name=name)]
+    return helper.make_graph(nodes, "level_not_held", [], [output_info("no_level")])
+
+
+def branch(graph, prefix, shared):
+    """A per-level graph as an If branch: its tensors renamed `prefix`.N (short names: a graph
+    names every value, and the exporter's long names cost a tenth of a structured file), its
+    initializers taken from (or added to) `shared`, the images from the outer graph."""
+    from onnx import helper, numpy_helper
+
+    [images] = graph.input
+    assert images.name == INPUT_NAME and len(graph.output) == 1, "a per-level graph has one input and one output"
+    renamed = {INPUT_NAME: INPUT_NAME, "": ""}
+
+    def short(name):
+        if name not in renamed:
+            renamed[name] = f"{prefix}.{len(renamed)}"
+        return renamed[name]
+
+    nodes = []
+
+    def constant(name, array):
+        """An initializer's or a Constant node's tensor, from the shared storage. A branch that
+        reads a stored tensor directly gets a copy of its own, a Slice of all of it (folded at
+        load; ONNX Runtime removes an Identity instead): it fuses and re-lays out (NCHWc) only the
+        weights a graph holds, as the per-level graph holds them. Scalars are read as stored."""
+        local = short(name)
+        stored, derived = shared.reference(array, local)
+        if derived or array.ndim:
+            nodes.extend(derived or shared.sliced(stored, array.shape, local))
+        else:
+            renamed[name] = stored
+
+    for tensor in graph.initializer:
+        constant(tensor.name, numpy_helper.to_array(tensor))
+    for node in graph.node:
+        assert not any(attribute.g.node or attribute.graphs for attribute in node.attribute), \
+            f"{node.name}: per-level graphs with subgraphs are not merged"
+        if node.op_type == "Constant" and [attribute.name for attribute in node.attribute] == ["value"]:
+            constant(node.output[0], numpy_helper.to_array(node.attribute[0].t))
+        elif node.op_type == "Identity" and node.output[0] != graph.output[0].name:
+            renamed[node.output[0]] = short(node.input[0])  # the exporter's aliases of weights
+        else:
+            copy = helper.make_node(node.op_type, [short(name) for name in node.input],
+                                    [short(name) for name in node.output], domain=node.domain)
+            copy.attribute.extend(node.attribute)
+            nodes.append(copy)
+    return helper.make_graph(nodes, prefix, [], [output_info(renamed[graph.output[0].name])])
+
+
+def tensor_figures(tensor):
+    """(bytes, nonzero values) of an initializer."""
+    from onnx import numpy_helper
+
+    array = numpy_helper.to_array(tensor)
+    return array.nbytes, int(np.count_nonzero(array))
+
+
+# -- shared storage ---------------------------------------------------------------------------
+class SharedTensors:
+    """The initializers of the one file: each per-level tensor stored once, or derived from a
+    stored one by nodes that read initializers only (folded by ONNX Runtime at load)."""
+
+    def __init__(self):
+        self.initializers, self.arrays, self.by_content = [], {}, {}
+
+    def constant(self, array, name=None):
+        """The name of an initializer holding `array` (an existing equal one if any; a new one is
+        named `name`, by default a short name: the names of a branch's inputs are repeated in
+        every node that reads them)."""
+        array = np.asarray(array)
+        key = (array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())
+        if key not in self.by_content:
+            from onnx import numpy_helper
+
+            name = name or f"k{len(self.initializers)}"
+            self.by_content[key] = name
+            self.arrays[name] = array
+            self.initializers.append(numpy_helper.from_array(array, name))
+        return self.by_content[key]
+
+    def reference(self, array, name):
+        """(the name `array` has in the branch, the nodes that derive it) for a per-level tensor."""
+        key = (array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())
+        if key in self.by_content:
+            return self.by_content[key], []
+        for stored_name, stored in list(self.arrays.items()):
+            if stored.dtype != array.dtype or stored.ndim != array.ndim or array.ndim == 0:
+                continue
+            if stored.shape != array.shape and all(a <= s for a, s in zip(array.shape, stored.shape)):
+                if np.array_equal(stored[tuple(slice(0, size) for size in array.shape)], array):
+                    return name, self.sliced(stored_name, array.shape, name)
+            elif stored.shape == array.shape and array.dtype.kind == "f":
+                threshold = masked_threshold(stored, array)
+                if threshold is not None:
+                    return name, self.masked(stored_name, threshold, name)
+        packed = pack_codes(array)
+        if packed is not None:
+            return name, self.unpacked(packed, array, name)
+        return self.constant(array), []
+
+    def sliced(self, stored_name, shape, name):
+        from onnx import helper
+
+        ends, starts = self.constant(np.asarray(shape, np.int64)), self.constant(np.zeros(len(shape), np.int64))
+        return [helper.make_node("Slice", [stored_name, starts, ends], [name])]
+
+    def masked(self, stored_name, threshold, name):
+        from onnx import helper
+
+        dtype = self.arrays[stored_name].dtype
+        limit = self.constant(np.asarray(threshold, dtype))
+        zero = self.constant(np.zeros((), dtype))
+        return [helper.make_node("Abs", [stored_name], [f"{name}a"]),
+                helper.make_node("GreaterOrEqual", [f"{name}a", limit], [f"{name}k"]),
+                helper.make_node("Where", [f"{name}k", stored_name, zero], [name])]
+
+    def unpacked(self, packed, array, name):
+        """Nodes that rebuild an 8-bit integer tensor from its bit planes (pack_codes): bit j of
+        value i is bit i % 8 of byte i // 8 of plane j. (Node and value names are short: a
+        quantized file has some two thousand nodes.)"""
+        from onnx import TensorProto, helper
+
+        planes, low = packed
+        bits = planes.shape[0]
+        stored = self.constant(planes[:, :, None])
+        # Each byte's bit m: shift it to the top, then down to the bottom.
+        up = self.constant((7 - np.arange(8, dtype=np.uint8)).reshape(1, 1, 8))
+        down = self.constant(np.uint8(7))
+        weights = self.constant((1 << np.arange(bits, dtype=np.int32)).reshape(bits, 1, 1))
+        shape = self.constant(np.asarray(array.shape, np.int64))
+        nodes = [helper.make_node("BitShift", [stored, up], [f"{name}u"], direction="LEFT"),
+                 helper.make_node("BitShift", [f"{name}u", down], [f"{name}b"], direction="RIGHT"),
+                 helper.make_node("Cast", [f"{name}b"], [f"{name}i"], to=TensorProto.INT32),
+                 helper.make_node("Mul", [f"{name}i", weights], [f"{name}w"]),
+                 helper.make_node("ReduceSum", [f"{name}w", self.constant(np.asarray([0], np.int64))],
+                                  [f"{name}s"], keepdims=0),
+                 helper.make_node("Add", [f"{name}s", self.constant(np.int32(low))], [f"{name}o"]),
+                 helper.make_node("Cast", [f"{name}o"], [f"{name}c"],
+                                  to=TensorProto.UINT8 if array.dtype == np.uint8 else TensorProto.INT8)]
+        if array.size % 8:  # the last byte's padding
+            nodes += [helper.make_node("Reshape", [f"{name}c", self.constant(np.asarray([-1], np.int64))],
+                                       [f"{name}f"]),
+                      helper.make_node("Slice", [f"{name}f", self.constant(np.asarray([0], np.int64)),
+                                                 self.constant(np.asarray([array.size], np.int64))],
+                                       [f"{name}v"])]
+        nodes.append(helper.make_node("Reshape", [nodes[-1].output[0], shape], [name]))
+        return nodes
+
+
+def masked_threshold(stored, array):
+    """t such that `array` is `stored` with the entries of magnitude below t set to zero (a TopK
+    of the same weights), or None."""
+    kept = array != 0
+    if not kept.any() or kept.all() or not np.array_equal(stored[kept], array[kept]):
+        return None
+    threshold = np.abs(array[kept]).min()
+    if not np.array_equal(np.where(np.abs(stored) >= threshold, stored, 0).astype(stored.dtype), array):
+        return None
+    return threshold
+
+
+MIN_PACKED = 1024  # smaller tensors are stored as they are (the unpacking nodes would cost more)
+
+
+def pack_codes(array):
+    """(bit planes [bits, ceil(n / 8)] uint8, lowest value) of an 8-bit integer tensor whose values
+    span fewer than 2^7 codes (integer codes below 8 bits), or None."""
+    if array.dtype not in (np.uint8, np.int8) or array.size < MIN_PACKED:
+        return None
+    low = int(array.min())
+    bits = max(1, int(array.max()) - low).bit_length()
+    if bits >= 8:
+        return None
+    values = (array.reshape(-1).astype(np.int32) - low).astype(np.uint8)
+    planes = np.stack([np.packbits((values >> j) & 1, bitorder="little") for j in range(bits)])
+    return planes, low
