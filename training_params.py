@@ -46,6 +46,9 @@ DATA_PIPELINES = ("auto", "tensor", "dataloader")
 # the random streams as they were).
 RUNTIME_KEYS = {"data_dir", "imagenet_dir", "device", "num_workers", "save_dir", "data_pipeline", "threads",
                 "eval_at_start", "tensorboard"}
+# Keys that do not say what a run trains: where and how it runs, and its own run id (new at
+# each run's start): two runs that differ only in these trained the same thing.
+NON_TRAINING_KEYS = RUNTIME_KEYS | {"run_id"}
 
 
 # -- per-model / per-dataset overrides (the original's training_params.model_data_params) --
@@ -405,6 +408,12 @@ def parse(setting, argv=None):
     if options.eval_only:
         run_dir.check_own_model(config.save_dir, path, config.run_id)
     return config, options
+
+
+def run_config(setting, argv=None):
+    """The validated Config of a script's command line, without running it (what a training loop
+    of one's own trains with, engine/api.py)."""
+    return parse(setting, argv)[0]
 
 
 def _resolved(merged, options):

@@ -1,14 +1,14 @@
 """The pieces the training loop uses, for a loop of your own (plain PyTorch, Lightning, a trainer).
 
-    lcs = Compressible("unstructured_sparsity", "lcs_l", "torchvision.mobilenet_v2", num_classes=10,
-                       num_train=50_000, flags=["--norm", "BN"])
+    config = training_params.run_config("unstructured_sparsity", ["--model", "torchvision.mobilenet_v2"])
+    lcs = Compressible(config, num_classes=10, num_train=50_000)
     lcs.model                       # the converted network (the setting's layers, the method's norms)
     loss = lcs.backward(x, y)       # one step's levels: forward passes, losses, regulariser, backward
     lcs.learning_rate(epoch)        # the scripts' schedule, if you want it
     lcs.evaluate(0.5, batches)      # accuracy (%) at a level, in the setting's unit
 
-The configuration is the scripts' own: `flags` are their command-line flags (the method's YAML
-config gives the rest), checked the same way. The network is named as `--model` names it (one of
+The configuration is the scripts' own (`training_params.run_config`: their command-line flags
+over the method's YAML config, checked the same way). The network is named as `--model` names it (one of
 the three networks, `torchvision.<builder>`, `timm.<name>` or `package.module:callable`), so the
 exports (`python -m deploy.export`) can rebuild it from a checkpoint. `backward` is the engine's
 own step without the optimiser (engine/step.py): a loop that steps an SGD optimiser with the
@@ -16,11 +16,10 @@ config's learning rate, momentum and weight decay on the scripts' batches trains
 scripts train (tests/test_own_network.py checks it bit for bit on the CPU).
 """
 
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
 
-import training_params
 from engine.step import TrainStep
 from engine.train import seed_everything
 from methods import METHODS
@@ -34,13 +33,12 @@ class Compressible:
     """A network made compressible for a setting and method, and what one training step of the
     method does with it."""
 
-    def __init__(self, setting: str, method: str, model: str, *, num_classes: int, num_train: int,
-                 flags: Sequence[str] = (), device: str = "cpu"):
-        """`num_train`: training images per epoch (the methods' warmups are counted in steps of
-        the config's batch size over them); `device`: where the model lives."""
-        self.config: Config = training_params.parse(setting, ["--method", method, "--model", model,
-                                                              *map(str, flags)])[0]
-        method_class = METHODS[setting][method]
+    def __init__(self, config: Config, *, num_classes: int, num_train: int, device: str = "cpu"):
+        """`config`: a validated run configuration (training_params.run_config); `num_train`:
+        training images per epoch (the methods' warmups are counted in steps of the config's batch
+        size over them); `device`: where the model lives."""
+        self.config = config
+        method_class = METHODS[config.setting][config.method]
         seed_everything(self.config.seed)  # as the scripts do before building the network
         self.method = method_class(self.config, method_class.warmup_iterations_for(self.config, num_train))
         self.device = torch.device(device)

@@ -371,7 +371,7 @@ def check_holds_this_run(run):
         METHODS[run.spec.setting][run.spec.method].upgrade(held, dict.fromkeys(held, path))  # earlier versions' keys
     # Where and how it ran may differ, and its run id is its own (new at each run's start).
     differing = [key for key, value in expected.items()
-                 if key not in training_params.RUNTIME_KEYS | {"run_id"} and key in held and held[key] != value]
+                 if key not in training_params.NON_TRAINING_KEYS and key in held and held[key] != value]
     if differing:
         def describe(values):
             return ", ".join(f"{key} {values[key]}" for key in differing[:6])
@@ -640,7 +640,7 @@ def setting_curves(groups):
             curves.append(curve)
             continue
         grids.append(curve)
-        ignored = {key, "seed", "eval_param_grid", *training_params.RUNTIME_KEYS}
+        ignored = {key, "seed", "eval_param_grid", *training_params.NON_TRAINING_KEYS}
         identity = json.dumps({name: value for name, value in config.items() if name not in ignored},
                               sort_keys=True, default=str)
         if identity not in joined:

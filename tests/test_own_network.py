@@ -359,19 +359,18 @@ def test_the_own_loop_example_trains_what_the_script_trains_bit_for_bit(micro_ci
     """The docs' example, run on the batches train_unstructured.py draws (its epoch_batches
     replaced by the script's data stream), ends with the script's weights, every tensor equal.
     micro_cifar: 20 training images, batches of 8: 3 steps per epoch, the last of 4 images."""
+    import training_params
     from data import build_data
     from inprocess import one_thread
 
-    flags = ["--model_kwargs", "width_mult=0.25", "--norm", "BN", "--epochs", "2", "--batch_size", "8"]
     save_dir = tmp_path / "run"
     code = own_loop_example()
-    assert flags == eval(re.search(r"flags=(\[.*?\])", code).group(1))  # the example's own flags
+    flags = eval(re.search(r'run_config\("unstructured_sparsity", (\[.*?\])\)', code, re.S).group(1))
+    assert flags[:4] == ["--method", "lcs_l", "--model", "torchvision.mobilenet_v2"]
     with one_thread():
-        assert_ok(run_script("train_unstructured.py", "--model", "torchvision.mobilenet_v2", *flags,
-                             "--data_dir", micro_cifar, "--save_dir", str(save_dir)))
+        assert_ok(run_script("train_unstructured.py", *flags, "--data_dir", micro_cifar, "--save_dir", str(save_dir)))
         config = read_config(save_dir)
-        data_config, _ = __import__("training_params").parse(
-            "unstructured_sparsity", ["--model", "torchvision.mobilenet_v2", *flags, "--data_dir", micro_cifar])
+        data_config = training_params.run_config("unstructured_sparsity", [*flags, "--data_dir", micro_cifar])
         data = build_data(data_config, torch.device("cpu"), 0, 1)
         code = code.replace("num_train=24", f"num_train={data.num_train}")
         code = code.replace("def epoch_batches(epoch):", "def example_batches(epoch):")
