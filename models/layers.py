@@ -157,42 +157,39 @@ class LinearOp:
         return F.linear(x, weight, bias)
 
 
-class Conv2d(LineMixin, ConvOp, nn.Conv2d):
-    """Dense conv (bias only where a converted network's conv has one); optionally on a line
-    (stem/classifier of LCS+L)."""
+class DenseMixin:
+    """A dense layer, optionally on a line: its weight (and bias) at alpha."""
 
     level_attrs = ("alpha",)
+
+    def _init_dense(self, line):
+        self.alpha = 1.0
+        if line:
+            self._add_endpoint1()
+
+    def effective_weight(self):
+        return self.line_weight()
+
+    def forward(self, x):
+        return self.apply_weight(x, self.effective_weight(), self.line_bias())
+
+
+class Conv2d(DenseMixin, LineMixin, ConvOp, nn.Conv2d):
+    """Dense conv (bias only where a converted network's conv has one); optionally on a line
+    (stem/classifier of LCS+L)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, line=False,
                  groups=1, dilation=1, bias=False):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=bias)
-        self.alpha = 1.0
-        if line:
-            self._add_endpoint1()
-
-    def effective_weight(self):
-        return self.line_weight()
-
-    def forward(self, x):
-        return self.apply_weight(x, self.effective_weight(), self.line_bias())
+        self._init_dense(line)
 
 
-class Linear(LineMixin, LinearOp, nn.Linear):
+class Linear(DenseMixin, LineMixin, LinearOp, nn.Linear):
     """Dense fully connected layer; optionally on a line (a converted network's classifier)."""
-
-    level_attrs = ("alpha",)
 
     def __init__(self, in_features, out_features, bias=True, line=False):
         super().__init__(in_features, out_features, bias=bias)
-        self.alpha = 1.0
-        if line:
-            self._add_endpoint1()
-
-    def effective_weight(self):
-        return self.line_weight()
-
-    def forward(self, x):
-        return self.apply_weight(x, self.effective_weight(), self.line_bias())
+        self._init_dense(line)
 
 
 class SlimMixin:
