@@ -35,9 +35,11 @@ class LEC(StructuredMethod):
     @classmethod
     def validate_setting(cls, config, checks):
         super().validate_setting(config, checks)
-        from models.slimming import LEC_PLANS  # the networks with a slimming plan (imports torch)
-        models = " or ".join(LEC_PLANS)
-        checks.require(config.model in LEC_PLANS, "model", f"lec runs on {models}, got {config.model}")
+        from models import MODELS
+        from models.slimming import LEC_PLANS  # the networks with a slimming plan by hand (imports torch)
+        models = ", ".join(LEC_PLANS)
+        checks.require(config.model in LEC_PLANS or config.model not in MODELS, "model",
+                       f"lec runs on {models} or a converted network (docs/own_network.md), got {config.model}")
         checks.non_negative("bn_update_factor", config.bn_update_factor)
 
     @classmethod
@@ -54,7 +56,7 @@ class LEC(StructuredMethod):
 
     def layer_factory(self):
         from models.factory import LayerFactory
-        return LayerFactory(norm_kind=self.config.norm, body="dense")
+        return LayerFactory(norm_kind=self.config.norm, body="dense", prunes_channels=True)
 
     def train_levels(self, step, generator):
         from models.layers import Level
@@ -90,8 +92,12 @@ class LEC(StructuredMethod):
 
 
 def model_num_classes(model):
-    """Output channels of the model's last conv (its classifier)."""
+    """Outputs of the model's classifier: a converted network's (models/convert.py), else the
+    last conv (the three networks end in a 1x1 conv)."""
     import torch
 
+    if hasattr(model, "conversion"):
+        classifier = model.get_submodule(model.conversion.classifier)
+        return getattr(classifier, "out_features", None) or classifier.out_channels
     last = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
     return last.out_channels

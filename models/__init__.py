@@ -27,14 +27,12 @@ def build_model(name, factory, num_classes, widths=None, selected=None, model_kw
         return MODELS[name](factory, num_classes=num_classes, **kwargs)
     from models.convert import build_converted, narrow
     from utils.model_spec import parse_model_spec
-    from utils.errors import ConfigError
 
-    if selected:
-        raise ConfigError(f"--model {name}: LEC's channel selections exist in cpreresnet20 and vgg19 only")
     model, conversion = build_converted(parse_model_spec(name, MODELS), model_kwargs, factory, num_classes,
-                                        input_size, structured=factory.body == "slim", init_from=init_from)
-    if widths:  # a per-level structured export: {layer: [c_in, c_out] or [channels]}
-        narrow(model, widths)
+                                        input_size, structured=factory.body == "slim" or factory.prunes_channels,
+                                        init_from=init_from)
+    if widths:  # a per-level structured or LEC export: {layer: [c_in, c_out] or [channels]}, {layer: picks}
+        narrow(model, widths, selected)
     model.conversion = conversion
     return model
 

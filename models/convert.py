@@ -23,6 +23,7 @@ authors intended, twice over.
 
 import importlib
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -50,6 +51,7 @@ class Conversion:
     folded_norms: tuple    # quantized: BatchNorms carried inside the conv before them
     dense: tuple           # what no swapped layer compresses ("where: what")
     notes: tuple = ()      # further lines for the run's header
+    channels: Any = None   # the topology's ChannelGraph (LEC's slimming plan reads it)
 
     def header(self) -> str:
         line = (f"{len(self.convs)} convs and {len(self.linears)} linears compressed; dense: stem "
@@ -143,7 +145,8 @@ def convert(model: nn.Module, factory, topology: Topology, endpoint1: nn.Module 
     body = [name for name in topology.order if name not in roles]
     return Conversion(convs=tuple(n for n in convs if n in body), linears=tuple(n for n in linears if n in body),
                       stem=topology.stem, stem_kind="conv" if topology.stem in convs else "linear",
-                      classifier=topology.classifier, folded_norms=tuple(sorted(folded)), dense=tuple(topology.dense))
+                      classifier=topology.classifier, folded_norms=tuple(sorted(folded)), dense=tuple(topology.dense),
+                      channels=topology.channels)
 
 
 def _conv(factory, name, module, role, carried_norm):
@@ -325,20 +328,25 @@ def layer_shapes(model: nn.Module, input_size: int) -> dict:
     return shapes
 
 
-def narrow(model: nn.Module, shapes: dict) -> None:
+def narrow(model: nn.Module, shapes: dict, picks: dict = None) -> None:
     """Replace the layers `shapes` names (a dense converted model's Conv2d, Linear and Norm2d) by
-    copies with those channel counts, in place: the physically narrower network of one width."""
-    from models.layers import Conv2d, Linear, Norm2d
+    copies with those channel counts, in place: the physically narrower network of one width (or
+    of one LEC fraction). `picks` ({layer: count}, LEC) names the layers that read only `count`
+    of their input's channels (models/layers.py PickMixin)."""
+    from models.layers import Conv2d, Linear, Norm2d, PickedConv2d, PickedLinear
 
+    picks = picks or {}
     for name, shape in shapes.items():
         old = model.get_submodule(name)
+        picked = (picks[name],) if name in picks else ()
         if isinstance(old, nn.Conv2d):
             c_in, c_out = shape
             depthwise = old.groups > 1
-            new = Conv2d(c_in, c_out, old.kernel_size, old.stride, old.padding, groups=c_out if depthwise else 1,
-                         dilation=old.dilation, bias=old.bias is not None)
+            new = (PickedConv2d if picked else Conv2d)(
+                *picked, c_in, c_out, old.kernel_size, old.stride, old.padding, groups=c_out if depthwise else 1,
+                dilation=old.dilation, bias=old.bias is not None)
         elif isinstance(old, nn.Linear):
-            new = Linear(shape[0], shape[1], bias=old.bias is not None)
+            new = (PickedLinear if picked else Linear)(*picked, shape[0], shape[1], bias=old.bias is not None)
         else:
             assert isinstance(old, Norm2d) and old.kind != "GN", f"{name}: no narrower copy of {old}"
             new = Norm2d(old.kind, shape[0], eps=old.eps, momentum=old.momentum)

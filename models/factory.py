@@ -32,6 +32,9 @@ class LayerFactory:
     line_norms: bool = False       # norms carry two endpoints (every LCS+L variant but quantized BN)
     num_groups: int = 32           # GN only
     num_bits: int = 8              # initial bit width of quantized convs
+    # LEC: dense layers whose channels are removed at evaluation, so a converted network's
+    # topology must allow channel slimming, as the slimmable body's does.
+    prunes_channels: bool = False
 
     def __post_init__(self):
         assert self.body in BODY_KINDS, self.body

@@ -192,6 +192,31 @@ class Linear(DenseMixin, LineMixin, LinearOp, nn.Linear):
         self._init_dense(line)
 
 
+class PickMixin:
+    """A dense layer that reads some of its input's channels: `pick` (a buffer of indexes into the
+    input's channel dim) selects them first. LEC's slimming of a converted network uses it where a
+    norm zeroed channels that other readers of the same tensor still see (network slimming's
+    channel selection, placed at the one layer that reads the zeros)."""
+
+    def _init_pick(self, picks):
+        self.register_buffer("pick", torch.zeros(picks, dtype=torch.long))
+
+    def forward(self, x):
+        return super().forward(x.index_select(self.channel_dim, self.pick))
+
+
+class PickedConv2d(PickMixin, Conv2d):
+    def __init__(self, picks, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_pick(picks)
+
+
+class PickedLinear(PickMixin, Linear):
+    def __init__(self, picks, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_pick(picks)
+
+
 class SlimMixin:
     """Slimmable layer (SPEC 3.4): the leading max(1, round(C_out * w)) output channels.
 

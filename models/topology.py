@@ -88,6 +88,41 @@ class Topology:
     norms: tuple[str, ...]          # norm modules in execution order
     dense: tuple[str, ...]          # "<where>: <what>" for each thing no swapped layer compresses
     structured_refusal: Optional[str]  # None when width slimming is sound, else one line
+    channels: Optional["ChannelGraph"] = None   # where slimmed channels flow (None when refused)
+
+
+@dataclass(frozen=True)
+class ChannelStep:
+    """One op or module call that reads or writes slimmed tensors (a tensor is a Ref: (node,
+    output)), for the slimming of arbitrary channel subsets (LEC on converted networks,
+    models/slimming.py). Kinds:
+
+    * "layer": a conv or linear that is not depthwise: `ins` are the channels it reads (its input
+      columns), `out` the channels it writes (its output rows; None for the classifier);
+    * "depthwise": a depthwise conv, channel c in -> channel c out;
+    * "norm": a per-channel norm (BatchNorm2d, InstanceNorm2d, GroupNorm: every one becomes the
+      method's norm in the conversion, LEC's is BatchNorm);
+    * "op": a channel-wise op; `zero` says when an output channel is zero for every input:
+      "same" (f(0) = 0 and its input's channel is), "all" (every slimmed operand's is), "any" (one
+      operand's is: a product), "first" (the first operand's is: a quotient), "none" (unknown);
+    * "mix": an op that combines channels (a reduction or softmax over them, a LayerNorm over
+      features): the channels it reads cannot be removed without changing what it computes.
+    """
+
+    kind: str
+    where: str
+    ins: tuple
+    out: Any = None
+    zero: str = "none"
+
+
+@dataclass(frozen=True)
+class ChannelGraph:
+    """The ChannelSteps in execution order and, per slimmed tensor, (channels, features per
+    channel): a flattened tensor holds `features` consecutive entries per channel."""
+
+    steps: tuple
+    sizes: dict
 
 
 # -- the trace ---------------------------------------------------------------------------------
@@ -288,6 +323,18 @@ FUNCTIONAL = {
     "bilinear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "scaled_dot_product_attention",
     "batch_norm", "layer_norm", "group_norm", "instance_norm", "embedding", "prelu",
 }
+
+
+# Ops whose output channel is zero wherever their (one slimmed) input's is: f(0) = 0, pooling,
+# sums and extrema over positions, and the ops that only move entries.
+ZERO_KEEPING = ({
+    "relu", "relu6", "hardtanh", "hardswish", "silu", "gelu", "elu", "selu", "celu", "leaky_relu", "mish",
+    "tanh", "neg", "abs", "square", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+    "feature_alpha_dropout", "clone", "contiguous", "detach", "to", "float", "double", "half", "bfloat16",
+    "type", "type_as", "cpu", "cuda", "mean", "sum", "amax", "amin", "max", "min", "nansum", "nanmean",
+    "getitem",
+} | POOL | RESHAPE | PERMUTE | EXPAND | set(SPLIT)) - {"lp_pool1d", "lp_pool2d"}
+CHANNEL_MIXING = {"softmax", "log_softmax", "normalize"}   # elementwise in shape, but across channels
 
 
 def _arg(node: _Node, name: str, position: int, default=None):
@@ -572,6 +619,44 @@ def _shape(value) -> str:
     return "(" + ", ".join(str(s) for s in value) + (",)" if len(value) == 1 else ")")
 
 
+def _channel_step(node: _Node, ins: list, outs: list, index: int) -> Optional[ChannelStep]:
+    """The ChannelStep of a node whose inputs or outputs are slimmed (see ChannelStep)."""
+    reads = tuple(ref for ref, i in zip(node.inputs, ins) if i.slim)
+    writes = [(index, k) for k, o in enumerate(outs) if o.slim]
+    if not reads and not writes:
+        return None
+    out = writes[0] if writes else None
+    m = node.module
+    if isinstance(m, nn.Conv2d) and m.groups > 1:
+        return ChannelStep("depthwise", node.where, reads, out)
+    if isinstance(m, LAYER_TYPES):
+        return ChannelStep("layer", node.where, reads, out)
+    if isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d, nn.GroupNorm)):
+        return ChannelStep("norm", node.where, reads, out)
+    if m is not None or out is None or len(writes) > 1 and node.op not in SPLIT:
+        return ChannelStep("mix", node.where, reads, out)
+    x = next(i for i in ins if i.slim)
+    if node.op in CHANNEL_MIXING and _arg(node, "dim", 1) % len(x.shape) == x.cdim:
+        return ChannelStep("mix", node.where, reads, out)
+    steps = [ChannelStep("op", node.where, reads, ref, _zero_rule(node, ins)) for ref in writes]
+    return steps[0] if len(steps) == 1 else tuple(steps)
+
+
+def _zero_rule(node: _Node, ins: list) -> str:
+    slimmed = [i.slim for i in ins]
+    numbers = [a for a in list(node.args[1:]) + [v for k, v in node.kwargs.items() if k != "alpha"]
+               if isinstance(a, (int, float)) and not isinstance(a, bool)]
+    if node.op in ("add", "sub", "cat", "concat", "concatenate", "stack"):
+        return "all" if all(slimmed) and not any(numbers) else "none"
+    if node.op == "mul":
+        return "any"
+    if node.op in ("div", "true_divide"):
+        return "first" if slimmed[0] else "none"
+    if node.op in ZERO_KEEPING:
+        return "same" if sum(slimmed) == 1 else "all" if all(slimmed) else "none"
+    return "none"
+
+
 def analyze(model: nn.Module, example_input: torch.Tensor) -> Topology:
     """Run `model` once on `example_input` (eval mode, no gradients; its modes are restored) and
     return its topology. Raises ValueError when no conv/linear produces the output."""
@@ -581,7 +666,7 @@ def analyze(model: nn.Module, example_input: torch.Tensor) -> Topology:
         raise ValueError(f"{recorder.root_name}: no nn.Conv2d or nn.Linear runs in the forward pass")
     classifier = _classifier(nodes, output, recorder.root_name)
     param_shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    infos, dense, refusal = {}, [], None
+    infos, dense, refusal, steps = {}, [], None, []
     for index, node in enumerate(nodes):
         if index == 0:
             infos[(0, 0)] = _Info(shape=node.out_shapes[0], act=True)
@@ -601,7 +686,13 @@ def analyze(model: nn.Module, example_input: torch.Tensor) -> Topology:
             outs = [_Info(shape=s, act=True) for s in node.out_shapes]   # go on for `dense`
         for k, info in enumerate(outs):
             infos[(index, k)] = info
+        step = _channel_step(node, ins, outs, index) if refusal is None else None
+        steps += step if isinstance(step, tuple) else [step] if step else []
+    channels = None
+    if refusal is None:
+        sizes = {ref: (i.shape[i.cdim] // i.flat, i.flat) for ref, i in infos.items() if i.slim}
+        channels = ChannelGraph(steps=tuple(steps), sizes=sizes)
     return Topology(
         order=order, stem=order[0], classifier=classifier, bn_after=_bn_after(nodes, output),
         norms=_unique(n.where for n in nodes if isinstance(n.module, NORM_TYPES)),
-        dense=_unique(dense), structured_refusal=refusal)
+        dense=_unique(dense), structured_refusal=refusal, channels=channels)

@@ -141,6 +141,125 @@ def test_converted_torch_nn_cpreresnet20_is_the_hand_built_one_at_every_level(la
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0, msg=f"{label} at {level}")
 
 
+# -- LEC on converted networks: the slimming plan from the topology -----------------------
+LEC_FACTORY = LayerFactory(norm_kind="BN", body="dense", prunes_channels=True)
+
+
+def converted(plain, input_size=32):
+    plain.conversion = convert(plain, LEC_FACTORY, analyze(plain, torch.zeros(2, 3, input_size, input_size)))
+    return plain
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.6, 0.3, 0.1])
+def test_lec_on_converted_cpreresnet20_slims_as_the_hand_written_plan(fraction):
+    """The plan read from the topology gives the logits, the pruned convs and the selections of
+    the plan written by hand for cPreResNet20 (pre-activation norms zeroed and selected, bn2/bn3
+    pruned)."""
+    from models import count_parameters
+    from models.slimming import lec_keep_masks, lec_slim
+
+    hand = randomized(build_model("cpreresnet20", LEC_FACTORY, 10), seed=1).eval()
+    plain = converted(TorchCPreResNet20())
+    plain.load_state_dict({k: v for k, v in hand.state_dict().items() if not k.endswith("select.indexes")})
+    plain.eval()
+    hand_slim, hand_info = lec_slim(hand, "cpreresnet20", 10, fraction)
+    slim, info = lec_slim(plain, "tests.plain:cpreresnet20", 10, fraction)
+    assert {name: shape[1] for name, shape in info["widths"].items()
+            if name.endswith(("conv1", "conv2")) and name != "conv1"} == hand_info["widths"]
+    selections = {name.replace("select", "conv1") if name != "select" else "fc": count
+                  for name, count in hand_info["selected"].items()}
+    assert {name: info["widths"][name][0] for name in selections} == selections
+    # The streams of stages 1 and 2 keep every channel (down-sampling convs read them raw), as by
+    # hand; the last stream also loses the channels both its readers (layer3.1's and the final
+    # norm) zero, which the hand-written plan keeps: the same function, fewer weights.
+    assert info["widths"]["conv1"] == [3, 16] and info["widths"]["layer2.1.conv3"][1] == 128
+    masks, _ = lec_keep_masks(plain, fraction)
+    assert info["widths"]["layer3.1.conv3"][1] == int((masks["layer3.1.bn1"] | masks["bn"]).sum())
+    assert count_parameters(slim) < count_parameters(hand_slim)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected, got = hand_slim(images), slim(images)
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+class GateNet(nn.Module):
+    """A conv -> norm -> ReLU -> conv chain, a conv -> norm -> sigmoid -> conv chain (sigmoid(0)
+    is not 0), and a residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.a = nn.Conv2d(4, 4, 1, bias=False)
+        self.a_bn = nn.BatchNorm2d(4)
+        self.b = nn.Conv2d(4, 4, 1, bias=False)
+        self.b_bn = nn.BatchNorm2d(4)
+        self.c = nn.Conv2d(4, 4, 1, bias=False)
+        self.c_bn = nn.BatchNorm2d(4)
+        self.d = nn.Conv2d(4, 4, 1, bias=False)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.b(F.relu(self.a_bn(self.a(x))))          # a's zeros removed: ReLU keeps them
+        z = self.d(torch.sigmoid(self.c_bn(self.c(y))))   # c's zeros reach d as 0.5: kept
+        return self.fc(F.adaptive_avg_pool2d(x + self.b_bn(z), 1).flatten(1))  # the stream: x never zero
+
+
+def test_the_plan_removes_exactly_the_channels_that_carry_only_zeros():
+    from models.slimming import converted_plan, slim_converted
+
+    net = converted(randomized(GateNet(), seed=3)).eval()
+    masks = {"a_bn": torch.tensor([True, False, True, False]), "b_bn": torch.tensor([False, True, True, True]),
+             "c_bn": torch.tensor([True, False, False, True])}
+    plan = converted_plan(net.conversion.channels, masks, dict(net.named_modules()))
+    assert plan["a"][0].tolist() == [0, 2] and plan["b"][1].tolist() == [0, 2]     # rows of a, columns of b
+    assert plan["c"][0].tolist() == [0, 1, 2, 3] and plan["d"][2] is None          # behind a sigmoid: all kept
+    assert plan["c_bn"][1].tolist() == [False, True, True, False]                   # ... and zeroed
+    assert plan["stem"][0].tolist() == [0, 1, 2, 3] and plan["fc"][1].tolist() == [0, 1, 2, 3]
+    slim, shapes, picks = slim_converted(net, masks)
+    assert shapes["a"] == [4, 2] and shapes["b"] == [2, 4] and picks == {}
+    zeroed = converted(randomized(GateNet(), seed=3)).eval()
+    with torch.no_grad():
+        for name, mask in masks.items():
+            zeroed.get_submodule(name).weight[~mask] = 0
+            zeroed.get_submodule(name).bias[~mask] = 0
+        images = torch.randn(2, 3, 8, 8)
+        torch.testing.assert_close(slim(images), zeroed(images), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name,kwargs", [("mobilenet_v2", {"width_mult": 0.25}), ("resnet18", {}),
+                                         ("efficientnet_b0", {})])
+def test_lec_slimming_of_a_converted_torchvision_network_computes_the_zeroed_network(name, kwargs):
+    """Every removed channel carried only zeros: the slimmed network gives the logits of the full
+    one with the pruned channels' gamma and beta set to zero, and is smaller at each fraction."""
+    import torchvision
+
+    from models.slimming import lec_keep_masks, lec_slim
+
+    torch.manual_seed(0)
+    plain = converted(torchvision.models.get_model(name, num_classes=10, **kwargs))
+    randomized(plain, seed=4).eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    full = sum(p.numel() for p in plain.parameters())
+    previous = full + 1
+    for fraction in (1.0, 0.5, 0.2):
+        slim, _ = lec_slim(plain, f"torchvision.{name}", 10, fraction)
+        masks, _ = lec_keep_masks(plain, fraction)
+        zeroed = randomized(converted(torchvision.models.get_model(name, num_classes=10, **kwargs)), seed=4).eval()
+        with torch.no_grad():
+            for norm, mask in masks.items():
+                zeroed.get_submodule(norm).weight[~mask] = 0
+                zeroed.get_submodule(norm).bias[~mask] = 0
+            expected, got = zeroed(images), slim(images)
+        assert expected.abs().max() > 1e-3
+        torch.testing.assert_close(got, expected, atol=1e-5 * float(expected.abs().max()), rtol=0)
+        kept = sum(p.numel() for p in slim.parameters())
+        assert kept < previous
+        previous = kept
+    assert previous < 0.6 * full
+
+
 def test_quantized_conversion_carries_each_batchnorm_a_conv_feeds_into_that_conv():
     factory = LayerFactory(norm_kind="BN", body="quant", line_convs=True)
     plain = TorchCPreResNet20(conv_bn=True)
@@ -158,7 +277,7 @@ def test_group_norm_groups_follow_the_stated_rule():
 
 # -- converted torchvision networks through the scripts -----------------------------------
 MOBILENET = ("--model", "torchvision.mobilenet_v2", "--model_kwargs", "width_mult=0.1")
-SCRIPTS = [("train_structured.py", "structured_sparsity", m, "BN") for m in ("lcs_l", "lcs_p", "us", "ns")] + \
+SCRIPTS = [("train_structured.py", "structured_sparsity", m, "BN") for m in ("lcs_l", "lcs_p", "us", "ns", "lec")] + \
           [("train_unstructured.py", "unstructured_sparsity", m, "GN") for m in ("lcs_l", "lcs_p", "target_topk")] + \
           [("train_quantized.py", "quantized", m, "BN") for m in ("lcs_l", "lcs_p", "target_bit_width")]
 
@@ -246,11 +365,21 @@ def test_a_user_callable_trains_with_its_arguments(micro_cifar, tmp_path):
     (("--model", "nosuchpackage.module:build"), "cannot import nosuchpackage.module"),
     (("--model", "torch.nn"), "unknown network 'torch.nn'"),
     (("--model", "timm.resnet18"), "timm"),
+    # lec slims channels: the structured topology check applies
+    (("--model", "torchvision.shufflenet_v2_x0_5", "--method", "lec", "--norm", "BN"),
+     "(cat): concatenates 2 tensors along the channel dim"),
+    (("--model", "resnet18", "--method", "lec", "--dataset", "imagenet", "--imagenet_dir", "IMAGENET"),
+     "lec runs on cpreresnet20, vgg19 or a converted network"),
 ])
 def test_model_mistakes_are_one_line(micro_cifar, tmp_path, args, message):
     save_dir = tmp_path / "run"
-    result = run_script("train_unstructured.py", *args, "--data_dir", micro_cifar, "--epochs", "1",
-                        "--save_dir", str(save_dir))
+    script = "train_structured.py" if "lec" in args else "train_unstructured.py"
+    data = ("--data_dir", micro_cifar)
+    if "IMAGENET" in args:   # an ImageNet layout, so that the model is what is refused
+        for folder in ("train/a", "val/a"):
+            os.makedirs(tmp_path / "imagenet" / folder)
+        args, data = tuple(str(tmp_path / "imagenet") if a == "IMAGENET" else a for a in args), ()
+    result = run_script(script, *args, *data, "--epochs", "1", "--save_dir", str(save_dir))
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -312,12 +441,13 @@ DEPLOY_SETTINGS = [("train_structured.py", ("--norm", "BN"), "0.5"),
                    # nearly equal values, whose float rounding ONNX Runtime and torch resolve apart
                    ("train_unstructured.py", ("--norm", "BN"), "0.5"),
                    ("train_quantized.py", ("--norm", "BN", "--warmup_budget", "1"), "4")]
-DEPLOY_CASES = [(m, k, s, f, level) for m, k in DEPLOYED for s, f, level in DEPLOY_SETTINGS]
+DEPLOY_CASES = [(m, k, s, f, level) for m, k in DEPLOYED for s, f, level in DEPLOY_SETTINGS] + \
+    [(m, k, "train_structured.py", ("--method", "lec", "--norm", "BN"), "0.3") for m, k in DEPLOYED[1:]]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model,kwargs,script,flags,level", DEPLOY_CASES,
-                         ids=[f"{c[0][12:]}-{c[2][6:-3]}" for c in DEPLOY_CASES])
+                         ids=[f"{c[0][12:]}-{c[2][6:-3]}{'-lec' * ('lec' in c[3])}" for c in DEPLOY_CASES])
 def test_a_converted_network_exports_every_artefact_checked_against_the_training_time_model(
         micro_cifar, tmp_path, capsys, model, kwargs, script, flags, level):
     """Per-level .pt, the subspace and ONNX of a briefly trained converted network: each written
@@ -331,9 +461,12 @@ def test_a_converted_network_exports_every_artefact_checked_against_the_training
                          "--batch_size", "10", "--no-eval_at_start", "--save_dir", str(run)))
     checkpoint = str(run / "model_final.pt")
     capsys.readouterr()
-    for args in (["--level", level, "--out", str(tmp_path / "level.pt")],
-                 ["--subspace", "--out", str(tmp_path / "model.lcs.pt")],
-                 ["--level", level, "--format", "onnx", "--check_images", "16", "--out", str(tmp_path / "m.onnx")]):
+    # lec re-estimates BN statistics of each slimmed network on training images, as it evaluated
+    data = ["--data_dir", micro_cifar] if "lec" in flags else []
+    for args in (["--level", level, *data, "--out", str(tmp_path / "level.pt")],
+                 ["--subspace", *data, "--out", str(tmp_path / "model.lcs.pt")],
+                 ["--level", level, *data, "--format", "onnx", "--check_images", "16", "--out",
+                  str(tmp_path / "m.onnx")]):
         export(["--checkpoint", checkpoint, *args])
         out = capsys.readouterr().out
         assert "checked against the training-time model at" in out, out
