@@ -36,7 +36,7 @@ from engine.run_dir import RunOptions
 from methods import METHODS, in_current_units
 from methods.config import Config
 from methods.levels import cosine_lr
-from models import build_model
+from models import build_model, check_network
 from utils import checkpoint as ckpt
 from utils import checkpoint_schema as schema
 from utils.distributed import any_process, barrier, choose_threads, choose_workers, max_over_processes, setup, teardown
@@ -121,15 +121,19 @@ class Run:
         seed_everything(config.seed)
         method_class = METHODS[config.setting][config.method]
         self.bn_at_evaluation = method_class.bn_at_evaluation(config)
+        # A run's own weights come from its checkpoint when resumed or evaluated; --init_from
+        # only starts a fresh run.
+        init_from = config.init_from if not (options.resume or options.eval_only) else None
+        # A network written elsewhere is refused (if it is) before the data is read: seconds, not
+        # the minute that decoding CIFAR-10 takes. Its class count does not change its topology.
+        check_network(config, method_class(config).layer_factory(), 10 if config.dataset == "cifar10" else 1000,
+                      init_from)
         self.data = build_data(config, self.device, context.rank, context.world_size,
                                calibration_images=self.bn_at_evaluation.calibration_images)
         warmup = method_class.warmup_iterations_for(config, self.data.num_train)
         self.method = method_class(config, warmup)
         if config.compile:
             check_compile_support(self.method, config)
-        # A run's own weights come from its checkpoint when resumed or evaluated; --init_from
-        # only starts a fresh run.
-        init_from = config.init_from if not (options.resume or options.eval_only) else None
         self.model = build_model(config.model, self.method.layer_factory(), self.data.num_classes,
                                  model_kwargs=config.model_kwargs, input_size=config.input_size, init_from=init_from)
         if getattr(self.model, "conversion", None) is not None:

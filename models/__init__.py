@@ -29,12 +29,23 @@ def build_model(name, factory, num_classes, widths=None, selected=None, model_kw
     from utils.model_spec import parse_model_spec
 
     model, conversion = build_converted(parse_model_spec(name, MODELS), model_kwargs, factory, num_classes,
-                                        input_size, structured=factory.body == "slim" or factory.prunes_channels,
-                                        init_from=init_from)
+                                        input_size, init_from=init_from)
     if widths:  # a per-level structured or LEC export: {layer: [c_in, c_out] or [channels]}, {layer: picks}
         narrow(model, widths, selected)
     model.conversion = conversion
     return model
+
+
+def check_network(config, factory, num_classes: int, init_from=None) -> None:
+    """For a network written elsewhere, the refusals its conversion would make (models/convert.py
+    check_convertible), asked before a run reads its data; nothing for a registered network."""
+    if config.model in MODELS:
+        return
+    from models.convert import check_convertible
+    from utils.model_spec import parse_model_spec
+
+    check_convertible(parse_model_spec(config.model, MODELS), config.model_kwargs, factory, num_classes,
+                      model_args(config)["input_size"], init_from)
 
 
 def model_args(config) -> dict:

@@ -214,25 +214,42 @@ def example_input(input_size: int) -> torch.Tensor:
 
 
 def build_converted(spec: ModelSpec, model_kwargs: dict, factory, num_classes: int, input_size: int,
-                    structured: bool, init_from: str = None):
+                    init_from: str = None):
     """(converted model, Conversion): build, analyse, refuse what the setting cannot compress,
-    convert. `structured`: the setting slims channels, so the topology must allow it. With
-    `init_from` (a file of the unconverted network's weights) both ends of a line start there."""
-    model = build_external(spec, model_kwargs, num_classes)
-    if init_from is not None:
-        load_unconverted_weights(model, init_from)
-    image = example_input(input_size)
-    topology = analyze(model, image)
-    if structured and topology.structured_refusal:
-        raise ConfigError(f"--model {spec_text(spec)}: {topology.structured_refusal}")
-    if factory.norm_kind == "IN":
-        _check_instance_norm_positions(model, image, spec)
+    convert. With `init_from` (a file of the unconverted network's weights) both ends of a line
+    start there."""
+    model, topology = _built_and_checked(spec, model_kwargs, factory, num_classes, input_size, init_from)
     lines = factory.line_convs or factory.line_norms
     endpoint1 = build_external(spec, model_kwargs, num_classes) if lines and init_from is None else None
     conversion = convert(model, factory, topology, endpoint1)
     if init_from is not None:
         conversion = replace(conversion, notes=conversion.notes + (untaken_note(model, factory),))
     return model, conversion
+
+
+def check_convertible(spec: ModelSpec, model_kwargs: dict, factory, num_classes: int, input_size: int,
+                      init_from: str = None) -> None:
+    """build_converted's refusals (the builder and its arguments, --init_from, a topology the
+    method cannot slim, instance norm on 1x1 maps) on a throwaway build, the random state
+    restored: a run asks this before it reads any data, so that a refused network is answered in
+    seconds, and then draws the weights it would have drawn without it."""
+    with torch.random.fork_rng(devices=[]):
+        _built_and_checked(spec, model_kwargs, factory, num_classes, input_size, init_from)
+
+
+def _built_and_checked(spec, model_kwargs, factory, num_classes, input_size, init_from):
+    """(unconverted model, Topology), after the refusals. Structured methods (slimmable layers,
+    or LEC's channel pruning) need a topology that channel slimming can follow."""
+    model = build_external(spec, model_kwargs, num_classes)
+    if init_from is not None:
+        load_unconverted_weights(model, init_from)
+    image = example_input(input_size)
+    topology = analyze(model, image)
+    if (factory.body == "slim" or factory.prunes_channels) and topology.structured_refusal:
+        raise ConfigError(f"--model {spec_text(spec)}: {topology.structured_refusal}")
+    if factory.norm_kind == "IN":
+        _check_instance_norm_positions(model, image, spec)
+    return model, topology
 
 
 def load_unconverted_weights(model: nn.Module, path: str) -> None:

@@ -386,6 +386,23 @@ def test_model_mistakes_are_one_line(micro_cifar, tmp_path, args, message):
     assert not save_dir.exists()
 
 
+def test_a_refused_topology_is_answered_before_the_data_is_read(micro_cifar, tmp_path):
+    """Training images that cannot be decoded: the topology's refusal comes first, so it was made
+    before any image was read (and the random state it used was given back: the own-loop test
+    below matches the script bit for bit)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(micro_cifar, data)
+    for image in (data / "train" / "cat").iterdir():
+        image.write_bytes(b"not an image")
+    save_dir = tmp_path / "run"
+    result = run_script("train_structured.py", "--model", "torchvision.shufflenet_v2_x0_5", "--norm", "BN",
+                        "--data_dir", str(data), "--save_dir", str(save_dir))
+    assert result.returncode == 2 and "(cat): concatenates" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not save_dir.exists()
+
+
 def test_instance_norm_on_a_1x1_map_is_refused_before_anything_is_written(micro_cifar, tmp_path):
     save_dir = tmp_path / "run"
     result = run_subprocess("train_structured.py", *MOBILENET, "--norm", "IN", "--data_dir", micro_cifar,
