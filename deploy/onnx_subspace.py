@@ -175,7 +175,8 @@ def merge(models, levels, metadata_props, unit="level"):
     # Larger and denser graphs first, so that the others find their tensors inside theirs.
     order = sorted(range(len(models)), key=lambda index: [-sum(figures) for figures in zip(*(
         tensor_figures(tensor) for tensor in models[index].graph.initializer))])
-    branches = {index: branch(models[index].graph, f"L{index}", shared) for index in order}
+    bodies = LevelBodies(opset_imports(models))
+    branches = {index: bodies.call(branch(models[index].graph, f"L{index}", shared)) for index in order}
     held = shared.constant(np.asarray(levels, np.float32), "held_levels")
     nodes = [helper.make_node("Sub", [held, LEVEL_NAME], ["level_difference"], name="level_difference"),
              helper.make_node("Abs", ["level_difference"], ["level_distance"], name="level_distance"),
@@ -193,7 +194,8 @@ def merge(models, levels, metadata_props, unit="level"):
     level_input = helper.make_tensor_value_info(LEVEL_NAME, TensorProto.FLOAT, [])
     graph = helper.make_graph(nodes, "lcs_subspace", [first.input[0], level_input], [first.output[0]],
                               initializer=shared.initializers)
-    model = helper.make_model(graph, opset_imports=opset_imports(models), producer_name="lcs deploy.export")
+    model = helper.make_model(graph, opset_imports=opset_imports(models) + [helper.make_opsetid(BODY_DOMAIN, 1)],
+                              producer_name="lcs deploy.export", functions=bodies.functions)
     model.ir_version = max(m.ir_version for m in models)
     for key, value in metadata_props.items():
         model.metadata_props.add(key=key, value=value)
@@ -292,6 +294,48 @@ def branch(graph, prefix, shared):
             copy.attribute.extend(node.attribute)
             nodes.append(copy)
     return helper.make_graph(nodes, prefix, [], [output_info(renamed[graph.output[0].name])])
+
+
+BODY_DOMAIN = "lcs"  # the domain of the model-local functions that hold the levels' graphs
+
+
+class LevelBodies:
+    """The levels' graphs as model-local functions (onnx FunctionProto): a branch whose nodes are
+    another branch's, wired alike and differing only in the outer tensors they read (stored
+    weights, thresholds, norm parameters, shapes), calls that branch's function with its own
+    tensors as inputs; each function is written once. ONNX Runtime inlines the functions when it
+    creates the session, before it optimises the graph, so each branch is again its level's
+    graph: its derived weights folded, its convs prepacked (measured in docs/deploying.md)."""
+
+    def __init__(self, opsets):
+        self.opsets, self.functions, self.by_body = opsets, [], {}
+
+    def call(self, graph):
+        """A one-node graph that calls the function of `graph`'s body with its outer tensors."""
+        from onnx import helper
+
+        produced = {name for node in graph.node for name in node.output}
+        outer = list(dict.fromkeys(name for node in graph.node for name in node.input
+                                   if name and name not in produced))
+        local = {name: f"i{index}" for index, name in enumerate(outer)}
+        [output] = graph.output
+        for node in graph.node:
+            for name in node.output:
+                local.setdefault(name, f"v{len(local)}")
+        body = []
+        for node in graph.node:
+            copy = helper.make_node(node.op_type, [local.get(name, "") for name in node.input],
+                                    [local[name] for name in node.output], domain=node.domain)
+            copy.attribute.extend(node.attribute)
+            body.append(copy)
+        key = (len(outer), local[output.name], b"".join(node.SerializeToString() for node in body))
+        if key not in self.by_body:
+            name = f"level{len(self.functions)}"
+            self.functions.append(helper.make_function(BODY_DOMAIN, name, list(local.values())[:len(outer)],
+                                                       [local[output.name]], body, self.opsets))
+            self.by_body[key] = name
+        call = helper.make_node(self.by_body[key], outer, [output.name], domain=BODY_DOMAIN)
+        return helper.make_graph([call], graph.name, [], [output])
 
 
 def tensor_figures(tensor):
