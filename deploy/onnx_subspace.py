@@ -17,19 +17,35 @@ checks it), so every format's graph is the per-level one, whatever that form is:
   node in its message). Otherwise a balanced tree of `If` nodes on the index picks the level's
   branch: the per-level graph, its tensors renamed, so structured levels run their slimmed
   network and the work shrinks with the width;
-* the per-level graphs' tensors are stored once (SharedTensors): equal tensors are one
-  initializer, a tensor that is the leading block of a stored one (a slimmed network's weights)
-  is a Slice of it, a tensor that is a stored one with its smaller magnitudes set to zero (TopK
-  of the same weights) is that tensor masked at a stored threshold, and small-range uint8
-  tensors (integer codes below 8 bits) are stored bit-packed and unpacked in the graph. The
-  derived tensors depend on initializers only, so ONNX Runtime computes them once when it
-  creates the session (constant folding), not at each run.
+* the per-level graphs' tensors are stored once (SharedTensors), each either as it is or derived
+  from what is stored by a few nodes: an equal tensor is one initializer; a leading block of a
+  stored one (a slimmed network's weights) is a Slice of it; a stored one with its smaller
+  magnitudes set to zero (TopK of the same weights) is that tensor masked at a stored threshold;
+  a stored one with some entries zeroed (LEC's pruned channels of a whole norm) is masked by a
+  stored boolean mask; a tensor that takes some of the rows, columns, ... of a stored one (LEC's
+  channels, chosen by |gamma|, not the leading ones) is a Gather of it with stored indices, found
+  by matching values; a tensor on LCS+L's line (of a level at alpha) is computed from the two
+  stored endpoints with the float32 operations and order of models.layers.interpolate, then masked
+  as its TopK; small-range uint8 tensors (integer codes below 8 bits) are stored bit-packed and
+  unpacked in the graph. Each derivation is checked bit for bit here before it is used. The
+  derived tensors depend on initializers only, so ONNX Runtime computes them once when it creates
+  the session (constant folding), not at each run, and still fuses and prepacks the convs;
+* the nodes are written once (LevelBodies): each level's network and each derivation is a call of
+  a model-local function (FunctionProto, domain "lcs") whose inputs are the tensors it reads, so
+  the levels' networks, alike but for their tensors, are one function and a branch is a few dozen
+  call nodes. ONNX Runtime inlines the functions when it creates the session, before it
+  optimises, so each branch is again its level's graph.
 
 Why this design (measured in docs/deploying.md): one `If` branch per level keeps each level's
-graph exactly the per-level export's (same kernels, same logits), while the shared storage keeps
-the file near the size of the .lcs.pt artefact. Slicing with level-dependent bounds at run
-time would need one graph whose shapes follow the level, and a where-selection would run every
-level's network.
+graph exactly the per-level export's (same kernels, same logits), while the shared storage and
+the shared functions keep the file within 1.10x the .lcs.pt artefact for every setting and
+method. Every level's weights stay constants of its branch (never values computed from the level
+input at run time), so the convs are prepacked as in the per-level file. Slicing with
+level-dependent bounds at run time would need one graph whose shapes follow the level, and a
+where-selection would run every level's network. Without the functions each level's graph
+brought its own nodes (the traced GroupNorm's, the derivations': some 14 KiB a level of
+cPreResNet20); without the line and the gathers, unstructured LCS+L stored a dense weight set
+per level (7.1x the .lcs.pt) and LEC a network per level (3.3x).
 
 `metadata_props` (JSON values) hold what an application needs without this project: format,
 setting, method, model, the level unit and the held levels, the input and output names, the
