@@ -437,7 +437,7 @@ class SharedTensors:
             for start, end in self.endpoints:
                 if start.size != array.size:  # a norm's parameters are read with shape [C, 1, 1]
                     continue
-                point = interpolate(start, end, alpha).reshape(array.shape)
+                point = line_point(start, end, alpha).reshape(array.shape)
                 if np.array_equal(point, array):
                     return name, self.on_line(start, end, alpha, array.shape, name)
                 threshold = masked_threshold(point, array)
@@ -483,8 +483,9 @@ class SharedTensors:
 
     def on_line(self, start, end, alpha, shape, name):
         """Nodes that compute theta(alpha) of `shape` from the stored endpoints with the float32
-        operations of models.layers.interpolate, in its order (so the tensor is the layer's, bit
-        for bit)."""
+        operations of models.layers.interpolate, in its order: torch multiplies a float32 tensor by
+        a Python float as by that float rounded to float32, so the tensor is the layer's bit for
+        bit (the caller has compared them)."""
         from onnx import helper
 
         weights = [self.constant(np.float32(1.0 - alpha)), self.constant(np.float32(alpha))]
@@ -530,10 +531,13 @@ class SharedTensors:
         return nodes
 
 
-def interpolate(start, end, alpha):
-    """models.layers.interpolate in numpy float32: (1 - alpha) * theta_0 + alpha * theta_1, the
-    weights rounded to float32 first, as torch multiplies a float32 tensor by a Python float."""
-    return np.float32(1.0 - alpha) * start + np.float32(alpha) * end
+def line_point(start, end, alpha):
+    """theta(alpha) as the layers compute it (models.layers.interpolate, in torch)."""
+    import torch
+
+    from models.layers import interpolate
+
+    return interpolate(torch.from_numpy(start), torch.from_numpy(end), alpha).numpy()
 
 
 def gathered_indices(stored, array):
