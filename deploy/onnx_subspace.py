@@ -17,19 +17,35 @@ checks it), so every format's graph is the per-level one, whatever that form is:
   node in its message). Otherwise a balanced tree of `If` nodes on the index picks the level's
   branch: the per-level graph, its tensors renamed, so structured levels run their slimmed
   network and the work shrinks with the width;
-* the per-level graphs' tensors are stored once (SharedTensors): equal tensors are one
-  initializer, a tensor that is the leading block of a stored one (a slimmed network's weights)
-  is a Slice of it, a tensor that is a stored one with its smaller magnitudes set to zero (TopK
-  of the same weights) is that tensor masked at a stored threshold, and small-range uint8
-  tensors (integer codes below 8 bits) are stored bit-packed and unpacked in the graph. The
-  derived tensors depend on initializers only, so ONNX Runtime computes them once when it
-  creates the session (constant folding), not at each run.
+* the per-level graphs' tensors are stored once (SharedTensors), each either as it is or derived
+  from what is stored by a few nodes: an equal tensor is one initializer; a leading block of a
+  stored one (a slimmed network's weights) is a Slice of it; a stored one with its smaller
+  magnitudes set to zero (TopK of the same weights) is that tensor masked at a stored threshold;
+  a stored one with some entries zeroed (LEC's pruned channels of a whole norm) is masked by a
+  stored boolean mask; a tensor that takes some of the rows, columns, ... of a stored one (LEC's
+  channels, chosen by |gamma|, not the leading ones) is a Gather of it with stored indices, found
+  by matching values; a tensor on LCS+L's line (of a level at alpha) is computed from the two
+  stored endpoints with the float32 operations and order of models.layers.interpolate, then masked
+  as its TopK; small-range uint8 tensors (integer codes below 8 bits) are stored bit-packed and
+  unpacked in the graph. Each derivation is checked bit for bit here before it is used. The
+  derived tensors depend on initializers only, so ONNX Runtime computes them once when it creates
+  the session (constant folding), not at each run, and still fuses and prepacks the convs;
+* the nodes are written once (LevelBodies): each level's network and each derivation is a call of
+  a model-local function (FunctionProto, domain "lcs") whose inputs are the tensors it reads, so
+  the levels' networks, alike but for their tensors, are one function and a branch is a few dozen
+  call nodes. ONNX Runtime inlines the functions when it creates the session, before it
+  optimises, so each branch is again its level's graph.
 
 Why this design (measured in docs/deploying.md): one `If` branch per level keeps each level's
-graph exactly the per-level export's (same kernels, same logits), while the shared storage keeps
-the file near the size of the .lcs.pt artefact. Slicing with level-dependent bounds at run
-time would need one graph whose shapes follow the level, and a where-selection would run every
-level's network.
+graph exactly the per-level export's (same kernels, same logits), while the shared storage and
+the shared functions keep the file within 1.10x the .lcs.pt artefact for every setting and
+method. Every level's weights stay constants of its branch (never values computed from the level
+input at run time), so the convs are prepacked as in the per-level file. Slicing with
+level-dependent bounds at run time would need one graph whose shapes follow the level, and a
+where-selection would run every level's network. Without the functions each level's graph
+brought its own nodes (the traced GroupNorm's, the derivations': some 14 KiB a level of
+cPreResNet20); without the line and the gathers, unstructured LCS+L stored a dense weight set
+per level (7.1x the .lcs.pt) and LEC a network per level (3.3x).
 
 `metadata_props` (JSON values) hold what an application needs without this project: format,
 setting, method, model, the level unit and the held levels, the input and output names, the
@@ -45,7 +61,8 @@ import tempfile
 
 import numpy as np
 
-from deploy.compressed import build_exported, export_at, input_metadata, num_classes_of, training_model
+from deploy.compressed import (build_exported, export_at, input_metadata, num_classes_of, resolve_level,
+                               training_model)
 from deploy.onnx_export import (FLOAT_TOLERANCE, INPUT_NAME, METADATA, OUTPUT_NAME, DeployError, check_images,
                                 compare, require_onnx, run_session, session, write_checked)
 from deploy.verify import check_levels
@@ -98,7 +115,8 @@ def export_subspace_onnx(payload, checkpoint, out, levels=None, data_dir=None, c
             paths.append(path)
             lines.append(f"level {level:g}: {level_lines[0]}")
         merged = merge([onnx.load(path) for path in paths], levels,
-                       metadata(method, levels, contents[levels[0]]), method.level_unit.label)
+                       metadata(method, levels, contents[levels[0]]), method.level_unit.label,
+                       line_endpoints(model), [resolve_level(method, level)[1] for level in levels])
         images, source = check_images(contents[levels[0]], data_dir, count)
         agreement = {}
 
@@ -111,6 +129,14 @@ def export_subspace_onnx(payload, checkpoint, out, levels=None, data_dir=None, c
     return [checked, *lines,
             f"one file against the per-level graphs on {source}: largest |Δlogit| {worst:.2g} spreads at any level "
             f"(tolerance {FLOAT_TOLERANCE:g})"]
+
+
+def line_endpoints(model):
+    """[(theta_0, theta_1)] of every tensor of `model` on a line (LCS+L's `weight`/`weight1`,
+    `bias`/`bias1`), as float32 arrays."""
+    state = {key: value.detach().cpu().numpy() for key, value in model.state_dict().items()}
+    return [(state[key[:-1]], value) for key, value in state.items()
+            if key.endswith(("weight1", "bias1")) and key[:-1] in state]
 
 
 def metadata(method, levels, content):
@@ -165,17 +191,20 @@ def check_against_levels(path, level_paths, levels, images, name):
 
 
 # -- the graph ------------------------------------------------------------------------------
-def merge(models, levels, metadata_props, unit="level"):
+def merge(models, levels, metadata_props, unit="level", endpoints=(), alphas=None):
     """One onnx.ModelProto from the per-level models (same input and output names): the level
-    input selects the level's graph (see the module docstring)."""
+    input selects the level's graph (see the module docstring). `endpoints`: the (theta_0,
+    theta_1) of the tensors on a line, `alphas`: each level's position on it (None: off the line)."""
     onnx, _ = require_onnx()
     from onnx import TensorProto, helper
 
-    shared = SharedTensors()
+    shared = SharedTensors(endpoints)
+    alphas = alphas or [None] * len(models)
     # Larger and denser graphs first, so that the others find their tensors inside theirs.
     order = sorted(range(len(models)), key=lambda index: [-sum(figures) for figures in zip(*(
         tensor_figures(tensor) for tensor in models[index].graph.initializer))])
-    branches = {index: branch(models[index].graph, f"L{index}", shared) for index in order}
+    bodies = LevelBodies(opset_imports(models))
+    branches = {index: branch(models[index].graph, f"L{index}", shared, bodies, alphas[index]) for index in order}
     held = shared.constant(np.asarray(levels, np.float32), "held_levels")
     nodes = [helper.make_node("Sub", [held, LEVEL_NAME], ["level_difference"], name="level_difference"),
              helper.make_node("Abs", ["level_difference"], ["level_distance"], name="level_distance"),
@@ -193,7 +222,8 @@ def merge(models, levels, metadata_props, unit="level"):
     level_input = helper.make_tensor_value_info(LEVEL_NAME, TensorProto.FLOAT, [])
     graph = helper.make_graph(nodes, "lcs_subspace", [first.input[0], level_input], [first.output[0]],
                               initializer=shared.initializers)
-    model = helper.make_model(graph, opset_imports=opset_imports(models), producer_name="lcs deploy.export")
+    model = helper.make_model(graph, opset_imports=opset_imports(models) + [helper.make_opsetid(BODY_DOMAIN, 1)],
+                              producer_name="lcs deploy.export", functions=bodies.functions)
     model.ir_version = max(m.ir_version for m in models)
     for key, value in metadata_props.items():
         model.metadata_props.add(key=key, value=value)
@@ -248,10 +278,12 @@ def error_branch(levels, unit, shared):
     return helper.make_graph(nodes, "level_not_held", [], [output_info("no_level")])
 
 
-def branch(graph, prefix, shared):
+def branch(graph, prefix, shared, bodies, alpha=None):
     """A per-level graph as an If branch: its tensors renamed `prefix`.N (short names: a graph
     names every value, and the exporter's long names cost a tenth of a structured file), its
-    initializers taken from (or added to) `shared`, the images from the outer graph."""
+    initializers taken from (or added to) `shared` (for a level at `alpha` on the line, or None),
+    the images from the outer graph; the derivation of each tensor and the network are calls of
+    functions of `bodies`."""
     from onnx import helper, numpy_helper
 
     [images] = graph.input
@@ -263,7 +295,7 @@ def branch(graph, prefix, shared):
             renamed[name] = f"{prefix}.{len(renamed)}"
         return renamed[name]
 
-    nodes = []
+    nodes, derivations, scalars = [], [], {}
 
     def constant(name, array):
         """An initializer's or a Constant node's tensor, from the shared storage. A branch that
@@ -271,11 +303,13 @@ def branch(graph, prefix, shared):
         load; ONNX Runtime removes an Identity instead): it fuses and re-lays out (NCHWc) only the
         weights a graph holds, as the per-level graph holds them. Scalars are read as stored."""
         local = short(name)
-        stored, derived = shared.reference(array, local)
-        if derived or array.ndim:
-            nodes.extend(derived or shared.sliced(stored, array.shape, local))
+        stored, derived = shared.reference(array, local, alpha)
+        if derived:
+            derivations.append(derived)
+        elif array.ndim:  # in the network's function, whose inputs differ from level to level less
+            nodes.extend(shared.sliced(stored, array.shape, local))
         else:
-            renamed[name] = stored
+            scalars[local] = stored
 
     for tensor in graph.initializer:
         constant(tensor.name, numpy_helper.to_array(tensor))
@@ -291,7 +325,56 @@ def branch(graph, prefix, shared):
                                     [short(name) for name in node.output], domain=node.domain)
             copy.attribute.extend(node.attribute)
             nodes.append(copy)
-    return helper.make_graph(nodes, prefix, [], [output_info(renamed[graph.output[0].name])])
+    output = renamed[graph.output[0].name]
+    calls = [bodies.call(chain, chain[-1].output[0]) for chain in derivations] + [bodies.call(nodes, output, scalars)]
+    return helper.make_graph(calls, prefix, [], [output_info(output)])
+
+
+BODY_DOMAIN = "lcs"  # the domain of the model-local functions that hold the levels' graphs
+
+
+class LevelBodies:
+    """The levels' node lists (each level's network, each derivation of a tensor) as model-local
+    functions (onnx FunctionProto): a list whose nodes are another list's, wired alike and
+    differing only in the outer tensors they read (stored weights, thresholds, norm parameters,
+    shapes), calls that list's function with its own tensors as inputs; each function is written
+    once. ONNX Runtime inlines the functions when it creates the session, before it optimises the
+    graph, so each branch is again its level's graph: its derived weights folded, its convs
+    prepacked (measured in docs/deploying.md)."""
+
+    def __init__(self, opsets):
+        self.opsets, self.functions, self.by_body = opsets, [], {}
+
+    def call(self, nodes, output, aliases=None):
+        """The node that computes `output` as `nodes` do (a call of their function; one node
+        stays itself). `aliases` {name in `nodes`: the tensor the call passes for it}: the stored
+        scalars, which one level may read twice where another reads two (two equal scales) and
+        whose names the function therefore keeps apart."""
+        from onnx import helper
+
+        if len(nodes) == 1:
+            return nodes[0]
+        produced = {name for node in nodes for name in node.output}
+        outer = list(dict.fromkeys(name for node in nodes for name in node.input
+                                   if name and name not in produced))
+        local = {name: f"i{index}" for index, name in enumerate(outer)}
+        for node in nodes:
+            for name in node.output:
+                local.setdefault(name, f"v{len(local)}")
+        body = []
+        for node in nodes:
+            copy = helper.make_node(node.op_type, [local.get(name, "") for name in node.input],
+                                    [local[name] for name in node.output], domain=node.domain)
+            copy.attribute.extend(node.attribute)
+            body.append(copy)
+        key = (len(outer), local[output], b"".join(node.SerializeToString() for node in body))
+        if key not in self.by_body:
+            name = f"f{len(self.functions)}"
+            self.functions.append(helper.make_function(BODY_DOMAIN, name, list(local.values())[:len(outer)],
+                                                       [local[output]], body, self.opsets))
+            self.by_body[key] = name
+        return helper.make_node(self.by_body[key], [(aliases or {}).get(name, name) for name in outer], [output],
+                                domain=BODY_DOMAIN)
 
 
 def tensor_figures(tensor):
@@ -307,8 +390,9 @@ class SharedTensors:
     """The initializers of the one file: each per-level tensor stored once, or derived from a
     stored one by nodes that read initializers only (folded by ONNX Runtime at load)."""
 
-    def __init__(self):
+    def __init__(self, endpoints=()):
         self.initializers, self.arrays, self.by_content = [], {}, {}
+        self.endpoints = list(endpoints)  # [(theta_0, theta_1)]: stored when a tensor is derived from them
 
     def constant(self, array, name=None):
         """The name of an initializer holding `array` (an existing equal one if any; a new one is
@@ -325,8 +409,9 @@ class SharedTensors:
             self.initializers.append(numpy_helper.from_array(array, name))
         return self.by_content[key]
 
-    def reference(self, array, name):
-        """(the name `array` has in the branch, the nodes that derive it) for a per-level tensor."""
+    def reference(self, array, name, alpha=None):
+        """(the name `array` has in the branch, the nodes that derive it) for a per-level tensor
+        (of a level at `alpha` on the line, or off it: None)."""
         key = (array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())
         if key in self.by_content:
             return self.by_content[key], []
@@ -336,10 +421,29 @@ class SharedTensors:
             if stored.shape != array.shape and all(a <= s for a, s in zip(array.shape, stored.shape)):
                 if np.array_equal(stored[tuple(slice(0, size) for size in array.shape)], array):
                     return name, self.sliced(stored_name, array.shape, name)
-            elif stored.shape == array.shape and array.dtype.kind == "f":
+            elif stored.shape == array.shape and array.dtype == np.float32:
                 threshold = masked_threshold(stored, array)
                 if threshold is not None:
                     return name, self.masked(stored_name, threshold, name)
+                if zeroed(stored, array):
+                    return name, self.masked(stored_name, None, name, keep=array != 0)
+        for stored_name, stored in list(self.arrays.items()):
+            if stored.dtype == array.dtype == np.float32 and stored.ndim == array.ndim and all(
+                    a <= s for a, s in zip(array.shape, stored.shape)) and stored.shape != array.shape:
+                indices = gathered_indices(stored, array)
+                if indices is not None:
+                    return name, self.gathered(stored_name, indices, name)
+        if alpha is not None and array.dtype == np.float32:
+            for start, end in self.endpoints:
+                if start.size != array.size:  # a norm's parameters are read with shape [C, 1, 1]
+                    continue
+                point = line_point(start, end, alpha).reshape(array.shape)
+                if np.array_equal(point, array):
+                    return name, self.on_line(start, end, alpha, array.shape, name)
+                threshold = masked_threshold(point, array)
+                if threshold is not None:
+                    return name, (self.on_line(start, end, alpha, array.shape, f"{name}l")
+                                  + self.masked(f"{name}l", threshold, name))
         packed = pack_codes(array)
         if packed is not None:
             return name, self.unpacked(packed, array, name)
@@ -351,15 +455,48 @@ class SharedTensors:
         ends, starts = self.constant(np.asarray(shape, np.int64)), self.constant(np.zeros(len(shape), np.int64))
         return [helper.make_node("Slice", [stored_name, starts, ends], [name])]
 
-    def masked(self, stored_name, threshold, name):
+    def gathered(self, stored_name, indices, name):
+        """Nodes that take the entries `indices` (one index array per axis) of a stored tensor."""
         from onnx import helper
 
-        dtype = self.arrays[stored_name].dtype
-        limit = self.constant(np.asarray(threshold, dtype))
-        zero = self.constant(np.zeros((), dtype))
-        return [helper.make_node("Abs", [stored_name], [f"{name}a"]),
-                helper.make_node("GreaterOrEqual", [f"{name}a", limit], [f"{name}k"]),
-                helper.make_node("Where", [f"{name}k", stored_name, zero], [name])]
+        nodes, source = [], stored_name
+        full = self.arrays[stored_name].shape
+        axes = [axis for axis, index in enumerate(indices) if not np.array_equal(index, np.arange(full[axis]))]
+        for axis in axes:
+            output = name if axis == axes[-1] else f"{name}g{axis}"
+            nodes.append(helper.make_node("Gather", [source, self.constant(indices[axis].astype(np.int32))],
+                                          [output], axis=axis))
+            source = output
+        return nodes
+
+    def masked(self, source, threshold, name, keep=None):
+        """Nodes that set the entries of `source` of magnitude below `threshold` to zero, or those
+        where the stored boolean mask `keep` is false (LEC's pruned channels of a whole norm)."""
+        from onnx import helper
+
+        zero = self.constant(np.zeros((), np.float32))
+        if keep is not None:
+            return [helper.make_node("Where", [self.constant(keep), source, zero], [name])]
+        return [helper.make_node("Abs", [source], [f"{name}a"]),
+                helper.make_node("GreaterOrEqual", [f"{name}a", self.constant(threshold)], [f"{name}k"]),
+                helper.make_node("Where", [f"{name}k", source, zero], [name])]
+
+    def on_line(self, start, end, alpha, shape, name):
+        """Nodes that compute theta(alpha) of `shape` from the stored endpoints with the float32
+        operations of models.layers.interpolate, in its order: torch multiplies a float32 tensor by
+        a Python float as by that float rounded to float32, so the tensor is the layer's bit for
+        bit (the caller has compared them)."""
+        from onnx import helper
+
+        weights = [self.constant(np.float32(1.0 - alpha)), self.constant(np.float32(alpha))]
+        reshaped = start.shape != shape
+        nodes = [helper.make_node("Mul", [self.constant(start), weights[0]], [f"{name}s"]),
+                 helper.make_node("Mul", [self.constant(end), weights[1]], [f"{name}e"]),
+                 helper.make_node("Add", [f"{name}s", f"{name}e"], [f"{name}p" if reshaped else name])]
+        if reshaped:
+            nodes.append(helper.make_node("Reshape", [f"{name}p", self.constant(np.asarray(shape, np.int64))],
+                                          [name]))
+        return nodes
 
     def unpacked(self, packed, array, name):
         """Nodes that rebuild an 8-bit integer tensor from its bit planes (pack_codes): bit j of
@@ -394,13 +531,51 @@ class SharedTensors:
         return nodes
 
 
+def line_point(start, end, alpha):
+    """theta(alpha) as the layers compute it (models.layers.interpolate, in torch)."""
+    import torch
+
+    from models.layers import interpolate
+
+    return interpolate(torch.from_numpy(start), torch.from_numpy(end), alpha).numpy()
+
+
+def gathered_indices(stored, array):
+    """Per axis, the indices such that stored[np.ix_(*indices)] is `array` (a network that keeps
+    some of the channels, not the leading ones: LEC), or None. Each entry of `array` whose value
+    occurs once in `stored` says where its row, column, ... came from; the result is checked."""
+    nonzero = np.flatnonzero(array)
+    if not nonzero.size or not (stored == array.flat[nonzero[0]]).any():  # the common case, quickly
+        return None
+    values, first, counts = np.unique(stored.reshape(-1), return_index=True, return_counts=True)
+    flat = array.reshape(-1)
+    at = np.minimum(np.searchsorted(values, flat), len(values) - 1)
+    known = np.flatnonzero((values[at] == flat) & (counts[at] == 1))
+    source = np.unravel_index(first[at[known]], stored.shape)
+    target = np.unravel_index(known, array.shape)
+    indices = []
+    for axis, size in enumerate(array.shape):
+        index = np.full(size, -1, np.int64)
+        index[target[axis]] = source[axis]
+        if (index < 0).any():
+            return None
+        indices.append(index)
+    return indices if np.array_equal(stored[np.ix_(*indices)], array) else None
+
+
+def zeroed(stored, array):
+    """Whether `array` is `stored` with some entries set to zero."""
+    kept = array != 0
+    return bool(kept.any()) and not kept.all() and np.array_equal(np.where(kept, stored, 0), array)
+
+
 def masked_threshold(stored, array):
     """t such that `array` is `stored` with the entries of magnitude below t set to zero (a TopK
     of the same weights), or None."""
     kept = array != 0
     if not kept.any() or kept.all() or not np.array_equal(stored[kept], array[kept]):
         return None
-    threshold = np.abs(array[kept]).min()
+    threshold = np.abs(array[kept]).min()  # of the array's dtype
     if not np.array_equal(np.where(np.abs(stored) >= threshold, stored, 0).astype(stored.dtype), array):
         return None
     return threshold

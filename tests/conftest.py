@@ -53,6 +53,7 @@ UNIT_SECONDS = {
     "tests/test_onnx.py::test_resnet18_and_vgg19_export_and_pass_the_check[vgg19": 20,
     "tests/test_onnx.py::test_resnet18_and_vgg19_export_and_pass_the_check[resnet18": 12,
     "tests/test_onnx_subspace.py::test_one_file_gives_each_levels_graph": 8,
+    "tests/test_onnx_subspace.py::test_the_one_file_is_within_1_10x_the_lcs_pt": 9,
     "tests/test_distributed.py": 140,
     "tests/test_resume.py": 46,
     "tests/test_cli_unstructured.py": 41,

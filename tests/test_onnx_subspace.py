@@ -17,7 +17,8 @@ ort = pytest.importorskip("onnxruntime", reason="ONNX checks need onnxruntime (p
 
 from deploy.compressed import export_model  # noqa: E402
 from deploy.onnx_export import write_checked  # noqa: E402
-from deploy.onnx_subspace import NO_LEVEL, SharedTensors, merge  # noqa: E402
+from deploy.onnx_export import session  # noqa: E402
+from deploy.onnx_subspace import BODY_DOMAIN, NO_LEVEL, SharedTensors, merge  # noqa: E402
 from test_export import make_checkpoint, refused  # noqa: E402
 from test_onnx import post_relu_ranges  # noqa: E402
 from utils import checkpoint as ckpt  # noqa: E402
@@ -96,34 +97,94 @@ def test_levels_share_their_weights(tmp_path):
     assert os.path.getsize(out) <= 1.10 * os.path.getsize(tmp_path / "model.lcs.pt")
 
 
+# (setting, method, flags, the levels the file holds): the runs whose levels share least (LCS+L's
+# line, LEC's channel subsets, many TopK or bit-width levels), and the structured and
+# target_bit_width runs that met the size first.
+SIZE_CASES = [
+    ("unstructured_sparsity", "lcs_l", (), (1.0, 0.5, 0.05)),
+    ("unstructured_sparsity", "lcs_p", (), (1.0, 0.9, 0.75, 0.5, 0.25, 0.1, 0.05, 0.025)),
+    ("quantized", "lcs_l", (), (8, 7, 6, 5, 4, 3)),
+    ("quantized", "target_bit_width", (), (8, 7, 6, 5, 4, 3)),
+    ("structured_sparsity", "lec", ("--bn_calibration_images", "0"), (1.0, 0.9, 0.75, 0.5, 0.25, 0.05)),
+    ("structured_sparsity", "lcs_l", (), (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25)),
+]
+
+
+@pytest.mark.parametrize("setting,method,flags,levels", SIZE_CASES,
+                         ids=[f"{c[0].split('_')[0]}-{c[1]}" for c in SIZE_CASES])
+def test_the_one_file_is_within_1_10x_the_lcs_pt(tmp_path, capsys, setting, method, flags, levels):
+    """Every level's tensors derived from what the .lcs.pt stores (a line's endpoints, the full
+    channels, the densest weights, bit-packed codes) and every level's network written once: the
+    file is at most 1.10x the .lcs.pt artefact, and still gives each level's logits exactly (the
+    export's check against the per-level graphs: largest difference 0)."""
+    path, payload, out = export(tmp_path, setting, method, flags, levels, ranges=setting == "quantized")
+    assert "one file against the per-level graphs on 8 random images: largest |Δlogit| 0 spreads" in \
+        capsys.readouterr().out
+    main(["--checkpoint", path, "--subspace", "--out", str(tmp_path / "model.lcs.pt")])
+    assert os.path.getsize(out) <= 1.10 * os.path.getsize(tmp_path / "model.lcs.pt")
+    assert run_time_ops(out, tmp_path / "optimized.onnx") & {"Where", "BitShift", "GreaterOrEqual"} == set()
+
+
+def run_time_ops(path, optimized):
+    """The op types ONNX Runtime runs in the optimised graph of the one file, its branches
+    included: the functions inlined, each level's derived tensors folded (none of the derivations'
+    ops is left, and no call of a function)."""
+    session(path, optimized_path=str(optimized))
+    ops = set()
+
+    def collect(graph):
+        for node in graph.node:
+            ops.add(node.op_type if node.domain != BODY_DOMAIN else "a function call")
+            for attribute in node.attribute:
+                for subgraph in [attribute.g, *attribute.graphs]:
+                    collect(subgraph)
+    collect(onnx.load(str(optimized)).graph)
+    assert "a function call" not in ops
+    return ops
+
+
 def evaluate(model, feeds=None):
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, feeds or {})
 
 
-@pytest.mark.parametrize("kind", ["slice", "mask", "codes"])
+@pytest.mark.parametrize("kind", ["slice", "mask", "codes", "line", "gather", "zeroed"])
 def test_shared_tensors_rebuild_each_tensor_exactly(kind):
-    """Each way a tensor is stored for another (a leading block, TopK zeros, bit planes of codes)
-    rebuilds it bit for bit in ONNX Runtime, and stores less than the tensor itself."""
+    """Each way a tensor is stored for another (a leading block, TopK zeros, bit planes of codes,
+    a TopK point of LCS+L's line as the layers compute it in torch, some rows and columns, some
+    entries zeroed) rebuilds it bit for bit in ONNX Runtime, and stores less than the tensor
+    itself besides what it is derived from."""
+    import torch
     from onnx import helper, numpy_helper
 
+    from models.layers import interpolate, topk_mask
+
     rng = np.random.default_rng(0)
-    stored = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    stored = [rng.standard_normal((16, 8, 3, 3)).astype(np.float32)]
+    endpoints, alpha = [], None
     if kind == "slice":
-        tensor = stored[:8, :4].copy()
+        tensor = stored[0][:8, :4].copy()
     elif kind == "mask":
-        tensor = np.where(np.abs(stored) >= np.quantile(np.abs(stored), 0.7), stored, 0).astype(np.float32)
-    else:
-        stored = None
+        tensor = np.where(np.abs(stored[0]) >= np.quantile(np.abs(stored[0]), 0.7), stored[0], 0).astype(np.float32)
+    elif kind == "codes":
+        stored = []
         tensor = (rng.integers(0, 8, (64, 32, 3, 3)) + 124).astype(np.uint8)  # 3-bit codes, as uint8 + 128
-    shared = SharedTensors()
-    if stored is not None:
-        shared.constant(stored, "stored")
-    name, nodes = shared.reference(tensor, "tensor")
+    elif kind == "line":
+        endpoints, alpha = [(stored[0], rng.standard_normal((16, 8, 3, 3)).astype(np.float32))], 0.3
+        stored = []  # the endpoints are stored when a tensor is derived from them
+        point = interpolate(*map(torch.from_numpy, endpoints[0]), alpha)
+        tensor = (point * topk_mask(point, 0.4)).numpy()
+    elif kind == "gather":
+        tensor = stored[0][[1, 4, 5, 9, 15]][:, [0, 2, 3]].copy()
+    else:
+        tensor = stored[0] * np.asarray([1, 0] * 8, np.float32)[:, None, None, None]
+    shared = SharedTensors(endpoints)
+    for array in stored:
+        shared.constant(array)
+    name, nodes = shared.reference(tensor, "tensor", alpha)
     assert nodes and name == "tensor"
-    stored_size = sum(numpy_helper.to_array(t).nbytes for t in shared.initializers) - (
-        stored.nbytes if stored is not None else 0)
-    assert stored_size < tensor.nbytes / 2
+    sources = sum(array.nbytes for array in stored) + sum(start.nbytes + end.nbytes for start, end in endpoints)
+    assert sum(numpy_helper.to_array(t).nbytes for t in shared.initializers) - sources < tensor.nbytes / 2
     output = helper.make_tensor_value_info("tensor", numpy_helper.from_array(tensor).data_type, None)
     graph = helper.make_graph(nodes, "g", [], [output], initializer=shared.initializers)
     [rebuilt] = evaluate(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
