@@ -10,6 +10,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -236,39 +237,41 @@ def test_torchrun_trains_and_records_once(tiny_cifar, tmp_path, setting):
     check_one_run(torchrun(setting, save_dir, *training_args(tiny_cifar, 1, setting)), save_dir)
 
 
-@pytest.fixture(scope="module")
-def torchrun_reference(tiny_cifar, tmp_path_factory):
-    """The uninterrupted 2-epoch torchrun run the interrupted ones are compared with."""
-    reference_dir = tmp_path_factory.mktemp("torchrun") / "reference"
-    args = training_args(tiny_cifar, 2, "structured_sparsity")
-    return check_one_run(torchrun("structured_sparsity", reference_dir, *args), reference_dir), reference_dir
+EPOCHS = 4  # the uninterrupted run; the chain below stops it after each of its first three epochs
+STEPS_PER_EPOCH = 5  # tiny_cifar's 80 training images in global batches of 16
+CHAIN = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2], ids=lambda signum: signum.name)
-def test_torchrun_run_interrupted_and_resumed_matches_the_uninterrupted_run(torchrun_reference, tiny_cifar, tmp_path,
-                                                                            signum):
+def test_torchrun_run_interrupted_by_each_signal_and_resumed_matches_the_uninterrupted_run(tiny_cifar, tmp_path):
+    """One run stopped three times, each time by another signal sent to torchrun alone after an
+    epoch (a scheduler's SIGTERM, a closed terminal's SIGHUP, the cluster's warning signal):
+    torchrun passes it on to both processes (TORCHRUN_SIGNALS), which agree to stop, checkpoint
+    and exit; each stop is resumed under torchrun. The final numbers and weights are those of
+    the uninterrupted run only if every resume continued exactly where its stop left off."""
     setting = "structured_sparsity"
-    reference, reference_dir = torchrun_reference
-    resumed_dir = tmp_path / "resumed"
-    args = training_args(tiny_cifar, 2, setting)
+    args = training_args(tiny_cifar, EPOCHS, setting)
+    reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
+    reference = check_one_run(torchrun(setting, reference_dir, *args), reference_dir)
 
-    # The signal to torchrun alone after the first epoch (a scheduler's SIGTERM, a closed
-    # terminal's SIGHUP, the cluster's warning signal): torchrun passes it on to both processes
-    # (TORCHRUN_SIGNALS), which agree to stop, checkpoint and exit.
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    process = subprocess.Popen(torchrun_command(setting, resumed_dir, *args), cwd=REPO, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    output = []
-    for line in process.stdout:
-        output.append(line)
-        if "epoch 1/2 done" in line:
-            process.send_signal(signum)
-    assert process.wait(timeout=300) != 0
-    text = "".join(output)
-    assert f"Interrupted by {signum.name}" in text, text[-3000:]
-    progress = torch.load(resumed_dir / "checkpoint_last.pt", weights_only=True)["progress"]
-    assert not progress["finished"] and progress["global_step"] >= 5
+    for launch, signum in enumerate(CHAIN):
+        command = torchrun_command(setting, resumed_dir, *(("--resume",) if launch else args))
+        process = subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT)
+        output, signalled = [], False
+        for line in process.stdout:
+            output.append(line)
+            # The first epoch this launch completes (each launch resumes where the last stopped).
+            if not signalled and re.search(rf"epoch [1-{EPOCHS - 1}]/{EPOCHS} done", line):
+                process.send_signal(signum)
+                signalled = True
+        status, text = process.wait(timeout=300), "".join(output)
+        assert signalled and status != 0 and f"Interrupted by {signum.name}" in text, text[-3000:]
+        progress = torch.load(resumed_dir / "checkpoint_last.pt", weights_only=True)["progress"]
+        # Stopped at the end of, or a step after, the epoch it was signalled in: a later one each time
+        assert not progress["finished"] and progress["global_step"] >= STEPS_PER_EPOCH * (launch + 1), \
+            (signum.name, progress)
 
     resumed = check_one_run(torchrun(setting, resumed_dir, "--resume"), resumed_dir)
     assert [(r["level"], r["accuracy"]) for r in resumed] == [(r["level"], r["accuracy"]) for r in reference]

@@ -416,6 +416,8 @@ def test_instance_norm_on_a_1x1_map_is_refused_before_anything_is_written(micro_
 # torchvision networks at CIFAR size (width multipliers where the builder has one): accepted
 # or refused for structured sparsity as models/topology.py decides; unstructured and quantized
 # accept every one. Each accepted pair trains two steps and evaluates two levels.
+# Plain SGD (--momentum 0): no momentum buffer of the size of the network (VGG11's classifier
+# holds 100M weights) to update, checkpoint and write to disk; the topology is what is tested.
 MATRIX = {
     "resnet18": None, "resnet50": None, "mobilenet_v2": None, "mobilenet_v3_small": None,
     "efficientnet_b0": None, "vgg11_bn": None,
@@ -438,7 +440,7 @@ def test_topology_matrix(micro_cifar, tmp_path, name, script):
         if script == "train_quantized.py" else "us"
     result = run_script(script, "--model", f"torchvision.{name}", *kwargs, "--method", method, "--norm", "BN",
                         *GRIDS[script], "--data_dir", micro_cifar, "--epochs", "1", "--batch_size", "10",
-                        "--no-eval_at_start", "--save_dir", str(save_dir))
+                        "--momentum", "0", "--no-eval_at_start", "--save_dir", str(save_dir))
     refusal = MATRIX[name] if script == "train_structured.py" else None
     if refusal:
         assert result.returncode == 2 and refusal in result.stderr, result.stderr
@@ -474,8 +476,15 @@ def test_a_converted_network_exports_every_artefact_checked_against_the_training
     from deploy.export import main as export
 
     run = tmp_path / "run"
-    assert_ok(run_script(script, "--model", model, *kwargs, *flags, "--data_dir", micro_cifar, "--epochs", "1",
-                         "--batch_size", "10", "--no-eval_at_start", "--save_dir", str(run)))
+    # Two levels, the exported one and the uncompressed end, evaluated in training and held by the
+    # subspace (each level of a grid is evaluated and checked the same way; every level of each
+    # setting's subspace: tests/test_subspace.py). LEC's grid of kept fractions comes from YAML.
+    grid = GRIDS[script]
+    if "lec" in flags:
+        (tmp_path / "grid.yaml").write_text(f"eval_param_grid: [{level}, 1.0]\n")
+        grid = ("--config", str(tmp_path / "grid.yaml"))
+    assert_ok(run_script(script, "--model", model, *kwargs, *flags, *grid, "--data_dir", micro_cifar, "--epochs",
+                         "1", "--batch_size", "10", "--no-eval_at_start", "--save_dir", str(run)))
     checkpoint = str(run / "model_final.pt")
     capsys.readouterr()
     # lec re-estimates BN statistics of each slimmed network on training images, as it evaluated

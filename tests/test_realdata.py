@@ -2,7 +2,8 @@
 each setting must beat chance (10 %) clearly at both ends of its compression range; and LEC
 evaluated with re-estimated BN statistics must not be worse than with running statistics.
 
-Each test runs its script once as a child process on one CPU thread, evaluates only the
+Each test runs its script once inside the test process (`training_params.main`, as the
+scripts do; no interpreter and torch start-up to pay) on one CPU thread, evaluates only the
 levels it asserts, only when it asserts them (`--no-eval_at_start`: the untrained network is
 not evaluated, which changes nothing of the training), and on 1,000 test images (chance
 accuracy 10 % +- 0.95 % standard error). The recipes were picked from short measurements on
@@ -25,7 +26,7 @@ import sys
 
 import pytest
 
-from cli_helpers import assert_ok, evaluations, read_metrics, run_script, run_subprocess
+from cli_helpers import assert_ok, evaluations, read_metrics, run_script
 from conftest import REPO
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
@@ -39,7 +40,7 @@ COMMON = ("--test_subset", TEST_IMAGES, "--batch_size", 16, "--seed", 0)
 
 def train(script, data_dir, save_dir, *args):
     """Run `script` on the real data; returns the rows of each evaluation."""
-    result = run_subprocess(script, "--data_dir", data_dir, *COMMON, *args, "--save_dir", save_dir, timeout=900)
+    result = run_script(script, "--data_dir", data_dir, *COMMON, *args, "--save_dir", save_dir)
     assert_ok(result)
     groups = evaluations(read_metrics(save_dir))
     assert all(row["num_images"] == TEST_IMAGES for group in groups for row in group)
@@ -122,10 +123,10 @@ def test_lec_re_estimated_bn_statistics_not_worse_than_running_statistics(real_c
     save_dir = tmp_path / "run"
     grid = tmp_path / "grid.yaml"
     grid.write_text("eval_param_grid: [0.9, 1.0]\n")
-    result = run_subprocess("train_structured.py", "--method", "lec", "--data_dir", real_cifar, "--config", grid,
-                            "--train_subset", 384, "--epochs", 3, "--test_freq", 3, "--batch_size", 32,
-                            "--learning_rate", 0.1, "--test_subset", 500, "--bn_calibration_images", 256,
-                            "--seed", 0, "--no-eval_at_start", "--save_dir", save_dir, timeout=900)
+    result = run_script("train_structured.py", "--method", "lec", "--data_dir", real_cifar, "--config", grid,
+                        "--train_subset", 384, "--epochs", 3, "--test_freq", 3, "--batch_size", 32,
+                        "--learning_rate", 0.1, "--test_subset", 500, "--bn_calibration_images", 256,
+                        "--seed", 0, "--no-eval_at_start", "--save_dir", save_dir)
     assert_ok(result)
     result = run_script("train_structured.py", "--eval_only", "--checkpoint", save_dir / "model_final.pt",
                         "--bn_calibration_images", 0)
