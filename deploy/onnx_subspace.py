@@ -20,9 +20,11 @@ checks it), so every format's graph is the per-level one, whatever that form is:
 * the per-level graphs' tensors are stored once (SharedTensors), each either as it is or derived
   from what is stored by a few nodes: an equal tensor is one initializer; a leading block of a
   stored one (a slimmed network's weights) is a Slice of it; a stored one with its smaller
-  magnitudes set to zero (TopK of the same weights) is that tensor masked at a stored threshold;
-  a stored one with some entries zeroed (LEC's pruned channels of a whole norm) is masked by a
-  stored boolean mask; a tensor that takes some of the rows, columns, ... of a stored one (LEC's
+  magnitudes set to zero (TopK of the same weights) is that tensor masked at a stored threshold,
+  one per tensor or one per output channel (a TopK taken before a BatchNorm folded into the
+  weights scaled each row); a stored one with some entries zeroed otherwise (LEC's pruned
+  channels of a whole norm, TopK ties kept by position) is masked by a stored boolean mask, one
+  bit per entry when it is large; a tensor that takes some of the rows, columns, ... of a stored one (LEC's
   channels, chosen by |gamma|, not the leading ones) is a Gather of it with stored indices, found
   by matching values; a tensor on LCS+L's line (of a level at alpha) is computed from the two
   stored endpoints with the float32 operations and order of models.layers.interpolate, then masked
@@ -472,11 +474,18 @@ class SharedTensors:
     def masked(self, source, threshold, name, keep=None):
         """Nodes that set the entries of `source` of magnitude below `threshold` to zero, or those
         where the stored boolean mask `keep` is false (LEC's pruned channels of a whole norm)."""
-        from onnx import helper
+        from onnx import TensorProto, helper
 
         zero = self.constant(np.zeros((), np.float32))
         if keep is not None:
-            return [helper.make_node("Where", [self.constant(keep), source, zero], [name])]
+            # A large mask (a TopK that no threshold reproduces: ties at the boundary, kept by
+            # position) is stored as one bit per entry, unpacked as codes are.
+            packed = pack_codes(keep.astype(np.uint8))
+            if packed is None:
+                return [helper.make_node("Where", [self.constant(keep), source, zero], [name])]
+            return self.unpacked(packed, keep.astype(np.uint8), f"{name}m") + [
+                helper.make_node("Cast", [f"{name}m"], [f"{name}q"], to=TensorProto.BOOL),
+                helper.make_node("Where", [f"{name}q", source, zero], [name])]
         return [helper.make_node("Abs", [source], [f"{name}a"]),
                 helper.make_node("GreaterOrEqual", [f"{name}a", self.constant(threshold)], [f"{name}k"]),
                 helper.make_node("Where", [f"{name}k", source, zero], [name])]
@@ -571,14 +580,23 @@ def zeroed(stored, array):
 
 def masked_threshold(stored, array):
     """t such that `array` is `stored` with the entries of magnitude below t set to zero (a TopK
-    of the same weights), or None."""
+    of the same weights): a scalar, or one value per output channel (a [C, 1, ...] array); or
+    None."""
     kept = array != 0
     if not kept.any() or kept.all() or not np.array_equal(stored[kept], array[kept]):
         return None
     threshold = np.abs(array[kept]).min()  # of the array's dtype
-    if not np.array_equal(np.where(np.abs(stored) >= threshold, stored, 0).astype(stored.dtype), array):
+    if np.array_equal(np.where(np.abs(stored) >= threshold, stored, 0).astype(stored.dtype), array):
+        return threshold
+    if array.ndim < 2:
         return None
-    return threshold
+    # One threshold per output channel: a TopK taken before a per-channel scale (a BatchNorm folded
+    # into the weights) orders each row's magnitudes as the stored tensor does, not the whole tensor.
+    rows = np.where(kept, np.abs(array), np.inf).reshape(array.shape[0], -1).min(axis=1)
+    rows = rows.astype(array.dtype).reshape((-1,) + (1,) * (array.ndim - 1))
+    if np.array_equal(np.where(np.abs(stored) >= rows, stored, 0).astype(stored.dtype), array):
+        return rows
+    return None
 
 
 MIN_PACKED = 1024  # smaller tensors are stored as they are (the unpacking nodes would cost more)

@@ -18,7 +18,7 @@ ort = pytest.importorskip("onnxruntime", reason="ONNX checks need onnxruntime (p
 from deploy.compressed import export_model  # noqa: E402
 from deploy.onnx_export import write_checked  # noqa: E402
 from deploy.onnx_export import session  # noqa: E402
-from deploy.onnx_subspace import BODY_DOMAIN, NO_LEVEL, SharedTensors, merge  # noqa: E402
+from deploy.onnx_subspace import BODY_DOMAIN, NO_LEVEL, SharedTensors, masked_threshold, merge  # noqa: E402
 from test_export import make_checkpoint, refused  # noqa: E402
 from test_onnx import post_relu_ranges  # noqa: E402
 from utils import checkpoint as ckpt  # noqa: E402
@@ -148,12 +148,14 @@ def evaluate(model, feeds=None):
     return session.run(None, feeds or {})
 
 
-@pytest.mark.parametrize("kind", ["slice", "mask", "codes", "line", "gather", "zeroed"])
+@pytest.mark.parametrize("kind", ["slice", "mask", "codes", "line", "gather", "zeroed", "row_mask",
+                                  "scattered"])
 def test_shared_tensors_rebuild_each_tensor_exactly(kind):
     """Each way a tensor is stored for another (a leading block, TopK zeros, bit planes of codes,
     a TopK point of LCS+L's line as the layers compute it in torch, some rows and columns, some
-    entries zeroed) rebuilds it bit for bit in ONNX Runtime, and stores less than the tensor
-    itself besides what it is derived from."""
+    entries zeroed, a TopK taken before a per-channel scale (a folded BatchNorm: one threshold per
+    row), zeros no threshold gives (a bit per entry)) rebuilds it bit for bit in ONNX Runtime, and
+    stores less than the tensor itself besides what it is derived from."""
     import torch
     from onnx import helper, numpy_helper
 
@@ -176,6 +178,15 @@ def test_shared_tensors_rebuild_each_tensor_exactly(kind):
         tensor = (point * topk_mask(point, 0.4)).numpy()
     elif kind == "gather":
         tensor = stored[0][[1, 4, 5, 9, 15]][:, [0, 2, 3]].copy()
+    elif kind == "row_mask":  # TopK of the unscaled weights, then each row scaled: no one threshold
+        weights, scale = stored[0], np.linspace(0.1, 3, 16, dtype=np.float32)[:, None, None, None]
+        kept = np.abs(weights) >= np.quantile(np.abs(weights), 0.6)
+        stored = [weights * scale]
+        tensor = np.where(kept, stored[0], 0).astype(np.float32)
+        assert masked_threshold(stored[0], tensor).shape == (16, 1, 1, 1)
+    elif kind == "scattered":  # every other entry: no threshold per tensor or row
+        tensor = stored[0] * (np.arange(stored[0].size) % 2).reshape(stored[0].shape).astype(np.float32)
+        assert masked_threshold(stored[0], tensor) is None
     else:
         tensor = stored[0] * np.asarray([1, 0] * 8, np.float32)[:, None, None, None]
     shared = SharedTensors(endpoints)
@@ -184,7 +195,10 @@ def test_shared_tensors_rebuild_each_tensor_exactly(kind):
     name, nodes = shared.reference(tensor, "tensor", alpha)
     assert nodes and name == "tensor"
     sources = sum(array.nbytes for array in stored) + sum(start.nbytes + end.nbytes for start, end in endpoints)
-    assert sum(numpy_helper.to_array(t).nbytes for t in shared.initializers) - sources < tensor.nbytes / 2
+    extra = sum(numpy_helper.to_array(t).nbytes for t in shared.initializers) - sources
+    assert extra < tensor.nbytes / 2
+    if kind == "scattered":  # about one bit per entry, not a byte
+        assert extra < tensor.size / 4
     output = helper.make_tensor_value_info("tensor", numpy_helper.from_array(tensor).data_type, None)
     graph = helper.make_graph(nodes, "g", [], [output], initializer=shared.initializers)
     [rebuilt] = evaluate(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
