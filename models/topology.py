@@ -619,27 +619,27 @@ def _shape(value) -> str:
     return "(" + ", ".join(str(s) for s in value) + (",)" if len(value) == 1 else ")")
 
 
-def _channel_step(node: _Node, ins: list, outs: list, index: int) -> Optional[ChannelStep]:
-    """The ChannelStep of a node whose inputs or outputs are slimmed (see ChannelStep)."""
+def _channel_steps(node: _Node, ins: list, outs: list, index: int) -> list:
+    """The ChannelSteps of a node (none unless its inputs or outputs are slimmed; one per output
+    of a split)."""
     reads = tuple(ref for ref, i in zip(node.inputs, ins) if i.slim)
     writes = [(index, k) for k, o in enumerate(outs) if o.slim]
     if not reads and not writes:
-        return None
+        return []
     out = writes[0] if writes else None
     m = node.module
     if isinstance(m, nn.Conv2d) and m.groups > 1:
-        return ChannelStep("depthwise", node.where, reads, out)
+        return [ChannelStep("depthwise", node.where, reads, out)]
     if isinstance(m, LAYER_TYPES):
-        return ChannelStep("layer", node.where, reads, out)
+        return [ChannelStep("layer", node.where, reads, out)]
     if isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d, nn.GroupNorm)):
-        return ChannelStep("norm", node.where, reads, out)
+        return [ChannelStep("norm", node.where, reads, out)]
     if m is not None or out is None or len(writes) > 1 and node.op not in SPLIT:
-        return ChannelStep("mix", node.where, reads, out)
+        return [ChannelStep("mix", node.where, reads, out)]
     x = next(i for i in ins if i.slim)
     if node.op in CHANNEL_MIXING and _arg(node, "dim", 1) % len(x.shape) == x.cdim:
-        return ChannelStep("mix", node.where, reads, out)
-    steps = [ChannelStep("op", node.where, reads, ref, _zero_rule(node, ins)) for ref in writes]
-    return steps[0] if len(steps) == 1 else tuple(steps)
+        return [ChannelStep("mix", node.where, reads, out)]
+    return [ChannelStep("op", node.where, reads, ref, _zero_rule(node, ins)) for ref in writes]
 
 
 def _zero_rule(node: _Node, ins: list) -> str:
@@ -686,8 +686,8 @@ def analyze(model: nn.Module, example_input: torch.Tensor) -> Topology:
             outs = [_Info(shape=s, act=True) for s in node.out_shapes]   # go on for `dense`
         for k, info in enumerate(outs):
             infos[(index, k)] = info
-        step = _channel_step(node, ins, outs, index) if refusal is None else None
-        steps += step if isinstance(step, tuple) else [step] if step else []
+        if refusal is None:
+            steps += _channel_steps(node, ins, outs, index)
     channels = None
     if refusal is None:
         sizes = {ref: (i.shape[i.cdim] // i.flat, i.flat) for ref, i in infos.items() if i.slim}
