@@ -15,6 +15,7 @@ Endpoint 0 is the usual `weight`/`bias`, endpoint 1 is `weight1`/`bias1`.
 
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -39,22 +40,31 @@ def topk_mask(weight, topk_fraction):
     """
     numel = weight.numel()
     num_pruned = int((1 - topk_fraction) * numel)
-    mask = torch.ones(numel, dtype=weight.dtype, device=weight.device)
     if num_pruned <= 0:
-        return mask.view_as(weight)
+        return torch.ones_like(weight)
     magnitude = weight.detach().abs().flatten()
     if magnitude.is_cuda:  # one sort, no host synchronisation
+        mask = torch.ones(numel, dtype=weight.dtype, device=weight.device)
         mask[magnitude.argsort(stable=True)[:num_pruned]] = 0
         return mask.view_as(weight)
-    # On the CPU a selection is 4-6x faster than the sort (20M weights: 0.8 s against 4.9 s) and
-    # prunes the same entries: every magnitude below the num_pruned-th smallest, then the
-    # earliest entries equal to it, as the stable sort orders them.
-    threshold = magnitude.kthvalue(num_pruned).values
-    below = magnitude < threshold
-    mask[below] = 0
-    ties = (magnitude == threshold).nonzero().flatten()
-    mask[ties[:num_pruned - int(below.sum())]] = 0
-    return mask.view_as(weight)
+    # On the CPU a selection prunes the same entries as the stable sort, much faster (20M
+    # weights, one thread: 0.2 s against 4.9 s for the sort): every magnitude up to the
+    # num_pruned-th smallest, less the latest of the entries equal to it beyond those needed.
+    threshold = kth_smallest(magnitude, num_pruned)
+    pruned = magnitude <= threshold
+    surplus = int(pruned.sum()) - num_pruned
+    if surplus > 0:
+        ties = (magnitude == threshold).nonzero().flatten()
+        pruned[ties[len(ties) - surplus:]] = False
+    return (~pruned).to(weight.dtype).view_as(weight)
+
+
+def kth_smallest(values, k):
+    """The k-th smallest (1-based) of a flat CPU tensor: NumPy's introselect, about 3x faster
+    than torch.kthvalue here (20M values: 0.2 s against 0.6 s); the same value."""
+    if values.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(np.partition(values.numpy(), k - 1)[k - 1:k])[0]
+    return values.kthvalue(k).values
 
 
 def level_layers(model):
