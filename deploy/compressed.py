@@ -91,7 +91,7 @@ def training_model(payload: dict, path: str) -> tuple[nn.Module, Method]:
     method = checkpoint_method(payload, path)
     config = method.config
     num_classes = num_classes_of(payload["model"])
-    model = build_model(config.model, method.layer_factory(), num_classes, **model_args(config))
+    model = build_model(config.model, method.layer_factory(), num_classes, **model_args(config), initialize=False)
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as error:
@@ -291,7 +291,7 @@ def build_exported(content: dict, path: str = "export", map_location="cpu") -> n
     export_format = format_of(content, path)
     model = build_model(content["model_name"], export_format.factory(content), content["num_classes"],
                         widths=content["widths"], selected=content["selected"],
-                        model_kwargs=content.get("model_kwargs"), input_size=content["input_size"])
+                        model_kwargs=content.get("model_kwargs"), input_size=content["input_size"], initialize=False)
     state = unpack_tensors(content["dense"])
     state.update(export_format.decode(content))
     defaults = model.state_dict()

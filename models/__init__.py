@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 from models.cpreresnet import CPreResNet
+from models.init import random_init_skipped
 from models.resnet import ResNet18
 from models.vgg import VGG19
 
@@ -15,11 +16,15 @@ MODELS = {
 
 
 def build_model(name, factory, num_classes, widths=None, selected=None, model_kwargs=None, input_size=32,
-                init_from=None):
+                init_from=None, initialize=True):
     """Build a registered network from a layer factory (and an optional channel spec), or build
     a network written elsewhere (`torchvision.<builder>`, `timm.<name>`, `package.module:callable`)
     and convert it for the factory (models/convert.py; `model.conversion` says what was converted),
-    from the weights in the file `init_from` if given."""
+    from the weights in the file `init_from` if given. `initialize=False`: no random weights
+    drawn and the random state untouched, for a caller that loads every weight next."""
+    if not initialize:
+        with random_init_skipped():
+            return build_model(name, factory, num_classes, widths, selected, model_kwargs, input_size, init_from)
     if name in MODELS:
         kwargs = {"widths": widths}
         if selected:

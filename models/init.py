@@ -1,7 +1,9 @@
-"""Initialisation of SPEC 3.1."""
+"""Initialisation of SPEC 3.1, and builds that skip it."""
 
+import contextlib
 import math
 
+import torch
 import torch.nn as nn
 
 from models.layers import Norm2d
@@ -38,3 +40,30 @@ def redraw_endpoint1(model, skip=(), classifier_std=None, classifier=None):
         elif isinstance(module, Norm2d) and getattr(module, "weight1", None) is not None:
             nn.init.constant_(module.weight1, 0.5)
             nn.init.zeros_(module.bias1)
+
+
+RANDOM_INITS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                "xavier_normal_", "orthogonal_", "sparse_")
+
+
+@contextlib.contextmanager
+def random_init_skipped():
+    """Layers built inside keep their uninitialised memory instead of random draws, and the
+    global random state is left as it was: for a network whose every weight is loaded right
+    after (an export, a checkpoint read back). Drawing weights that are then overwritten cost
+    most of such a build for a torchvision network (its own init, then the converted layers';
+    VGG11's classifier: 120M draws). Constant inits (ones, zeros) still run: buffers a load
+    may leave out keep their constructor's values."""
+    saved = {name: getattr(nn.init, name) for name in RANDOM_INITS if hasattr(nn.init, name)}
+    try:
+        for name in saved:
+            setattr(nn.init, name, _unchanged)
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
+
+
+def _unchanged(tensor, *args, **kwargs):
+    return tensor

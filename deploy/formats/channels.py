@@ -38,7 +38,8 @@ def export(model, method, num_classes, level, round_to):
     if round_to:
         full = {name: module.out_channels for name, module in model.named_modules() if name in widths}
         widths = round_up_widths(widths, full, round_to)
-    dense = build_model(config.model, dense_factory(config.norm), num_classes, widths=widths, **model_args(config))
+    dense = build_model(config.model, dense_factory(config.norm), num_classes, widths=widths, **model_args(config),
+                        initialize=False)
     source = effective_state(model)
     state = {key: leading(source[key], target.shape) for key, target in dense.state_dict().items()}
     return dense, state, {"widths": widths, "selected": None}

@@ -24,7 +24,7 @@ def export(model, method, num_classes, level, round_to, float_weights=False):
     values instead (the same model, uncompressed)."""
     num_bits, config = int(level), method.config
     frozen = build_model(config.model, frozen_quant_factory(config.norm, num_bits, method.norm_groups(config)),
-                         num_classes, **model_args(config))
+                         num_classes, **model_args(config), initialize=False)
     state = effective_state(model)
     q_min, _ = grid_limits(num_bits)
     names, shapes, codes, scales, zero_points = [], [], [], [], []

@@ -16,7 +16,7 @@ from models.layers import TopKMixin
 def export(model, method, num_classes, level, round_to):
     config = method.config
     dense = build_model(config.model, dense_factory(config.norm, method.norm_groups(config)), num_classes,
-                        **model_args(config))
+                        **model_args(config), initialize=False)
     state = effective_state(model)
     names, shapes, masks, values = [], [], [], []
     for name, module in model.named_modules():
