@@ -395,3 +395,27 @@ def test_cpreresnet_shortcut_input(name, block_name):
         assert torch.allclose(actual, expected, atol=1e-6)
         if other is not None:
             assert (actual - other).abs().max() > 1e-3
+
+
+def test_a_build_without_initialisation_draws_nothing_and_restores_the_initialisers():
+    """initialize=False (exports, checkpoints read back): the global random state is as before,
+    nn.init's random initialisers are themselves again afterwards (also after an error inside),
+    and the network loaded with another build's weights computes what that build computes."""
+    from models.factory import dense_factory
+    from models.init import random_init_skipped
+
+    originals = (nn.init.kaiming_normal_, nn.init.uniform_, nn.init.normal_)
+    torch.manual_seed(0)
+    reference = build_model("torchvision.mobilenet_v2", dense_factory("BN"), 10, model_kwargs={"width_mult": 0.25})
+    state = torch.get_rng_state()
+    bare = build_model("torchvision.mobilenet_v2", dense_factory("BN"), 10, model_kwargs={"width_mult": 0.25},
+                       initialize=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert (nn.init.kaiming_normal_, nn.init.uniform_, nn.init.normal_) == originals
+    bare.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(bare.eval()(x), reference.eval()(x))
+    with pytest.raises(RuntimeError), random_init_skipped():
+        assert nn.init.uniform_ is not originals[1]
+        raise RuntimeError("inside")
+    assert nn.init.uniform_ is originals[1]
