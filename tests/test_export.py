@@ -267,6 +267,21 @@ def test_pack_bits_hand_computed():
     assert pack_bits(torch.tensor([1, 0, 0, 0, 0, 0, 0, 0, 1]), 1).tolist() == [1, 1]
     values = torch.randint(0, 32, (1001,), generator=torch.Generator().manual_seed(0))
     assert torch.equal(unpack_bits(pack_bits(values, 5), 5, 1001), values)
+    # 3 bits: 5 -> 101, 6 -> 011 (LSB first), 7 -> 111: stream 101011111 = 0b11110101, then 1.
+    assert pack_bits(torch.tensor([5, 6, 7]), 3).tolist() == [0b11110101, 1]
+    assert unpack_bits(torch.tensor([0b11110101, 1], dtype=torch.uint8), 3, 3).tolist() == [5, 6, 7]
+
+
+@pytest.mark.parametrize("num_bits", range(1, 9))
+def test_unpack_bits_inverts_pack_bits_at_every_width_and_count(num_bits):
+    """Every bit width, counts that end inside a byte, on a byte and inside an 8-value group."""
+    generator = torch.Generator().manual_seed(num_bits)
+    for count in (0, 1, 7, 8, 9, 13, 64, 1001):
+        values = torch.randint(0, 2 ** num_bits, (count,), generator=generator)
+        packed = pack_bits(values, num_bits)
+        assert packed.dtype == torch.uint8 and len(packed) == (count * num_bits + 7) // 8
+        unpacked = unpack_bits(packed, num_bits, count)
+        assert unpacked.dtype == torch.int64 and torch.equal(unpacked, values), (num_bits, count)
 
 
 def run_module(*args):
