@@ -410,14 +410,16 @@ def remove_unused(graph):
 def sort_topologically(graph):
     """Nodes appended by the rewrite go before their consumers (ONNX requires that order)."""
     available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
+    nodes = list(graph.node)
+    pending, ordered = list(range(len(nodes))), []
     while pending:
-        ready = [node for node in pending if all(name in available for name in node.input)]
+        ready = [index for index in pending if all(name in available for name in nodes[index].input)]
         assert ready, "the graph has a cycle"
-        for node in ready:
-            ordered.append(node)
-            available.update(node.output)
-        pending = [node for node in pending if node not in ready]
+        for index in ready:
+            ordered.append(nodes[index])
+            available.update(nodes[index].output)
+        done = set(ready)  # by position: comparing the nodes themselves compared whole protobufs
+        pending = [index for index in pending if index not in done]
     del graph.node[:]
     graph.node.extend(ordered)
 
