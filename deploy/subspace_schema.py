@@ -26,6 +26,7 @@ import torch
 from deploy.formats import FORMATS
 from deploy.packing import unpack_tensors
 from models.quant import grid_limits
+from utils.checkpoint_schema import finite
 from utils.errors import CheckpointError, shown
 
 FLOAT_TENSORS = {"values": torch.float32}
@@ -160,7 +161,7 @@ def check_against_model(content: dict, path: str, model) -> None:
             _check_codes(path, place, group, bits, content["codes"])
             continue
         for name, value in unpack_tensors(group).items():
-            if not bool(torch.isfinite(value).all()):
+            if not bool(finite(value)):
                 _fail(path, f"{place}: non-finite values in {name} (NaN or infinity)")
             if name.endswith("running_var") and bool((value < 0).any()):
                 _fail(path, f"{place}: negative BN variance in {name}")

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from engine import run_dir
 from engine.evaluate import autocast
 from methods import compilable_methods
+from utils.checkpoint_schema import finite
 from utils.errors import ConfigError, TrainingError
 
 def configure_backends(method, device):
@@ -119,9 +120,9 @@ def check_finite_weights(model, progress, config):
     """TrainingError instead of a checkpoint of NaN / inf weights (the last step's loss can be
     finite while its update overflows); the checkpoint already on disk stays."""
     tensors = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]
-    if bool(torch.stack([torch.isfinite(t).all() for _, t in tensors]).all()):
+    if bool(torch.stack([finite(t) for _, t in tensors]).all()):
         return
-    name = next(name for name, t in tensors if not bool(torch.isfinite(t).all()))
+    name = next(name for name, t in tensors if not bool(finite(t)))
     raise TrainingError(
         f"non-finite weights ({name}) after {progress.global_step} training steps (before epoch {progress.epoch}, "
         f"step {progress.step_in_epoch}); training stopped without saving them, the last good checkpoint is "

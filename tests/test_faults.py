@@ -234,3 +234,21 @@ def test_state_mismatch_names_missing_unexpected_and_reshaped_tensors():
     assert ckpt.state_mismatch(expected, found) == (
         "1 tensor(s) missing, e.g. bn.bias; 1 unexpected, e.g. fc.weight; 1 of another shape, e.g. conv.weight "
         "(8, 3, 3, 3) instead of (4, 3, 3, 3)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_finite_finds_nan_and_infinity_anywhere(dtype):
+    """The finiteness check of checkpoints and weights (aminmax): NaN, +inf and -inf at the
+    first, a middle and the last position of tensors of awkward sizes; an empty tensor is finite."""
+    from utils.checkpoint_schema import finite
+
+    generator = torch.Generator().manual_seed(0)
+    assert bool(finite(torch.zeros(0, dtype=dtype)))
+    for size in (1, 7, 33, 1000, 4099):
+        clean = torch.randn(size, generator=generator).to(dtype)
+        assert bool(finite(clean)) and finite(clean).shape == ()
+        for position in {0, size // 2, size - 1}:
+            for bad in (float("nan"), float("inf"), -float("inf")):
+                tensor = clean.clone()
+                tensor[position] = bad
+                assert not bool(finite(tensor.view(1, -1))), (size, position, bad)
