@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from models.factory import QUANT_BODIES
+from models.init import random_init_skipped
 from models.layers import NoOp
 from models.topology import Topology, analyze
 from utils.errors import ConfigError
@@ -233,7 +234,7 @@ def check_convertible(spec: ModelSpec, model_kwargs: dict, factory, num_classes:
     method cannot slim, instance norm on 1x1 maps) on a throwaway build, the random state
     restored: a run asks this before it reads any data, so that a refused network is answered in
     seconds, and then draws the weights it would have drawn without it."""
-    with torch.random.fork_rng(devices=[]):
+    with random_init_skipped():  # its weights are never used
         _built_and_checked(spec, model_kwargs, factory, num_classes, input_size, init_from)
 
 

@@ -48,16 +48,16 @@ RANDOM_INITS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kai
 
 @contextlib.contextmanager
 def random_init_skipped():
-    """Layers built inside keep their uninitialised memory instead of random draws, and the
-    global random state is left as it was: for a network whose every weight is loaded right
-    after (an export, a checkpoint read back). Drawing weights that are then overwritten cost
-    most of such a build for a torchvision network (its own init, then the converted layers';
-    VGG11's classifier: 120M draws). Constant inits (ones, zeros) still run: buffers a load
-    may leave out keep their constructor's values."""
+    """Layers built inside get zeros instead of random draws, and the global random state is left
+    as it was: for a network whose every weight is loaded right after (an export, a checkpoint
+    read back) or whose weights are never used (the topology check's throwaway build). The
+    draws, then overwritten, cost most of such a build for a torchvision network (its own init,
+    then the converted layers'; VGG11's classifier: 120M draws); zeros cost a memset. Constant
+    inits (ones, zeros) still run: buffers a load may leave out keep their constructor's values."""
     saved = {name: getattr(nn.init, name) for name in RANDOM_INITS if hasattr(nn.init, name)}
     try:
         for name in saved:
-            setattr(nn.init, name, _unchanged)
+            setattr(nn.init, name, _zeroed)
         with torch.random.fork_rng(devices=[]):
             yield
     finally:
@@ -65,5 +65,6 @@ def random_init_skipped():
             setattr(nn.init, name, function)
 
 
-def _unchanged(tensor, *args, **kwargs):
-    return tensor
+@torch.no_grad()
+def _zeroed(tensor, *args, **kwargs):
+    return tensor.zero_()

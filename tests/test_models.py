@@ -399,8 +399,9 @@ def test_cpreresnet_shortcut_input(name, block_name):
 
 def test_a_build_without_initialisation_draws_nothing_and_restores_the_initialisers():
     """initialize=False (exports, checkpoints read back): the global random state is as before,
-    nn.init's random initialisers are themselves again afterwards (also after an error inside),
-    and the network loaded with another build's weights computes what that build computes."""
+    the weights random inits would have drawn are zeros, nn.init's random initialisers are
+    themselves again afterwards (also after an error inside), and the network loaded with
+    another build's weights computes what that build computes."""
     from models.factory import dense_factory
     from models.init import random_init_skipped
 
@@ -412,6 +413,7 @@ def test_a_build_without_initialisation_draws_nothing_and_restores_the_initialis
                        initialize=False)
     assert torch.equal(torch.get_rng_state(), state)
     assert (nn.init.kaiming_normal_, nn.init.uniform_, nn.init.normal_) == originals
+    assert all(not bool(module.weight.any()) for module in bare.modules() if isinstance(module, (nn.Conv2d, nn.Linear)))
     bare.load_state_dict(reference.state_dict())
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     assert torch.equal(bare.eval()(x), reference.eval()(x))
