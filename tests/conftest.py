@@ -31,9 +31,8 @@ def pytest_configure(config):
 # share nothing costly are split into one unit per test, so that their long tests run on both
 # workers; but the ONNX matrix's accept and refuse tests of one method x norm form one unit, so
 # that the second reuses the tiny model and graphs the first made (test_onnx.py's session
-# fixtures). Units are handed out longest first (CPU seconds measured on the 2-core development
-# machine, two workers, this session's code; a unit not listed counts as short), so that no long
-# unit starts last.
+# fixtures). Units are handed out longest first (the seconds each took on the 2-core development
+# machine with two workers; a unit not listed counts as short), so that no long unit starts last.
 SPLIT_FILES = ("tests/test_realdata.py", "tests/test_onnx.py", "tests/test_onnx_subspace.py",
                "tests/test_own_network.py")
 ONNX_MATRIX = "quantized_graph_matrix"
