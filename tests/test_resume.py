@@ -272,6 +272,30 @@ def test_interrupted_write_leaves_the_previous_checkpoint(tmp_path):
     assert os.listdir(tmp_path) == [ckpt.LAST]  # no temporary file left behind
 
 
+@pytest.mark.parametrize("value, flushed", [(None, True), ("1", True), ("0", False), (" 0 ", False)])
+def test_a_write_is_flushed_to_disk_before_its_rename_unless_lcs_fsync_is_0(tmp_path, monkeypatch, value, flushed):
+    """The default flushes the temporary file before it replaces the old one (a power cut leaves
+    the old or the new file, never an empty one); LCS_FSYNC=0 (the test suite's setting) skips
+    the flush and nothing else."""
+    from utils import atomic
+
+    if value is None:
+        monkeypatch.delenv(atomic.FSYNC_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(atomic.FSYNC_VARIABLE, value)
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(atomic.os, "replace", lambda src, dst: events.append(("replace", str(src))) or
+                        real_replace(src, dst))
+    path = tmp_path / "file.txt"
+    atomic.atomic_write(path, lambda temporary: open(temporary, "w").write("new"))
+    assert path.read_text() == "new" and os.listdir(tmp_path) == ["file.txt"]
+    temporary = atomic.temporary_path(path)
+    assert events == ([("fsync", temporary)] if flushed else []) + [("replace", temporary)]
+
+
 def test_occupied_run_dir_is_refused_and_overwrite_replaces_it(straight_run, tiny_cifar, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(straight_run("structured-us"), run_dir)
