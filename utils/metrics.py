@@ -276,8 +276,25 @@ def draw_runs(runs, title=None, units=None):
             axes.legend(fontsize=8)
     if title:
         figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
+    _set_margins(figure, len(level_names), title)
     return figure
+
+
+# Margins in inches, as tight_layout measured them for these figures (y tick labels up to "100",
+# one axis label per side, a 9-point title line 0.24 in), with a little room to spare. Fixed
+# rather than measured: tight_layout draws the figure once more to measure it, which was a
+# third of the time of each redraw (0.113 s against 0.081 s a figure on this project's machine),
+# and a run redraws after every evaluation.
+MARGINS = {"left": 0.8, "right": 0.2, "bottom": 0.62, "top": 0.22, "title_line": 0.24, "between": 0.85}
+
+
+def _set_margins(figure, columns, title):
+    width, height = figure.get_size_inches()
+    top = MARGINS["top"] + (MARGINS["title_line"] * len(title.splitlines()) if title else 0.0)
+    axes_width = (width - MARGINS["left"] - MARGINS["right"] - MARGINS["between"] * (columns - 1)) / columns
+    figure.subplots_adjust(left=MARGINS["left"] / width, right=1 - MARGINS["right"] / width,
+                           bottom=MARGINS["bottom"] / height, top=1 - top / height,
+                           wspace=MARGINS["between"] / axes_width)
 
 
 def _draw_series(axes, label, rows, trained):
