@@ -152,7 +152,8 @@ def _add_common_flags(parser):
     add("--resume", nargs="?", const="last", metavar="CHECKPOINT",
         help="continue the run in save_dir from checkpoint_last.pt, or from the given checkpoint")
     add("--overwrite", action="store_true", help="replace a run already in save_dir")
-    add("--eval_only", action="store_true", help="evaluate --checkpoint at the grid and exit (no training)")
+    add("--eval_only", action="store_true", help="evaluate --checkpoint (or a converted network from --init_from, "
+                                                 "as trained weights would be) at the grid and exit (no training)")
     add("--checkpoint", help="checkpoint to evaluate with --eval_only")
 
 
@@ -374,19 +375,24 @@ def parse(setting, argv=None):
     for flag in ("resume", "checkpoint", "config"):
         if getattr(args, flag) == "":
             raise ConfigError(f"--{flag}: the path is empty")
-    if options.eval_only and not options.checkpoint:
-        raise ConfigError("--eval_only: needs --checkpoint PATH (the trained model to evaluate)")
+    if options.checkpoint and args.init_from:
+        raise ConfigError("--init_from: not used with --checkpoint (the checkpoint holds the weights)")
     if options.checkpoint and not options.eval_only:
         raise ConfigError("--checkpoint: only used with --eval_only (to continue training use --resume PATH)")
     if options.eval_only and options.resume:
         raise ConfigError("--resume: cannot be combined with --eval_only")
     if options.resume and options.overwrite:
         raise ConfigError("--overwrite: cannot be combined with --resume")
-    if options.eval_only and options.overwrite:
-        raise ConfigError("--overwrite: cannot be combined with --eval_only (evaluation adds rows to the "
+    if options.checkpoint and options.overwrite:
+        raise ConfigError("--overwrite: cannot be combined with --eval_only --checkpoint (evaluation adds rows to the "
                           "run's metrics and replaces nothing)")
-    if not (options.resume or options.eval_only):
-        return _resolved(merge(setting, args), options), options
+    if not (options.resume or options.checkpoint):
+        config = _resolved(merge(setting, args), options)
+        # --eval_only without a checkpoint: the network of the flags from --init_from's weights.
+        if options.eval_only and not config.init_from:
+            raise ConfigError("--eval_only: needs --checkpoint PATH (the trained model to evaluate) or --init_from "
+                              "FILE (a converted network's weights)")
+        return config, options
     # Resuming or evaluating: the checkpoint's config is the base, flags may change only
     # where and how to run (and, for evaluation, the grid).
     path = options.checkpoint if options.eval_only else options.resume

@@ -90,6 +90,9 @@ def evaluate(model: torch.nn.Module, method: Method, data: Data, context: Contex
     test batch and each finished point are told to `progress`. `max_batches`: only the first
     test and calibration batches of each point (to time an evaluation).
 
+    `step`: the training step whose levels are evaluated (the TopK warmup, the activation delay);
+    None: each level as a trained model holds it (its export level).
+
     BN statistics of the evaluated network: re-estimated on `data.calibration` when there is
     one (the model's own are restored afterwards), each test batch's own with `test_batch_bn`,
     else the running statistics."""
@@ -100,7 +103,9 @@ def evaluate(model: torch.nn.Module, method: Method, data: Data, context: Contex
     try:
         with preserved_bn_statistics(model) if calibration is not None else contextlib.nullcontext():
             for point in method.eval_points():
-                method.apply_levels(model, method.eval_levels(point, step))
+                # step None: as a trained model, at the level itself (TopK after its warmup decay).
+                levels = method.export_level(point) if step is None else method.eval_levels(point, step)
+                method.apply_levels(model, levels)
                 net, extra = method.eval_model(model, point)
                 calibrated = 0
                 if calibration is not None:

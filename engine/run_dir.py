@@ -2,7 +2,7 @@
 
 Every decision about a run's directory lives here:
 
-* where:       --save_dir as given; for --eval_only without it, the checkpoint's directory;
+* where:       --save_dir as given; for --eval_only --checkpoint without it, the checkpoint's directory;
                otherwise <save_root>/<method>/<model>/<dataset>/<norm>
 * what exists: config.yaml, metrics.jsonl, results.csv, the plot, checkpoint_last.pt and
                model_final.pt (FILE_DESCRIPTIONS); a new run refuses a directory holding any
@@ -66,7 +66,7 @@ def locate(config, options, source):
     """Set config.save_dir (see the module docstring) and check it can be a directory;
     `source` names where an explicit save_dir came from, for errors."""
     if config.save_dir is None:
-        if options.eval_only:
+        if options.checkpoint:
             # As the user wrote it (relative stays relative, as for training runs).
             config.save_dir = os.path.dirname(options.checkpoint) or os.curdir
         else:
@@ -112,11 +112,13 @@ def checkpoint_config(path, setting, training=False):
 
 
 def check_free(save_dir, options):
-    """Refuse to train over an existing run unless told to resume or overwrite it."""
+    """Refuse to train (or to evaluate --init_from's weights) over an existing run unless told
+    to resume or overwrite it; an evaluated checkpoint adds its rows (check_own_model)."""
     existing = [name for name in RUN_FILES if os.path.exists(os.path.join(save_dir, name))]
-    if existing and not (options.resume or options.overwrite or options.eval_only):
-        raise ConfigError(f"--save_dir {save_dir}: already holds a run ({', '.join(existing)}); "
-                          f"pass --resume to continue it or --overwrite to replace it")
+    if existing and not (options.resume or options.overwrite or options.checkpoint):
+        what = ("pass --overwrite to replace it or choose another --save_dir" if options.eval_only else
+                "pass --resume to continue it or --overwrite to replace it")
+        raise ConfigError(f"--save_dir {save_dir}: already holds a run ({', '.join(existing)}); {what}")
 
 
 def prepare(save_dir, config, options):

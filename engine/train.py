@@ -122,8 +122,8 @@ class Run:
         method_class = METHODS[config.setting][config.method]
         self.bn_at_evaluation = method_class.bn_at_evaluation(config)
         # A run's own weights come from its checkpoint when resumed or evaluated; --init_from
-        # only starts a fresh run.
-        init_from = config.init_from if not (options.resume or options.eval_only) else None
+        # starts a fresh run (or is what --eval_only without a checkpoint evaluates).
+        init_from = config.init_from if not (options.resume or options.checkpoint) else None
         # A network written elsewhere is refused (if it is) before the data is read: seconds, not
         # the minute that decoding CIFAR-10 takes. Its class count does not change its topology.
         check_network(config, method_class(config).layer_factory(), 10 if config.dataset == "cifar10" else 1000,
@@ -214,12 +214,15 @@ class Run:
                                                       and self.progress.evaluated_epoch == self.progress.epoch)
 
     # -- evaluation ---------------------------------------------------------------------
-    def record_evaluation(self, final=False, eval_only=False, checkpoint=None):
+    def record_evaluation(self, final=False, eval_only=False, checkpoint=None, as_trained=False):
+        """The grid evaluated at the run's step (its warmup's levels), or `as_trained`: each level
+        as a trained model holds it."""
         unit = self.method.level_unit
         log = EvaluationLog(self.context, unit.name, len(self.method.eval_points()), self.data,
                             self.progress.epoch)
         try:
-            results = evaluate(self.model, self.method, self.data, self.context, self.progress.global_step,
+            results = evaluate(self.model, self.method, self.data, self.context,
+                               None if as_trained else self.progress.global_step,
                                amp=self.config.amp, test_batch_bn=self.bn_at_evaluation.test_batch,
                                progress=log)
         finally:
@@ -245,6 +248,16 @@ class Run:
             run_dir.prepare_evaluation(self.save_dir, self.config)
         self.rows = self.read_rows()
         self.record_evaluation(eval_only=True, checkpoint=path)
+        self.print_summary("Evaluation")
+        return 0
+
+    def evaluate_init_from(self) -> int:
+        """--eval_only --init_from FILE: the converted network with FILE's weights, evaluated as a
+        trained model is (levels as after the warmup; quantized: weights only, since no activation
+        range has been recorded), into a new run directory; no checkpoint is written."""
+        if self.context.is_main:
+            run_dir.prepare(self.save_dir, self.config, self.options)
+        self.record_evaluation(eval_only=True, checkpoint=self.config.init_from, as_trained=True)
         self.print_summary("Evaluation")
         return 0
 
@@ -452,7 +465,7 @@ def run(config: Config, options: RunOptions) -> int:
         # Again once locked: a run may have finished there meanwhile.
         lock = on_main_process(context, lambda: locked_and_free(config.save_dir, options), config.save_dir)
         if options.eval_only:
-            return state.evaluate_only(options.checkpoint)
+            return state.evaluate_only(options.checkpoint) if options.checkpoint else state.evaluate_init_from()
         if options.resume:
             state.resume(options.resume)
         if context.is_main:

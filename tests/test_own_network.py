@@ -412,6 +412,93 @@ def test_instance_norm_on_a_1x1_map_is_refused_before_anything_is_written(micro_
     assert "Traceback" not in result.stderr and not save_dir.exists()
 
 
+# -- from trained weights ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def plain_weights(tmp_path_factory):
+    """A state_dict of the unconverted mobilenet_v2 (width 0.1), its BatchNorm running statistics
+    moved off their initial values so that taking them (or not) shows in the logits."""
+    import torchvision
+
+    torch.manual_seed(3)
+    plain = torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.1)
+    with torch.no_grad():
+        for module in plain.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+        plain.classifier[1].weight.normal_(0, 0.5)
+    path = tmp_path_factory.mktemp("plain") / "mobilenet_v2.pt"
+    torch.save(plain.state_dict(), path)
+    return path
+
+
+INIT_GRIDS = {"train_structured.py": ("--eval_width_factors", "1.0,0.5", 1.0),
+              "train_unstructured.py": ("--eval_topk_grid", "0.05,1.0", 1.0),
+              "train_quantized.py": ("--eval_bit_widths", "4,8", 8)}
+
+
+@pytest.mark.parametrize("script", sorted(INIT_GRIDS))
+def test_eval_only_init_from_evaluates_the_weights_a_run_starts_from(micro_cifar, tmp_path, plain_weights, script):
+    """--eval_only --init_from FILE writes a run directory without checkpoints, its rows naming
+    FILE; at the uncompressed level they are the start-of-run evaluation of a training run from
+    the same file; the other levels as a trained model holds them (TopK 0.05 pruned, where the
+    run's start is still dense; quantized: weights only)."""
+    flag, grid, uncompressed = INIT_GRIDS[script]
+    common = (*MOBILENET, "--norm", "BN", "--init_from", plain_weights, flag, grid, "--data_dir", micro_cifar)
+    evaluated = tmp_path / "evaluated"
+    result = run_script(script, *common, "--eval_only", "--save_dir", evaluated)
+    assert_ok(result)
+    assert "from --init_from: every weight; BatchNorm affine parameters and running statistics" in result.stdout
+    assert sorted(os.listdir(evaluated)) == ["accuracy_vs_compression.png", "config.yaml", "metrics.jsonl",
+                                             "results.csv"]
+    rows = {row["level"]: row for row in read_metrics(evaluated)}
+    assert sorted(rows) == sorted(float(value) for value in grid.split(","))
+    assert all(row["eval_only"] and not row["final"] and row["checkpoint"] == str(plain_weights)
+               and row["epoch"] == row["step"] == 0 for row in rows.values())
+    trained = tmp_path / "trained"
+    assert_ok(run_script(script, *common, "--epochs", "1", "--save_dir", trained))
+    start = {row["level"]: row for row in read_metrics(trained) if row["epoch"] == 0}
+    assert (start[uncompressed]["accuracy"], start[uncompressed]["loss"]) == \
+        (rows[uncompressed]["accuracy"], rows[uncompressed]["loss"])
+    if script == "train_unstructured.py":
+        assert rows[0.05]["effective_topk"] == 0.05 and start[0.05]["effective_topk"] == 1.0
+    if script == "train_quantized.py":
+        assert not any(row["act_quant"] for row in rows.values())
+
+
+def test_init_from_mistakes_are_one_line_and_write_nothing(micro_cifar, tmp_path, plain_weights):
+    import torchvision
+
+    other_width = tmp_path / "width_0.5.pt"
+    torch.save(torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.5).state_dict(), other_width)
+    other_network = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), other_network)
+    not_weights = tmp_path / "notes.pt"
+    not_weights.write_text("not a weights file")
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "metrics.jsonl").write_text("")
+    save_dir = tmp_path / "run"
+    for flags, message in [
+        (("--init_from", other_width), f"--init_from {other_width}: features.0.0.weight has shape (16, 3, 3, 3), "
+                                        "the network's (8, 3, 3, 3)"),
+        (("--init_from", other_network), f"--init_from {other_network}: does not fit the network (lacks "
+                                          "features.0.0.weight;"),
+        (("--init_from", not_weights), f"--init_from {not_weights}: not a readable weights file"),
+        (("--eval_only",), "--eval_only: needs --checkpoint PATH (the trained model to evaluate) or --init_from FILE"),
+        (("--eval_only", "--init_from", plain_weights, "--checkpoint", plain_weights),
+         "--init_from: not used with --checkpoint (the checkpoint holds the weights)"),
+        (("--eval_only", "--init_from", plain_weights, "--save_dir", occupied),
+         f"--save_dir {occupied}: already holds a run (metrics.jsonl); pass --overwrite to replace it"),
+    ]:
+        target = () if "--save_dir" in flags else ("--save_dir", save_dir)
+        result = run_script("train_structured.py", *MOBILENET, "--norm", "BN", "--data_dir", micro_cifar, *flags,
+                            *target)
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+        assert not save_dir.exists() and os.listdir(occupied) == ["metrics.jsonl"]
+
+
 # -- the topology matrix ------------------------------------------------------------------
 # torchvision networks at CIFAR size (width multipliers where the builder has one): accepted
 # or refused for structured sparsity as models/topology.py decides; unstructured and quantized
