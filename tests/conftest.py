@@ -46,7 +46,7 @@ UNIT_SECONDS = {
     "tests/test_realdata.py::test_structured": 70,
     "tests/test_realdata.py::test_unstructured": 45,
     "tests/test_realdata.py::test_lec": 21,
-    "tests/test_realdata.py::test_the_default": 14,
+    "tests/test_realdata.py::test_the_default": 9,
     "tests/test_realdata.py::test_init_from": 30,
     "tests/test_own_network.py::test_topology_matrix[vgg11_bn": 13,
     "tests/test_own_network.py::test_topology_matrix[vgg11_bn-unstructured": 17,

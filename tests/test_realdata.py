@@ -146,8 +146,8 @@ def test_the_default_start_of_run_evaluation_prints_each_level_as_it_finishes(re
     lines it says what it evaluates, then prints each width's accuracy as that width is done
     (read from the live output while the process still runs), before any training step."""
     save_dir = tmp_path / "run"
-    command = [sys.executable, "train_structured.py", "--data_dir", real_cifar, "--train_subset", "128",
-               "--test_subset", "200", "--epochs", "1", "--save_dir", str(save_dir)]
+    command = [sys.executable, "train_structured.py", "--data_dir", real_cifar, "--train_subset", "64",
+               "--test_subset", "100", "--epochs", "1", "--save_dir", str(save_dir)]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines, running_at_first_level = [], None
     for line in process.stdout:
@@ -158,7 +158,7 @@ def test_the_default_start_of_run_evaluation_prints_each_level_as_it_finishes(re
     assert process.wait(timeout=300) == 0, stderr[-3000:]
     assert running_at_first_level, "the first level's accuracy came only after the run had ended"
     assert lines[0].startswith("Device: cpu") and lines[1].startswith("Training loss shown")
-    assert lines[2] == "Evaluating 7 levels (width_factor) at epoch 0 on 200 test images"
+    assert lines[2] == "Evaluating 7 levels (width_factor) at epoch 0 on 100 test images"
     start = [row for row in read_metrics(save_dir) if row["epoch"] == 0]
     assert len(start) == 7
     # One line per width, in the grid's order, each with the accuracy recorded for it.
