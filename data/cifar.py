@@ -24,14 +24,16 @@ def subset_indices(count, subset, seed):
     return torch.randperm(count, generator=generator)[:subset].sort().values.numpy()
 
 
-def load_cifar10(data_dir, train, subset=None, seed=0):
-    """(images uint8 [N, 32, 32, 3], labels int64 [N]) of one split."""
+def load_cifar10(data_dir, train, subset=None, seed=0, labels_only=False):
+    """(images uint8 [N, 32, 32, 3], labels int64 [N]) of one split; `labels_only`: (None,
+    labels), no image decoded."""
     problem = data_dir_problem(data_dir)
     if problem:
         raise DataError(f"--data_dir {data_dir}: {problem}")
     if is_image_folders(data_dir):
-        return _from_image_folders(data_dir, train, subset, seed)
-    return _from_torchvision(data_dir, train, subset, seed)
+        return _from_image_folders(data_dir, train, subset, seed, labels_only)
+    images, labels = _from_torchvision(data_dir, train, subset, seed)
+    return (None if labels_only else images), labels
 
 
 def _from_torchvision(data_dir, train, subset, seed):
@@ -95,7 +97,7 @@ def read_image(path, size=None):
     return array
 
 
-def _from_image_folders(data_dir, train, subset, seed):
+def _from_image_folders(data_dir, train, subset, seed, labels_only=False):
     root = os.path.join(data_dir, "train" if train else "test")
     classes, samples = list_image_folder(root)
     if len(classes) != CIFAR_CLASSES:
@@ -104,8 +106,10 @@ def _from_image_folders(data_dir, train, subset, seed):
         train_root = os.path.join(data_dir, "train")
         check_same_classes(root, classes, train_root, list_image_folder(train_root)[0])
     indices = subset_indices(len(samples), subset, seed)
+    labels = np.asarray([samples[i][1] for i in indices], dtype=np.int64)
+    if labels_only:
+        return None, labels
     paths = [samples[i][0] for i in indices]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         images = list(pool.map(lambda p: read_image(p, (32, 32)), paths))
-    labels = np.asarray([samples[i][1] for i in indices], dtype=np.int64)
     return np.stack(images), labels

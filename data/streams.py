@@ -172,10 +172,12 @@ def per_process_batch(config, world_size):
     return config.batch_size // world_size
 
 
-def build_data(config, device, rank=0, world_size=1, calibration_images=0):
+def build_data(config, device, rank=0, world_size=1, calibration_images=0, training=True):
     """Train and test streams for the config's dataset and pipeline, and a stream of
     `calibration_images` training images that re-estimate BN statistics (the method's answer,
-    Method.bn_at_evaluation; 0: none)."""
+    Method.bn_at_evaluation; 0: none). Not `training` (an evaluation): on CIFAR-10 without
+    calibration images no training image is decoded (the train stream is None; num_train is
+    still the training set's size)."""
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     batch = per_process_batch(config, world_size)
     if config.dataset == "imagenet":
@@ -188,12 +190,15 @@ def build_data(config, device, rank=0, world_size=1, calibration_images=0):
         return Data(LoaderTrainStream(train_set, batch, config.seed, *args),
                     LoaderTestStream(test_set, config.batch_size, *args),
                     num_classes, config.image_size, len(train_set), len(test_set), calibration)
-    train_images, train_labels = load_cifar10(config.data_dir, True, config.train_subset, config.seed)
+    # Decoding all 50,000 training images takes seconds that an evaluation would spend for nothing.
+    labels_only = not training and not calibration_images
+    train_images, train_labels = load_cifar10(config.data_dir, True, config.train_subset, config.seed,
+                                              labels_only=labels_only)
     test_images, test_labels = load_cifar10(config.data_dir, False, config.test_subset, config.seed)
     if config.data_pipeline == "dataloader":
         train_set, test_set = cifar_datasets(train_images, train_labels, test_images, test_labels, config.seed)
         args = (rank, world_size, config.num_workers, device, memory_format)
-        train = LoaderTrainStream(train_set, batch, config.seed, *args)
+        train = None if labels_only else LoaderTrainStream(train_set, batch, config.seed, *args)
         test = LoaderTestStream(test_set, config.batch_size, *args)
         calibration = loader_calibration(train_set, test_set.transform, calibration_images, config, device,
                                          memory_format)
@@ -201,8 +206,8 @@ def build_data(config, device, rank=0, world_size=1, calibration_images=0):
         def to_device(images, labels):
             return (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device),
                     torch.from_numpy(labels).to(device))
-        train = TensorTrainStream(*to_device(train_images, train_labels), batch, config.seed, rank, world_size,
-                                  memory_format)
+        train = None if labels_only else TensorTrainStream(*to_device(train_images, train_labels), batch,
+                                                           config.seed, rank, world_size, memory_format)
         test = TensorTestStream(*to_device(test_images, test_labels), config.batch_size, rank, world_size,
                                 memory_format)
         calibration = None

@@ -129,7 +129,8 @@ class Run:
         check_network(config, method_class(config).layer_factory(), 10 if config.dataset == "cifar10" else 1000,
                       init_from)
         self.data = build_data(config, self.device, context.rank, context.world_size,
-                               calibration_images=self.bn_at_evaluation.calibration_images)
+                               calibration_images=self.bn_at_evaluation.calibration_images,
+                               training=not options.eval_only)
         warmup = method_class.warmup_iterations_for(config, self.data.num_train)
         self.method = method_class(config, warmup)
         if config.compile:

@@ -87,6 +87,27 @@ def test_eval_only_at_the_config_grid_reproduces_the_final_evaluation_and_trains
     assert {name: digest(structured_run / name) for name in files} == files
 
 
+def test_eval_only_decodes_no_training_image(structured_run, tiny_cifar, tmp_path):
+    """Without BN re-estimation an evaluation reads no training image: with every training image
+    of --data_dir undecodable it gives the final evaluation's numbers (training would refuse the
+    first such image)."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_cifar, data)
+    images = [path for path in (data / "train").rglob("*") if path.is_file()]
+    assert len(images) >= 32
+    for path in images:
+        path.write_bytes(b"not an image")
+    final = [row for row in read_rows(structured_run) if row["final"]]
+    save_dir = tmp_path / "evaluated"
+    assert run_script("structured_sparsity", "--eval_only", "--checkpoint", structured_run / ckpt.FINAL,
+                      "--data_dir", data, "--save_dir", save_dir) == 0
+    ignored = RECORD_KEYS | {"data_dir"}
+    assert [{k: v for k, v in row.items() if k not in ignored} for row in read_rows(save_dir)] == \
+        [{k: v for k, v in row.items() if k not in ignored} for row in final]
+    assert run_script("structured_sparsity", *TINY, "--epochs", 1, "--data_dir", data,
+                      "--save_dir", tmp_path / "training") == 2
+
+
 def test_eval_only_at_new_widths_structured(structured_run, tmp_path):
     rows_before = read_rows(structured_run)
     out = tmp_path / "widths"
